@@ -25,8 +25,8 @@ class UNetConfig:
       - `transformer_depth`: one entry per input ResBlock (levels * num_res_blocks), 0 = no attention;
       - `transformer_depth_output`: one entry per output block, in `output_blocks.{i}` order (the deepest
         level first), levels * (num_res_blocks + 1) entries;
-      - `transformer_depth_middle`: depth of the middle SpatialTransformer; -1 = middle block has
-        no transformer (ResBlock, ResBlock).
+      - `transformer_depth_middle`: depth of the middle SpatialTransformer; -1 = the middle block is a
+        single ResBlock (`middle_block.0` only, diffusers' UNetMidBlock2D), as in SSD-1B and Vega.
     """
 
     in_channels: int = 4
@@ -192,6 +192,7 @@ class ModelConfig:
     text_g: TextConfig | None = field(default_factory=TextConfig.bigg)
     prediction: str = "eps"  # "eps" or "v"
     fourier_dim: int = 256  # features per micro-conditioning number
+    sample_size: int = 1024  # the native image side, used when a request gives no size
 
     @property
     def num_conditioning_numbers(self) -> int:
@@ -226,6 +227,7 @@ class ModelConfig:
             text_g=sub(TextConfig, d.get("text_g")),
             prediction=d.get("prediction", "eps"),
             fourier_dim=d.get("fourier_dim", 256),
+            sample_size=d.get("sample_size", 1024),
         )
 
     @classmethod

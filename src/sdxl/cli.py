@@ -1,0 +1,368 @@
+"""The `sdxl` command.
+
+    sdxl generate "a red circle above a blue square"          # the shipped miniature model
+    sdxl generate "a cat" --model sd_xl_base_1.0.safetensors --steps 30 --seed 1 --out cat.png
+    sdxl inspect sd_xl_base_1.0.safetensors
+    sdxl convert sd_xl_base_1.0.safetensors out_dir --to diffusers --dtype fp16
+    sdxl info image.png
+
+Every error a user can cause ends in one line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    help="Stable Diffusion XL: generate images, inspect and convert checkpoints, train, serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Datasets: generate the procedural shapes dataset.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate models.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(eval_app, name="eval")
+
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        fail(f"--dtype {name!r}: choose one of fp32, fp16, bf16")
+    return getattr(torch, DTYPES[name])
+
+
+def _size(text: Optional[str], flag: str) -> tuple[Optional[int], Optional[int]]:
+    if not text:
+        return None, None
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        fail(f"{flag} {text!r}: expected WIDTHxHEIGHT, e.g. 1024x1024")
+    return None, None
+
+
+def default_model_path(kind: str = "base") -> Path:
+    return Path(__file__).parent / "assets" / "default" / f"{kind}.safetensors"
+
+
+def resolve_model(name: Optional[str], models_dir: Optional[Path], kind: str = "base") -> Path:
+    """A model name: a path, a name (with or without .safetensors) in --models-dir, or 'default'."""
+    if name is None or name == "default":
+        p = default_model_path(kind)
+        if not p.exists():
+            fail(f"no --model given and the shipped default {kind} model is missing ({p})")
+        return p
+    p = Path(name).expanduser()
+    if p.exists():
+        return p
+    for d in [models_dir] if models_dir else []:
+        for cand in (d / name, d / f"{name}.safetensors"):
+            if cand.exists():
+                return cand
+    fail(f"model {name!r}: no such file or folder" + (f" (also looked in {models_dir})" if models_dir else ""))
+    raise AssertionError
+
+
+def _device(device: Optional[str]) -> str:
+    import torch
+
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@app.command()
+def generate(
+    prompt: Optional[str] = typer.Argument(None, help="What to draw (A1111 prompt syntax)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", "-N", help="What to avoid."),
+    prompt_2: Optional[str] = typer.Option(None, help="Separate prompt for the bigG encoder."),
+    negative_prompt_2: Optional[str] = typer.Option(None, help="Separate negative prompt for bigG."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint file/folder or name; default: shipped."),
+    models_dir: Optional[Path] = typer.Option(None, help="Folder searched for model names."),
+    width: int = typer.Option(None, "--width", "-W", help="Image width in pixels (multiple of 8)."),
+    height: int = typer.Option(None, "--height", "-H", help="Image height in pixels (multiple of 8)."),
+    steps: int = typer.Option(None, help="Sampler steps."),
+    cfg: float = typer.Option(None, help="Classifier-free guidance scale."),
+    seed: Optional[int] = typer.Option(None, help="Seed (random if omitted; printed and saved)."),
+    sampler: str = typer.Option(None, help="euler, euler_a, dpmpp_2m, ... or an A1111/ComfyUI name."),
+    schedule: str = typer.Option(None, help="normal, leading, trailing, karras, exponential, ..."),
+    batch: Optional[int] = typer.Option(None, help="Images per batch (image i uses seed+i)."),
+    n: int = typer.Option(1, "--n", help="Number of batches to run one after another."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output PNG (numbered if several) or folder."),
+    init_image: Optional[Path] = typer.Option(None, help="img2img: start from this image."),
+    strength: float = typer.Option(None, help="img2img/inpaint: how much to change (0..1)."),
+    mask: Optional[Path] = typer.Option(None, help="inpaint: mask image, white = repaint."),
+    original_size: Optional[str] = typer.Option(None, help="Micro-conditioning original size WxH."),
+    target_size: Optional[str] = typer.Option(None, help="Micro-conditioning target size WxH."),
+    crop_top: Optional[int] = typer.Option(None, help="Micro-conditioning crop top (pixels)."),
+    crop_left: Optional[int] = typer.Option(None, help="Micro-conditioning crop left (pixels)."),
+    negative_original_size: Optional[str] = typer.Option(None, help="Negative-branch original size WxH."),
+    negative_target_size: Optional[str] = typer.Option(None, help="Negative-branch target size WxH."),
+    guidance_rescale: Optional[float] = typer.Option(None, help="CFG rescale phi (0..1)."),
+    cfg_start: Optional[float] = typer.Option(None, help="Apply CFG from this fraction of the steps."),
+    cfg_end: Optional[float] = typer.Option(None, help="Apply CFG until this fraction of the steps."),
+    clip_skip: Optional[int] = typer.Option(None, help="1 = SDXL's penultimate layer; 2 = one earlier."),
+    refiner: Optional[str] = typer.Option(None, help="Refiner checkpoint ('default' = shipped refiner)."),
+    refiner_mode: Optional[str] = typer.Option(None, help="ensemble (finish the schedule) or sdedit."),
+    refiner_switch: Optional[float] = typer.Option(None, help="ensemble: fraction of the schedule the base runs."),
+    refiner_strength: Optional[float] = typer.Option(None, help="sdedit: fraction re-noised."),
+    aesthetic_score: Optional[float] = typer.Option(None, help="Refiner aesthetic score."),
+    negative_aesthetic_score: Optional[float] = typer.Option(None, help="Refiner negative aesthetic score."),
+    lora: list[str] = typer.Option([], "--lora", help="LoRA file/name with weight, e.g. style.safetensors:0.8"),
+    eta: Optional[float] = typer.Option(None, help="Noise multiplier for ancestral/SDE samplers."),
+    prediction: Optional[str] = typer.Option(None, help="Force eps or v prediction."),
+    from_image: Optional[Path] = typer.Option(None, "--from", help="Repeat the request stored in this PNG."),
+    dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16 for the UNet and text encoders."),
+    vae_dtype: Optional[str] = typer.Option(None, help="VAE dtype (default: same as --dtype)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1, mps (default: cuda if available)."),
+    vae_tiling: Optional[bool] = typer.Option(None, "--vae-tiling/--no-vae-tiling", help="Tiled VAE decode."),
+    save_latents: Optional[Path] = typer.Option(None, help="Also write the final latents (safetensors)."),
+    allow_pickle: bool = typer.Option(False, help="Allow .ckpt pickle files (weights-only loading)."),
+    watermark: Optional[bool] = typer.Option(None, "--watermark/--no-watermark", help="Add the official invisible watermark."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Generate images from a text prompt (txt2img; img2img with --init-image; inpaint with --mask)."""
+    from .request import GenerationRequest, LoraSpec, RequestError
+
+    base: dict = {}
+    if from_image is not None:
+        from .metadata import read_info
+
+        try:
+            info = read_info(from_image)
+        except (OSError, ValueError) as e:
+            fail(f"--from {from_image}: {e}")
+        record = info.get("raw", {}).get("sdxl")
+        if not record:
+            fail(f"--from {from_image}: the image carries no sdxl request record")
+        base = json.loads(record) if isinstance(record, str) else dict(record)
+        base = base.get("request", base)
+    if prompt is None and "prompt" not in base:
+        fail("a prompt is required (or --from IMAGE)")
+    ow, oh = _size(original_size, "--original-size")
+    tw, th = _size(target_size, "--target-size")
+    now, noh = _size(negative_original_size, "--negative-original-size")
+    ntw, nth = _size(negative_target_size, "--negative-target-size")
+    loras = []
+    for spec in lora:
+        name, _, w = spec.rpartition(":") if ":" in spec else (spec, "", "1")
+        try:
+            loras.append(LoraSpec(name or spec, float(w)))
+        except ValueError:
+            fail(f"--lora {spec!r}: expected NAME or NAME:WEIGHT")
+    overrides = dict(
+        prompt=prompt, negative_prompt=negative_prompt, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+        width=width, height=height, steps=steps, cfg=cfg, seed=seed, sampler=sampler, schedule=schedule,
+        strength=strength, init_image=str(init_image) if init_image else None,
+        mask_image=str(mask) if mask else None, batch=batch, original_width=ow, original_height=oh,
+        target_width=tw, target_height=th, crop_top=crop_top, crop_left=crop_left,
+        negative_original_width=now, negative_original_height=noh, negative_target_width=ntw,
+        negative_target_height=nth, guidance_rescale=guidance_rescale, cfg_start=cfg_start, cfg_end=cfg_end,
+        clip_skip=clip_skip, refiner_mode=refiner_mode, refiner_switch=refiner_switch,
+        refiner_strength=refiner_strength, aesthetic_score=aesthetic_score,
+        negative_aesthetic_score=negative_aesthetic_score, eta=eta, prediction=prediction,
+        vae_tiling=vae_tiling, watermark=watermark, loras=loras or None,
+    )
+    # options given on the command line win over the request stored in --from IMAGE
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        req = GenerationRequest.from_dict({**base, **overrides})
+    except (RequestError, TypeError) as e:
+        fail(str(e))
+    size_given = "width" in base or width is not None or height is not None
+    model_path = resolve_model(model or base.get("model"), models_dir)
+    run_generate(req, model_path, refiner, models_dir, out, n, dtype, vae_dtype, device, save_latents,
+                 allow_pickle, quiet, size_given)
+
+
+def run_generate(req, model_path: Path, refiner_name, models_dir, out, n, dtype, vae_dtype, device,
+                 save_latents, allow_pickle, quiet, size_given=True):
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .metadata import write_png
+    from .pipeline import SDXL, Interrupted, NumericsError
+    from .request import RequestError
+    from .weights.io import CheckpointError
+
+    dev = _device(device)
+    try:
+        pipe = SDXL.load(model_path, device=dev, dtype=_dtype(dtype),
+                         vae_dtype=_dtype(vae_dtype) if vae_dtype else None, allow_pickle=allow_pickle)
+        ref = None
+        if refiner_name:
+            rp = resolve_model(refiner_name, models_dir, kind="refiner")
+            ref = SDXL.load(rp, device=dev, dtype=_dtype(dtype), allow_pickle=allow_pickle)
+            req.refiner = str(rp)
+    except CheckpointError as e:
+        fail(str(e))
+    req.model = str(model_path)
+    if not size_given:  # the model's native size (1024 for SDXL, 256 for the shipped miniature)
+        req.width = req.height = pipe.config.sample_size
+    paths = []
+    seed0 = req.resolved_seed()
+    try:
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), TimeRemainingColumn(), disable=quiet, transient=False) as bar:
+            images_task = bar.add_task("images", total=n * req.batch) if n * req.batch > 1 else None
+            step_task = bar.add_task("steps", total=req.steps)
+
+            def on_step(p):
+                bar.update(step_task, total=p.total, completed=p.step, description=p.stage)
+
+            for i in range(n):
+                req.seed = seed0 + i * req.batch
+                bar.reset(step_task)
+                result = pipe.generate(req, callback=on_step, refiner=ref)
+                for j, (img, info) in enumerate(zip(result.images, result.infos)):
+                    k = i * req.batch + j
+                    path = _out_path(out, k, n * req.batch, result.seeds[j])
+                    record = {"request": {**req.to_dict(), "seed": result.seeds[j], "batch": 1},
+                              "sdxl_version": _version()}
+                    write_png(img, path, info, record)
+                    paths.append(path)
+                    if images_task is not None:
+                        bar.advance(images_task)
+                if save_latents is not None:
+                    from .weights.io import save_safetensors
+
+                    lp = save_latents if n == 1 else save_latents.with_name(f"{save_latents.stem}-{i:04d}.safetensors")
+                    save_safetensors({"latents": result.latents.float().cpu()}, lp, {"seed": str(req.seed)})
+    except (RequestError, ValueError) as e:
+        fail(str(e))
+    except Interrupted as e:
+        fail(str(e), code=130)
+    except NumericsError as e:
+        fail(str(e), code=3)
+    for p in paths:
+        typer.echo(str(p))
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _out_path(out: Optional[Path], k: int, total: int, seed: int) -> Path:
+    if out is None:
+        out = Path("outputs")
+    if out.suffix.lower() != ".png":  # a folder: numbered files inside
+        out.mkdir(parents=True, exist_ok=True)
+        existing = sorted(out.glob("[0-9][0-9][0-9][0-9][0-9]-*.png"))
+        nxt = int(existing[-1].name[:5]) + 1 if existing else 0
+        return out / f"{nxt:05d}-{seed}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if total == 1:
+        return out
+    return out.with_name(f"{out.stem}-{k + 1:04d}{out.suffix}")
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="Checkpoint file or diffusers folder."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    allow_pickle: bool = typer.Option(False, help="Allow .ckpt pickle files (weights-only loading)."),
+):
+    """Detect what a checkpoint is: kind, every config number, parameters per component and dtypes."""
+    from .weights.checkpoint import read_checkpoint
+    from .weights.io import CheckpointError
+
+    try:
+        ck = read_checkpoint(path, allow_pickle=allow_pickle)
+    except CheckpointError as e:
+        fail(str(e))
+    comps = {}
+    for name, sd in ck.parts.items():
+        dtypes: dict[str, int] = {}
+        params = 0
+        for t in sd.values():
+            params += t.numel()
+            dt = str(t.dtype).replace("torch.", "")
+            dtypes[dt] = dtypes.get(dt, 0) + 1
+        comps[name] = {"tensors": len(sd), "parameters": params, "dtypes": dtypes}
+    info = {"path": str(path), "layout": ck.layout, "kind": ck.config.kind, "prediction": ck.config.prediction,
+            "config": ck.config.to_dict(), "components": comps}
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    con.print(f"[bold]{path}[/bold]  layout: {ck.layout}  kind: [bold]{ck.config.kind}[/bold]  "
+              f"prediction: {ck.config.prediction}")
+    t = Table("component", "tensors", "parameters", "dtypes")
+    for name, c in comps.items():
+        t.add_row(name, str(c["tensors"]), f"{c['parameters']:,}", ", ".join(f"{k}: {v}" for k, v in c["dtypes"].items()))
+    con.print(t)
+    for name, sub in info["config"].items():
+        if isinstance(sub, dict):
+            con.print(f"[bold]{name}[/bold]: " + ", ".join(f"{k}={v}" for k, v in sub.items()))
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="Checkpoint file or diffusers folder."),
+    dst: Path = typer.Argument(..., help="Output .safetensors file or folder."),
+    to: str = typer.Option("single-file", "--to", help="single-file or diffusers."),
+    dtype: Optional[str] = typer.Option(None, help="Store floats as fp32, fp16 or bf16 (default: unchanged)."),
+    allow_pickle: bool = typer.Option(False, help="Allow .ckpt pickle files (weights-only loading)."),
+):
+    """Convert between the official single-file layout and diffusers folders (lossless unless --dtype)."""
+    from .weights.checkpoint import read_checkpoint, write_diffusers, write_single_file
+    from .weights.io import CheckpointError
+
+    if to not in ("single-file", "diffusers"):
+        fail(f"--to {to!r}: choose single-file or diffusers")
+    dt = _dtype(dtype) if dtype else None
+    try:
+        ck = read_checkpoint(src, allow_pickle=allow_pickle)
+        if dst.resolve() == src.resolve():
+            fail("destination is the source; choose another path")
+        out = write_single_file(ck, dst, dt) if to == "single-file" else write_diffusers(ck, dst, dt)
+    except CheckpointError as e:
+        fail(str(e))
+    typer.echo(str(out))
+
+
+@app.command()
+def info(image: Path = typer.Argument(..., help="A PNG from sdxl, A1111, ComfyUI, Fooocus or InvokeAI.")):
+    """Show how an image was made (its generation parameters)."""
+    from .metadata import read_info
+
+    if not image.exists():
+        fail(f"{image}: no such file")
+    try:
+        data = read_info(image)
+    except (OSError, ValueError) as e:
+        fail(f"{image}: {e}")
+    typer.echo(json.dumps({k: v for k, v in data.items() if k != "raw"}, indent=2, default=str))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

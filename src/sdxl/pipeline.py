@@ -1,0 +1,436 @@
+"""Generation: txt2img, img2img, inpainting and the refiner, all driven by one `GenerationRequest`.
+
+    pipe = sdxl.load("sd_xl_base_1.0.safetensors", device="cuda", dtype=torch.float16)
+    result = pipe.generate(GenerationRequest(prompt="a photo of a cat", seed=1))
+    result.images[0].save("cat.png")
+
+The stages, each a method you can call alone: `encode_prompt` (tokenise, run both text towers, concatenate),
+`conditioning_vector` (pooled text + Fourier micro-conditioning = the UNet's `y`), `denoise` (a sampler over a
+classifier-free-guided denoiser), `decode` (VAE, with an fp16 overflow fallback and tiling).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .models.conditioning import micro_conditioning
+from .models.config import ModelConfig
+from .request import GenerationRequest, RequestError
+from .sampling import samplers as S
+from .sampling.denoiser import DiscreteSchedule, ModelDenoiser
+from .sampling.schedules import get_sigmas
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """Raised when a progress callback asks generation to stop."""
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    latents: torch.Tensor
+    seeds: list[int]
+    request: GenerationRequest
+    infos: list[str] = field(default_factory=list)  # A1111 "parameters" text per image
+
+
+class NumericsError(RuntimeError):
+    """NaN or Inf appeared; the message names the component and the step."""
+
+
+# diffusers' multistep solvers (DPM-Solver++, UniPC, DDIM, LCM) round sigma to the nearest training timestep
+# before calling the UNet (as sgm does); its Euler-family schedulers pass the interpolated timestep.
+_QUANTIZED = {"dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "unipc", "unipc_bh1", "ddim", "lcm"}
+
+
+def quantizes_timesteps(sampler: str) -> bool:
+    return sampler in _QUANTIZED
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise NumericsError(f"non-finite values (NaN/Inf) in {what}")
+
+
+# ------------------------------------------------------------------------------------------------- model
+class SDXL:
+    """A loaded SDXL-family model: UNet, VAE, text towers and tokenizers, on one device."""
+
+    def __init__(self, config: ModelConfig, unet=None, vae=None, text=None, *, device="cpu",
+                 dtype=torch.float32, vae_dtype=None, path: str | Path | None = None):
+        from .models.text import TextEncoders
+        from .tokenizer import CLIPTokenizer
+
+        self.config = config
+        self.unet = unet
+        self.vae = vae
+        self.text = text if text is not None else TextEncoders(None, None)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.vae_dtype = vae_dtype or dtype
+        self.path = Path(path) if path is not None else None
+        self.tok_l = CLIPTokenizer.clip_l() if config.text_l is not None else None
+        self.tok_g = CLIPTokenizer.bigg() if config.text_g is not None else None
+        self.schedule = DiscreteSchedule()
+        self.loras: list = []
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: str | Path, device="cpu", dtype=torch.float32, vae_dtype=None,
+             allow_pickle: bool = False) -> SDXL:
+        from .models.text import CLIPTextTower, TextEncoders
+        from .models.unet import UNet
+        from .models.vae import AutoencoderKL
+        from .weights.checkpoint import build_module, read_checkpoint
+
+        ck = read_checkpoint(path, allow_pickle=allow_pickle)
+        cfg = ck.config
+        name = str(path)
+        unet = vae = tl = tg = None
+        if "unet" in ck.parts:
+            unet = build_module(UNet, cfg.unet, ck.parts["unet"], device, dtype, f"{name} (UNet)")
+        if "vae" in ck.parts:
+            vae = build_module(AutoencoderKL, cfg.vae, ck.parts["vae"], device, vae_dtype or dtype, f"{name} (VAE)")
+        if "text_l" in ck.parts:
+            tl = build_module(CLIPTextTower, cfg.text_l, ck.parts["text_l"], device, dtype, f"{name} (CLIP-L)")
+        if "text_g" in ck.parts:
+            tg = build_module(CLIPTextTower, cfg.text_g, ck.parts["text_g"], device, dtype, f"{name} (bigG)")
+        return cls(cfg, unet, vae, TextEncoders(tl, tg), device=device, dtype=dtype, vae_dtype=vae_dtype,
+                   path=path)
+
+    def model_hash(self) -> str | None:
+        """A1111's short model hash (first 10 hex of the file's SHA-256), computed once."""
+        if not hasattr(self, "_hash"):
+            from .metadata import short_hash
+
+            self._hash = short_hash(self.path) if self.path is not None and self.path.is_file() else None
+        return self._hash
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    # ---------------------------------------------------------------- text
+    def encode_prompt(self, prompt: str | list[str], prompt_2: str | list[str] | None = None,
+                      clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context [B, 77*k, C] (CLIP-L penultimate ‖ bigG penultimate) and pooled bigG [B, P]."""
+        from .prompt_encoding import encode_weighted
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts_2 = prompts if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
+        return encode_weighted(self, prompts, prompts_2, clip_skip)
+
+    def zero_text(self, batch: int, length: int = 77) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = torch.zeros(batch, length, self.config.unet.context_dim, device=self.device, dtype=self.dtype)
+        pooled = torch.zeros(batch, self.config.text_g.projection_dim, device=self.device, dtype=self.dtype)
+        return ctx, pooled
+
+    def conditioning_vector(self, pooled: torch.Tensor, req: GenerationRequest, negative: bool = False,
+                            aesthetic: float | None = None) -> torch.Tensor:
+        """y = [pooled | fourier(original h, w | crop top, left | target h, w)] (refiner: aesthetic score last)."""
+        mc = req.micro_conditioning(negative)
+        nums = [*mc["original_size"], *mc["crop_top_left"]]
+        if self.kind == "refiner":
+            score = req.negative_aesthetic_score if negative else req.aesthetic_score
+            nums.append(score if aesthetic is None else aesthetic)
+        else:
+            nums.extend(mc["target_size"])
+        numbers = torch.tensor([nums], dtype=torch.float32, device=self.device).expand(pooled.shape[0], -1)
+        return micro_conditioning(pooled.float(), numbers, self.config.fourier_dim).to(self.dtype)
+
+    def text_conditioning(self, req: GenerationRequest, batch: int):
+        """(context, y) for the cond and uncond branches, each [batch, ...]."""
+        ctx, pooled = self.encode_prompt(req.prompt, req.prompt_2, req.clip_skip)
+        neg = req.negative_prompt
+        if self.kind != "refiner" and not neg and not req.negative_prompt_2:
+            # the official base behaviour: the unconditional branch is all zeros (text and pooled)
+            nctx, npooled = self.zero_text(1, ctx.shape[1])
+        else:
+            nctx, npooled = self.encode_prompt(neg or "", req.negative_prompt_2, req.clip_skip)
+        ctx, nctx = _match_length(ctx, nctx)
+        y = self.conditioning_vector(pooled, req)
+        ny = self.conditioning_vector(npooled, req, negative=True)
+        rep = lambda t: t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t  # noqa: E731
+        return (rep(ctx), rep(y)), (rep(nctx), rep(ny))
+
+    # ---------------------------------------------------------------- images <-> latents
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1] (float32). fp16 overflow falls back to float32."""
+        from .models.vae_utils import vae_decode
+
+        return vae_decode(self, latents, tiled)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None,
+               sample: bool = False) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents (the posterior mean unless `sample`)."""
+        from .models.vae_utils import vae_encode
+
+        return vae_encode(self, images, generator, sample)
+
+    # ---------------------------------------------------------------- denoising
+    def make_denoiser(self, cond, uncond, req: GenerationRequest, sigmas: torch.Tensor,
+                      extra_channels: torch.Tensor | None = None) -> ModelDenoiser:
+        """A denoiser D(x, sigma) with classifier-free guidance, guidance rescale and a CFG step range."""
+        (ctx, y), (nctx, ny) = cond, uncond
+        cfg = req.cfg
+        unet = self.unet
+        both_ctx, both_y = torch.cat([nctx, ctx]), torch.cat([ny, y])
+        prediction = req.prediction or self.config.prediction
+        den = ModelDenoiser(None, self.schedule, prediction=prediction,
+                            quantize=quantizes_timesteps(req.sampler))
+        # CFG only inside [cfg_start, cfg_end] of the schedule: compare the UNet timestep with the range's
+        n = max(len(sigmas) - 1, 1)
+        t_hi = float(den.timestep(sigmas[int(round(req.cfg_start * n))])) if req.cfg_start > 0 else math.inf
+        t_lo = float(den.timestep(sigmas[min(int(round(req.cfg_end * n)), n)])) if req.cfg_end < 1 else -math.inf
+
+        def model_fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x_in = x_in.to(self.dtype)
+            if extra_channels is not None:  # inpainting UNet: [latents | mask | masked-image latents]
+                x_in = torch.cat([x_in, extra_channels.to(x_in)], dim=1)
+            tt = t.to(x_in.device).reshape(-1).expand(x_in.shape[0])
+            tv = float(tt[0])
+            if cfg == 1.0 or not (t_lo < tv <= t_hi):
+                return unet(x_in, tt, ctx, y).float()
+            b = x_in.shape[0]
+            out = unet(torch.cat([x_in, x_in]), torch.cat([tt, tt]), both_ctx, both_y).float()
+            out_u, out_c = out[:b], out[b:]
+            guided = out_u + cfg * (out_c - out_u)
+            if req.guidance_rescale > 0:  # Lin et al. 2023, "Common Diffusion Noise Schedules..." eq. 15-16
+                dims = list(range(1, out.ndim))
+                rescaled = guided * (out_c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+                guided = req.guidance_rescale * rescaled + (1 - req.guidance_rescale) * guided
+            return guided
+
+        den.model_fn = model_fn
+        return den
+
+
+    def sigmas_for(self, req: GenerationRequest, steps: int | None = None) -> torch.Tensor:
+        return get_sigmas(req.schedule, steps or req.steps, self.schedule)
+
+    # ---------------------------------------------------------------- the whole job
+    @torch.no_grad()
+    def generate(self, req: GenerationRequest, callback=None, refiner: SDXL | None = None) -> GenerationResult:
+        """Run a request. `callback(event)` gets a `Progress` after every step; returning "stop" interrupts."""
+        return run_generation(self, req, callback=callback, refiner=refiner)
+
+
+def _match_length(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Long prompts give 77*k tokens; pad the shorter context by repeating its last chunk (A1111 does this
+    with empty chunks; here the padding chunk is the encoding of an empty chunk when available)."""
+    if a.shape[1] == b.shape[1]:
+        return a, b
+    if a.shape[1] < b.shape[1]:
+        b2, a2 = _match_length(b, a)
+        return a2, b2
+    k = (a.shape[1] - b.shape[1]) // 77
+    pad = b[:, -77:].repeat(1, k, 1) if b.abs().sum() else torch.zeros_like(b[:, :77]).repeat(1, k, 1)
+    return a, torch.cat([b, pad], dim=1)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[-1, 1] NCHW -> 8-bit RGB PIL images (round half to even, as diffusers' numpy path does)."""
+    arr = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+    arr = (arr * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+def from_pil(image: Image.Image | str | Path, width: int, height: int) -> torch.Tensor:
+    """A PIL image (or path) -> [1, 3, H, W] in [-1, 1], resized to (width, height) if needed."""
+    from .data.images import load_image
+
+    if not isinstance(image, Image.Image):
+        image = load_image(image)
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None]
+
+
+def load(path: str | Path, device: str = "cpu", dtype=torch.float32, **kw: Any) -> SDXL:
+    """Load an SDXL-family checkpoint (official single file or diffusers folder)."""
+    return SDXL.load(path, device=device, dtype=dtype, **kw)
+
+
+__all__ = ["SDXL", "GenerationResult", "Interrupted", "NumericsError", "RequestError", "load", "to_pil"]
+
+
+# ------------------------------------------------------------------------------------------------- running
+@dataclass
+class Progress:
+    """What a progress callback receives after each sampler step."""
+
+    stage: str  # "base", "refiner"
+    step: int  # 1-based within the stage
+    total: int
+    sigma: float
+    denoised: torch.Tensor  # current x0 estimate (scaled latents), for previews
+
+
+def _noise(seeds: list[int], shape: tuple[int, ...], device) -> torch.Tensor:
+    """Initial noise: one CPU float32 generator per image (diffusers' convention for batch 1), so image i of
+    a batch equals the same seed generated alone."""
+    return torch.cat(
+        [torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32)
+         for s in seeds]
+    ).to(device)
+
+
+def _load_mask(mask, width: int, height: int, blur: int) -> torch.Tensor:
+    """White = repaint. Returns [1, 1, H, W] in [0, 1]."""
+    from PIL import ImageFilter
+
+    from .data.images import load_image
+
+    if not isinstance(mask, Image.Image):
+        mask = load_image(mask)
+    m = mask.convert("L").resize((width, height), Image.LANCZOS)
+    if blur > 0:
+        m = m.filter(ImageFilter.GaussianBlur(blur))
+    return torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None, None]
+
+
+def _run_sampler(pipe: SDXL, denoiser, x, sigmas, req: GenerationRequest, generator, stage: str, callback):
+    total = len(sigmas) - 1
+    sampler = S.SAMPLERS[req.sampler]
+
+    def cb(i, sigma, x_i, denoised):
+        if not torch.isfinite(denoised).all():
+            raise NumericsError(f"non-finite values (NaN/Inf) in the {stage} UNet output at step {i + 1}/{total}")
+        if callback is not None:
+            r = callback(Progress(stage, i + 1, total, float(sigma), denoised))
+            if r == "stop":
+                return "stop"
+        return None
+
+    try:
+        return sampler(denoiser, x, sigmas, generator=generator, callback=cb, eta=req.eta)
+    except S.Interrupted:
+        raise Interrupted(f"interrupted during {stage} sampling") from None
+
+
+def run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: SDXL | None = None):
+    req.validate()
+    if pipe.unet is None or pipe.vae is None:
+        raise RequestError(f"model {pipe.path}: needs a UNet and a VAE to generate (this file lacks one)")
+    if req.refiner is not None and refiner is None:
+        refiner = SDXL.load(req.refiner, device=pipe.device, dtype=pipe.dtype, vae_dtype=pipe.vae_dtype)
+    seed = req.resolved_seed()
+    B = req.batch
+    seeds = [seed + i for i in range(B)]
+    f = pipe.config.vae.downscale
+    if req.width % f or req.height % f:
+        raise RequestError(f"size: width and height must be multiples of {f}")
+    lat_shape = (pipe.config.vae.embed_dim, req.height // f, req.width // f)
+    noise = _noise(seeds, lat_shape, pipe.device)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    cond, uncond = pipe.text_conditioning(req, B)
+    _check_finite(cond[0], "the text encoders' output")
+    sigmas = pipe.sigmas_for(req).to(pipe.device)
+
+    init = mask = extra = lat_mask = init_pixels = None
+    if req.init_image is not None:
+        init_pixels = from_pil(req.init_image, req.width, req.height).to(pipe.device)
+        init = pipe.encode(init_pixels).expand(B, -1, -1, -1)
+        sigmas = S.img2img_sigmas(sigmas, req.strength)
+    if req.mask_image is not None:
+        mask = _load_mask(req.mask_image, req.width, req.height, req.mask_blur).to(pipe.device)
+        lat_mask = torch.nn.functional.interpolate(mask, size=lat_shape[1:], mode="bilinear").expand(B, -1, -1, -1)
+        if pipe.config.unet.in_channels == 9:  # inpainting UNet: [latents | mask | masked-image latents]
+            hard = (mask >= 0.5).to(init_pixels.dtype)
+            masked = pipe.encode(init_pixels * (1 - hard)).expand(B, -1, -1, -1)
+            hard_lat = torch.nn.functional.interpolate(hard, size=lat_shape[1:], mode="nearest")
+            extra = torch.cat([hard_lat.expand(B, -1, -1, -1), masked], dim=1)
+
+    if init is not None:
+        x = init + noise * sigmas[0]
+    else:
+        x = noise * torch.sqrt(1 + sigmas[0] ** 2)
+
+    base_sigmas, ref_sigmas = sigmas, None
+    if refiner is not None and req.refiner_mode == "ensemble":
+        base_sigmas, ref_sigmas = S.split_sigmas(sigmas, req.refiner_switch)
+
+    denoiser = pipe.make_denoiser(cond, uncond, req, base_sigmas, extra_channels=extra)
+    if mask is not None and extra is None and init is not None:
+        denoiser = _masked(denoiser, init, noise, lat_mask)
+    x = _run_sampler(pipe, denoiser, x, base_sigmas, req, generator, "base", callback)
+
+    if refiner is not None:
+        rcond, runcond = refiner.text_conditioning(req, B)
+        if ref_sigmas is None:  # SDEdit: re-noise the finished latents and denoise the tail
+            ref_sigmas = S.img2img_sigmas(refiner.sigmas_for(req, req.refiner_steps).to(pipe.device),
+                                          req.refiner_strength)
+            x = x + _noise([s + 1 for s in seeds], lat_shape, pipe.device) * ref_sigmas[0]
+        rden = refiner.make_denoiser(rcond, runcond, req, ref_sigmas)
+        if mask is not None and extra is None and init is not None:
+            rden = _masked(rden, init, noise, lat_mask)
+        x = _run_sampler(refiner, rden, x.to(refiner.device), ref_sigmas, req, generator, "refiner", callback)
+
+    _check_finite(x, "the final latents")
+    images = pipe.decode(x)
+    if mask is not None and init_pixels is not None:  # keep the untouched pixels exactly
+        m = mask.to(images)
+        images = images * m + init_pixels.to(images) * (1 - m)
+    result = GenerationResult(images=to_pil(images), latents=x, seeds=seeds, request=req)
+    result.infos = [a1111_parameters(pipe, req, s, refiner) for s in seeds]
+    return result
+
+
+def _masked(denoiser, init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor):
+    """Inpainting with an ordinary UNet: outside the mask, keep the (re-noised) original latents."""
+
+    def d(x, sigma, **kw):
+        s = sigma.reshape(-1, 1, 1, 1) if torch.is_tensor(sigma) else sigma
+        x = x * mask + (init + noise * s) * (1 - mask)
+        return denoiser(x, sigma, **kw) * mask + init * (1 - mask)
+
+    return d
+
+
+def a1111_parameters(pipe: SDXL, req: GenerationRequest, seed: int, refiner: SDXL | None = None) -> str:
+    """The A1111 `parameters` text for one image."""
+    from .metadata import format_a1111
+
+    p: dict[str, Any] = {
+        "prompt": req.prompt,
+        "negative_prompt": req.negative_prompt or "",
+        "Steps": req.steps,
+        "Sampler": S.A1111_SAMPLER_NAMES.get(req.sampler, req.sampler),
+        "Schedule type": S.A1111_SCHEDULE_NAMES.get(req.schedule, req.schedule),
+        "CFG scale": req.cfg,
+        "Seed": seed,
+        "Size": f"{req.width}x{req.height}",
+    }
+    if pipe.model_hash():
+        p["Model hash"] = pipe.model_hash()
+        p["Model"] = pipe.path.stem
+    if req.init_image is not None:
+        p["Denoising strength"] = req.strength
+    if req.clip_skip != 1:
+        p["Clip skip"] = req.clip_skip + 1  # A1111 counts from the last layer (its 2 = our default 1)
+    if req.guidance_rescale:
+        p["CFG rescale phi"] = req.guidance_rescale
+    if refiner is not None and refiner.path is not None:
+        rh = refiner.model_hash()
+        p["Refiner"] = f"{refiner.path.stem} [{rh}]" if rh else refiner.path.stem
+        p["Refiner switch at"] = req.refiner_switch
+    if req.loras:
+        p["Lora hashes"] = ", ".join(f"{x.name}: {x.weight}" for x in req.loras)
+    from . import __version__
+
+    p["Version"] = f"sdxl {__version__}"
+    return format_a1111(p)

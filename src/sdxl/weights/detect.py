@@ -1,0 +1,243 @@
+"""Read the architecture off a checkpoint's tensor names and shapes (as ComfyUI does).
+
+Works on anything with `keys()` and `.shape(key)` (a `SafetensorsFile` reads only the header, so detecting a
+7 GB file takes milliseconds). Head counts are not stored in the files: heads are 64 channels wide in every
+SDXL-family model. Files this project writes carry their full config in the metadata (`sdxl.config`),
+which then wins.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+
+from ..models.config import ModelConfig, TextConfig, UNetConfig, VAEConfig
+from .io import CheckpointError
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_L_PREFIX = "conditioner.embedders.0.transformer."  # + text_model.*
+BIGG_BASE_PREFIX = "conditioner.embedders.1.model."
+BIGG_REFINER_PREFIX = "conditioner.embedders.0.model."
+CONFIG_METADATA_KEY = "sdxl.config"
+
+
+class _View:
+    """The keys of `f` under `prefix`, with the prefix stripped."""
+
+    def __init__(self, f, prefix: str):
+        self.f, self.prefix = f, prefix
+        self.keys = {k[len(prefix):] for k in f.keys() if k.startswith(prefix)}
+
+    def __contains__(self, k: str) -> bool:
+        return k in self.keys
+
+    def shape(self, k: str) -> tuple[int, ...]:
+        if k not in self.keys:
+            raise CheckpointError(f"missing tensor {self.prefix}{k}")
+        return tuple(self.f.shape(self.prefix + k))
+
+    def count(self, pattern: str) -> int:
+        """Number of distinct integers N for which some key matches pattern with {N}."""
+        rx = re.compile("^" + re.escape(pattern).replace(r"\{N\}", r"(\d+)") + r"(\.|$)")
+        return len({m.group(1) for k in self.keys if (m := rx.match(k))})
+
+
+def split_components(keys) -> dict[str, str]:
+    """Which components a file holds, and under which prefix (official single-file layout, or bare parts)."""
+    keys = list(keys)
+    has = lambda p: any(k.startswith(p) for k in keys)  # noqa: E731
+    out: dict[str, str] = {}
+    if has(UNET_PREFIX):
+        out["unet"] = UNET_PREFIX
+    elif "input_blocks.0.0.weight" in keys:
+        out["unet"] = ""
+    if has(VAE_PREFIX):
+        out["vae"] = VAE_PREFIX
+    elif "encoder.conv_in.weight" in keys and "decoder.conv_in.weight" in keys and "unet" not in out:
+        out["vae"] = ""
+    if has(CLIP_L_PREFIX):
+        out["text_l"] = CLIP_L_PREFIX
+        if has(BIGG_BASE_PREFIX):
+            out["text_g"] = BIGG_BASE_PREFIX
+    elif has(BIGG_REFINER_PREFIX):
+        out["text_g"] = BIGG_REFINER_PREFIX
+    elif has(BIGG_BASE_PREFIX):
+        out["text_g"] = BIGG_BASE_PREFIX
+    return out
+
+
+def detect_unet(v: _View) -> UNetConfig:
+    if "label_emb.0.0.weight" not in v:
+        raise CheckpointError(
+            "UNet has no label_emb.0.0.weight (the size/pooled-text embedding): not an SDXL-family UNet "
+            "(SD 1.x / 2.x checkpoints are not supported)"
+        )
+    mc, in_ch = v.shape("input_blocks.0.0.weight")[:2]
+    out_ch = v.shape("out.2.weight")[0]
+    temb = v.shape("time_embed.0.weight")[0]
+    adm = v.shape("label_emb.0.0.weight")[1]
+    n_in = v.count("input_blocks.{N}")
+    # walk the input blocks: ResBlocks until a Downsample ends a level
+    mult, depths, level_blocks, nres = [], [], 0, None
+    context_dim = None
+    for i in range(1, n_in):
+        p = f"input_blocks.{i}."
+        if p + "0.op.weight" in v:
+            if nres is None:
+                nres = level_blocks
+            elif level_blocks != nres:
+                raise CheckpointError("UNet levels have different numbers of ResBlocks")
+            level_blocks = 0
+            continue
+        if p + "0.in_layers.0.weight" not in v:
+            raise CheckpointError(f"UNet input block {i} is neither a ResBlock nor a Downsample")
+        ch = v.shape(p + "0.out_layers.3.weight")[0]
+        if level_blocks == 0:
+            mult.append(ch // mc)
+        level_blocks += 1
+        d = v.count(p + "1.transformer_blocks.{N}")
+        if d and v.shape(p + "1.proj_in.weight").__len__() != 2:
+            raise CheckpointError("UNet transformers use conv proj_in: not an SDXL-family UNet")
+        if d and context_dim is None:
+            context_dim = v.shape(p + "1.transformer_blocks.0.attn2.to_k.weight")[1]
+        depths.append(d)
+    nres = level_blocks if nres is None else nres
+    if level_blocks != nres:
+        raise CheckpointError("UNet levels have different numbers of ResBlocks")
+    n_out = v.count("output_blocks.{N}")
+    if n_out != len(mult) * (nres + 1):
+        raise CheckpointError(f"UNet has {n_out} output blocks, expected {len(mult) * (nres + 1)}")
+    out_depths = []
+    for i in range(n_out):
+        p = f"output_blocks.{i}."
+        if p + "0.in_layers.0.weight" not in v:
+            raise CheckpointError(f"UNet output block {i} has no ResBlock")
+        d = v.count(p + "1.transformer_blocks.{N}")
+        if d and context_dim is None:
+            context_dim = v.shape(p + "1.transformer_blocks.0.attn2.to_k.weight")[1]
+        out_depths.append(d)
+    if "middle_block.1.proj_in.weight" in v:
+        mid = v.count("middle_block.1.transformer_blocks.{N}")
+        if context_dim is None:
+            context_dim = v.shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
+    else:
+        mid = -1
+    if context_dim is None:
+        raise CheckpointError("UNet has no cross-attention at all: not an SDXL-family UNet")
+    return UNetConfig(
+        in_channels=in_ch,
+        out_channels=out_ch,
+        model_channels=mc,
+        channel_mult=tuple(mult),
+        num_res_blocks=nres,
+        transformer_depth=tuple(depths),
+        transformer_depth_output=tuple(out_depths),
+        transformer_depth_middle=mid,
+        context_dim=context_dim,
+        adm_in_channels=adm,
+        time_embed_mult=temb // mc,
+    )
+
+
+def detect_vae(v: _View) -> VAEConfig:
+    for k in ("encoder.conv_in.weight", "decoder.conv_in.weight", "quant_conv.weight", "post_quant_conv.weight"):
+        if k not in v:
+            raise CheckpointError(f"VAE is missing {v.prefix}{k}")
+    ch, in_ch = v.shape("encoder.conv_in.weight")[:2]
+    levels = v.count("encoder.down.{N}")
+    mult = [v.shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels)]
+    return VAEConfig(
+        in_channels=in_ch,
+        out_channels=v.shape("decoder.conv_out.weight")[0],
+        ch=ch,
+        ch_mult=tuple(mult),
+        num_res_blocks=v.count("encoder.down.0.block.{N}"),
+        z_channels=v.shape("encoder.conv_out.weight")[0] // 2,
+        embed_dim=v.shape("quant_conv.weight")[0] // 2,
+    )
+
+
+def detect_clip_l(v: _View) -> TextConfig:
+    p = "text_model." if "text_model.embeddings.token_embedding.weight" in v else ""
+    vocab, width = v.shape(p + "embeddings.token_embedding.weight")
+    mlp = v.shape(p + "encoder.layers.0.mlp.fc1.weight")[0]
+    return TextConfig(
+        vocab_size=vocab,
+        max_positions=v.shape(p + "embeddings.position_embedding.weight")[0],
+        width=width,
+        layers=v.count(p + "encoder.layers.{N}"),
+        mlp_ratio=mlp / width,
+        act="quick_gelu",
+        projection_dim=None,
+        pad_token=49407,
+    )
+
+
+def detect_bigg(v: _View) -> TextConfig:
+    vocab, width = v.shape("token_embedding.weight")
+    mlp = v.shape("transformer.resblocks.0.mlp.c_fc.weight")[0]
+    return TextConfig(
+        vocab_size=vocab,
+        max_positions=v.shape("positional_embedding")[0],
+        width=width,
+        layers=v.count("transformer.resblocks.{N}"),
+        mlp_ratio=mlp / width,
+        act="gelu",
+        projection_dim=v.shape("text_projection")[1] if "text_projection" in v else None,
+        pad_token=0,
+    )
+
+
+def detect(f: Mapping, metadata: dict[str, str] | None = None, name: str = "checkpoint") -> ModelConfig:
+    """The ModelConfig of an official-layout (or bare component) file. Raises CheckpointError."""
+    metadata = metadata if metadata is not None else getattr(f, "metadata", {}) or {}
+    if CONFIG_METADATA_KEY in metadata:
+        try:
+            return ModelConfig.from_json(metadata[CONFIG_METADATA_KEY])
+        except (TypeError, ValueError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{name}: unreadable {CONFIG_METADATA_KEY} metadata ({e})") from None
+    parts = split_components(f.keys())
+    if not parts:
+        sample = ", ".join(sorted(f.keys())[:3]) or "no tensors"
+        raise CheckpointError(f"{name}: not an SDXL checkpoint: no UNet, VAE or text encoder found ({sample} ...)")
+    try:
+        unet = detect_unet(_View(f, parts["unet"])) if "unet" in parts else None
+        vae = detect_vae(_View(f, parts["vae"])) if "vae" in parts else None
+        text_l = detect_clip_l(_View(f, parts["text_l"])) if "text_l" in parts else None
+        text_g = detect_bigg(_View(f, parts["text_g"])) if "text_g" in parts else None
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from None
+    except (KeyError, IndexError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{name}: inconsistent tensors ({e})") from None
+    kind = "base"
+    if unet is not None:
+        n_numbers = None
+        pooled = text_g.projection_dim if text_g is not None else None
+        if pooled is not None:
+            n_numbers, rem = divmod(unet.adm_in_channels - pooled, 256)
+            if rem:
+                raise CheckpointError(
+                    f"{name}: UNet conditioning width {unet.adm_in_channels} does not fit the pooled text "
+                    f"width {pooled} plus 256 per micro-conditioning number"
+                )
+        else:  # UNet-only file: the refiner's context is bigG alone, whose width is also the pooled width
+            n_numbers = 5 if unet.adm_in_channels - 5 * 256 == unet.context_dim else 6
+        if n_numbers == 5:
+            kind = "refiner"
+        elif n_numbers != 6:
+            raise CheckpointError(f"{name}: UNet expects {n_numbers} micro-conditioning numbers (5 or 6 known)")
+        if unet.in_channels == 9:
+            kind = "inpaint"
+        ctx = (text_l.width if text_l else 0) + (text_g.width if text_g else 0)
+        if (text_l or text_g) and ctx != unet.context_dim:
+            raise CheckpointError(
+                f"{name}: text encoders give {ctx} context channels but the UNet expects {unet.context_dim}"
+            )
+    elif text_l is None and text_g is not None:
+        kind = "refiner"
+    prediction = "eps"
+    if "v_pred" in f or str(metadata.get("modelspec.prediction_type", "")).lower() in ("v", "v_prediction"):
+        prediction = "v"
+    return ModelConfig(kind=kind, unet=unet, vae=vae, text_l=text_l, text_g=text_g, prediction=prediction)

@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny random-weight checkpoints in the official single-file layout."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, int(os.environ.get("OMP_NUM_THREADS", "2")))))
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory):
+    """{"base", "refiner", "inpaint"} -> path of a tiny random official-layout .safetensors file."""
+    from sdxl.models.config import tiny_config
+    from sdxl.models.factory import random_checkpoint
+    from sdxl.weights.checkpoint import write_single_file
+
+    d = tmp_path_factory.mktemp("tiny_models")
+    out = {}
+    for i, kind in enumerate(("base", "refiner", "inpaint")):
+        out[kind] = write_single_file(random_checkpoint(tiny_config(kind), seed=10 + i), d / f"{kind}.safetensors")
+    return out
