@@ -317,7 +317,8 @@ def _run_sampler(pipe: SDXL, denoiser, x, sigmas, req: GenerationRequest, genera
         return None
 
     try:
-        return sampler(denoiser, x, sigmas, generator=generator, callback=cb, eta=req.eta)
+        opts = {} if req.eta is None else {"eta": req.eta}
+        return sampler(denoiser, x, sigmas, generator=generator, callback=cb, **opts)
     except S.Interrupted:
         raise Interrupted(f"interrupted during {stage} sampling") from None
 

@@ -54,7 +54,7 @@ class GenerationRequest:
     cfg_end: float = 1.0
     sampler: str = "dpmpp_2m"
     schedule: str = "karras"
-    eta: float = 1.0  # noise multiplier for ancestral/SDE samplers
+    eta: float | None = None  # noise multiplier for ancestral/SDE samplers (None: each sampler's default)
     seed: int | None = None  # None: a random seed, written back into the result
     batch: int = 1  # images per forward pass; image i uses seed + i
     prediction: str | None = None  # "eps" / "v"; None = what the checkpoint says
@@ -144,9 +144,9 @@ class GenerationRequest:
 
         try:
             self.sampler, implied = resolve_sampler(self.sampler)
-            if implied is not None and self.schedule in (None, "", "automatic"):
+            if implied is not None and (self.schedule or "automatic").lower() == "automatic":
                 self.schedule = implied
-            self.schedule = resolve_schedule(self.schedule)
+            self.schedule = resolve_schedule(self.schedule, sampler=self.sampler)
         except ValueError as e:
             raise RequestError(str(e)) from None
         return self

@@ -1,0 +1,495 @@
+"""The procedural "shapes" dataset: small scenes of coloured shapes with exact captions.
+
+It exists to train and evaluate a small SDXL from scratch on a CPU-sized budget with something that can
+be checked automatically: every image comes from a scene graph (objects with shape, colour, size,
+position; relations between them; a background), the caption is written from the graph, and
+`sdxl.data.evaluate` reads shapes, colours and relations back out of a generated image.
+
+The data also exercises SDXL's micro-conditioning:
+  - images come in many aspect ratios (the scaled bucket table at base 256), so target-size
+    conditioning and bucketing matter;
+  - a fraction is rendered small (shorter side 64-128 px) and upscaled to the stored size, which makes
+    them soft; their TRUE original size is written to `metadata.jsonl` (a PNG cannot say it was
+    upscaled), and `ImageCaptionDataset` records it as the size conditioning;
+  - a fraction is "cropped": the view is zoomed in so objects are cut by the image border.
+
+A scene is a plain JSON-able dict:
+    {"aspect": h / w it was laid out for,
+     "background": {"color": name, "texture": "plain"|"stripes"|"checker"|"noise",
+                    "period": stripe/checker period (fraction of the shorter side), "angle": degrees,
+                    "noise_seed": int},
+     "objects": [{"shape", "color", "size": "small"|"large", "x", "y" (centre, fractions of width /
+                  height), "r" (radius, fraction of the shorter side), "rotation" (degrees)}, ...],
+     "relations": [[i, "left of"|"right of"|"above"|"below", j], ...]   # object i is <rel> object j
+     "cropped": bool}
+Relations are true in pixel space at the scene's aspect ratio with a margin (the centre offset along
+the named axis is at least 1.5 times the offset along the other axis), so a detector can check them.
+Objects in one scene have different colours, none equal to the background colour.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from sdxl.data.buckets import scaled_buckets
+
+# Named colours, chosen far apart in RGB so the nearest-colour rule of the detector is reliable.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (245, 215, 40),
+    "purple": (140, 60, 190),
+    "orange": (245, 135, 30),
+    "white": (245, 245, 245),
+    "black": (25, 25, 25),
+}
+COLORS: tuple[str, ...] = tuple(PALETTE)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross", "diamond")
+SIZES: dict[str, tuple[float, float]] = {
+    "small": (0.08, 0.11),
+    "large": (0.16, 0.21),
+}  # radius / shorter side
+TEXTURES: tuple[str, ...] = ("plain", "stripes", "checker", "noise")
+RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+# (colour, shape) pairs never generated for training when hold_out=True: the "novel" evaluation prompts
+# test whether a model composes a colour and a shape it has only seen separately.
+HELD_OUT: tuple[tuple[str, str], ...] = (
+    ("green", "star"),
+    ("purple", "triangle"),
+    ("orange", "ring"),
+    ("blue", "cross"),
+)
+NOISE_SIGMA = 8.0  # std of the "noise" background texture, in 8-bit levels
+RELATION_MARGIN = 1.5  # stated axis offset >= this x the other axis offset
+
+
+def _shade(name: str) -> tuple[int, int, int]:
+    """Second colour of a textured background: the colour moved 22% towards white or black.
+
+    Of the two, the one that changes the colour more (so the texture is visible) is used, unless it
+    would then be nearer to another palette colour (the detector must still read it as `name`).
+    """
+    base = np.array(PALETTE[name], dtype=np.float64)
+    best: np.ndarray | None = None
+    for target in (255.0, 0.0):
+        cand = base + 0.22 * (target - base)
+        nearest = min(PALETTE, key=lambda n: float(np.linalg.norm(cand - np.array(PALETTE[n]))))
+        if nearest != name:
+            continue
+        if best is None or np.linalg.norm(cand - base) > np.linalg.norm(best - base):
+            best = cand
+    assert best is not None, f"no usable shade for {name}"
+    return tuple(int(round(v)) for v in best)  # type: ignore[return-value]
+
+
+SHADES: dict[str, tuple[int, int, int]] = {name: _shade(name) for name in PALETTE}
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+def _star(cx: float, cy: float, r_out: float, r_in: float, rot: float) -> list[tuple[float, float]]:
+    pts = []
+    for k in range(10):
+        rad = r_out if k % 2 == 0 else r_in
+        a = math.radians(rot) - math.pi / 2 + k * math.pi / 5
+        pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+    return pts
+
+
+def _regular(
+    cx: float, cy: float, radius: float, n: int, rot: float, start: float
+) -> list[tuple[float, float]]:
+    """n-gon with circumradius `radius`, first vertex at angle `start` (degrees, 0 = +x, y down)."""
+    return [
+        (
+            cx + radius * math.cos(math.radians(start + rot + 360.0 * k / n)),
+            cy + radius * math.sin(math.radians(start + rot + 360.0 * k / n)),
+        )
+        for k in range(n)
+    ]
+
+
+def _cross(cx: float, cy: float, arm: float, half_w: float, rot: float) -> list[tuple[float, float]]:
+    a, b = arm, half_w
+    pts = [
+        (b, -a),
+        (b, -b),
+        (a, -b),
+        (a, b),
+        (b, b),
+        (b, a),
+        (-b, a),
+        (-b, b),
+        (-a, b),
+        (-a, -b),
+        (-b, -b),
+        (-b, -a),
+    ]
+    c, s = math.cos(math.radians(rot)), math.sin(math.radians(rot))
+    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: dict[str, Any], cx: float, cy: float, R: float) -> None:
+    """Draw one object's silhouette (fill 255) on a mask. R is the radius in pixels."""
+    shape, rot = obj["shape"], float(obj.get("rotation", 0.0))
+    if shape == "circle":
+        draw.ellipse((cx - R, cy - R, cx + R, cy + R), fill=255)
+    elif shape == "ring":
+        draw.ellipse((cx - R, cy - R, cx + R, cy + R), fill=255)
+        ri = 0.55 * R
+        draw.ellipse((cx - ri, cy - ri, cx + ri, cy + ri), fill=0)
+    elif shape == "square":  # half-side 0.82 R, corners at 45 degrees
+        draw.polygon(_regular(cx, cy, 0.82 * R * math.sqrt(2), 4, rot, 45.0), fill=255)
+    elif shape == "diamond":  # a square standing on a corner, half-diagonal 1.1 R
+        draw.polygon(_regular(cx, cy, 1.1 * R, 4, rot, 0.0), fill=255)
+    elif shape == "triangle":  # equilateral, pointing up, circumradius 1.15 R (centroid at the centre)
+        draw.polygon(_regular(cx, cy, 1.15 * R, 3, rot, -90.0), fill=255)
+    elif shape == "star":
+        draw.polygon(_star(cx, cy, 1.15 * R, 0.45 * 1.15 * R, rot), fill=255)
+    elif shape == "cross":
+        draw.polygon(_cross(cx, cy, R, 0.36 * R, rot), fill=255)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def _background(bg: dict[str, Any], H: int, W: int, short: int) -> np.ndarray:
+    """Background as uint8 [H, W, 3] at the (supersampled) drawing resolution."""
+    base = np.array(PALETTE[bg["color"]], dtype=np.uint8)
+    shade = np.array(SHADES[bg["color"]], dtype=np.uint8)
+    out = np.empty((H, W, 3), dtype=np.uint8)
+    out[:] = base
+    texture = bg.get("texture", "plain")
+    if texture in ("stripes", "checker"):
+        period = max(2.0, float(bg.get("period", 0.1)) * short)
+        yy, xx = np.arange(H, dtype=np.float64)[:, None], np.arange(W, dtype=np.float64)[None, :]
+        if texture == "stripes":
+            a = math.radians(float(bg.get("angle", 0.0)))
+            t = (xx * math.cos(a) + yy * math.sin(a)) / period
+            odd = (np.floor(t).astype(np.int64) % 2) == 1
+        else:
+            odd = ((np.floor(xx / period) + np.floor(yy / period)).astype(np.int64) % 2) == 1
+        out[odd] = shade
+    return out
+
+
+def render_scene(scene: dict[str, Any], h: int, w: int, supersample: int = 4) -> Image.Image:
+    """Draw a scene at h x w pixels.
+
+    Anti-aliasing: everything is drawn at `supersample` times the size and reduced with a box filter
+    (each output pixel is the mean of its supersample x supersample block). The "noise" texture is added
+    after the reduction, per output pixel, from the scene's `noise_seed`.
+    """
+    S = int(supersample)
+    H, W = h * S, w * S
+    short = min(H, W)
+    canvas = Image.fromarray(_background(scene["background"], H, W, short), mode="RGB")
+    for obj in scene["objects"]:
+        mask = Image.new("L", (W, H), 0)
+        _draw_object(ImageDraw.Draw(mask), obj, obj["x"] * W, obj["y"] * H, obj["r"] * short)
+        canvas.paste(PALETTE[obj["color"]], (0, 0, W, H), mask)
+    img = canvas.resize((w, h), Image.Resampling.BOX) if S > 1 else canvas
+    bg = scene["background"]
+    if bg.get("texture") == "noise":
+        rng = np.random.default_rng(int(bg.get("noise_seed", 0)))
+        arr = np.asarray(img, dtype=np.float64) + rng.normal(0.0, NOISE_SIGMA, size=(h, w, 1))
+        img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="RGB")
+    return img
+
+
+# ---------------------------------------------------------------------------------------------- scenes
+def relation_between(a: dict[str, Any], b: dict[str, Any], aspect: float) -> str:
+    """Where object a is relative to object b, by the larger centre offset in pixel units."""
+    W_u, H_u = _frame(aspect)
+    dx = (a["x"] - b["x"]) * W_u
+    dy = (a["y"] - b["y"]) * H_u
+    if abs(dx) >= abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
+
+
+def _frame(aspect: float) -> tuple[float, float]:
+    """(width, height) of the image in units of its shorter side."""
+    return (1.0, aspect) if aspect >= 1.0 else (1.0 / aspect, 1.0)
+
+
+def _clear(a: dict[str, Any], b: dict[str, Any], rel: str, aspect: float) -> bool:
+    W_u, H_u = _frame(aspect)
+    dx = (a["x"] - b["x"]) * W_u
+    dy = (a["y"] - b["y"]) * H_u
+    major, minor = (dx, dy) if rel in ("left of", "right of") else (dy, dx)
+    return relation_between(a, b, aspect) == rel and abs(major) >= RELATION_MARGIN * abs(minor)
+
+
+def _apart(a: dict[str, Any], b: dict[str, Any], aspect: float) -> bool:
+    """Objects do not overlap (1.2 x radius covers the pointy shapes) with a small gap."""
+    W_u, H_u = _frame(aspect)
+    d = math.hypot((a["x"] - b["x"]) * W_u, (a["y"] - b["y"]) * H_u)
+    return d >= 1.2 * (a["r"] + b["r"]) + 0.04
+
+
+def _pick_combo(rng: np.random.Generator, used_colors: set[str], bg: str, hold_out: bool) -> tuple[str, str]:
+    while True:
+        color = COLORS[int(rng.integers(len(COLORS)))]
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        if color == bg or color in used_colors:
+            continue
+        if hold_out and (color, shape) in HELD_OUT:
+            continue
+        return color, shape
+
+
+def random_scene(
+    rng: np.random.Generator,
+    aspect: float = 1.0,
+    n_objects: int | None = None,
+    hold_out: bool = True,
+    cropped: bool = False,
+    texture: str | None = None,
+    combos: list[tuple[str, str]] | None = None,
+) -> dict[str, Any]:
+    """A random scene laid out for an image of aspect ratio h / w = `aspect`.
+
+    n_objects: 1-3 (default: uniform). hold_out: never use the HELD_OUT colour-shape pairs.
+    cropped: zoom in so that objects are cut by the border (every object centre stays inside).
+    texture: force a background texture. combos: force the (colour, shape) of the objects, in order
+    (used by the evaluation prompts).
+    """
+    if n_objects is None:
+        n_objects = int(rng.integers(1, 4))
+    if combos is not None:
+        n_objects = len(combos)
+    if not 1 <= n_objects <= 3:
+        raise ValueError("scenes have 1 to 3 objects")
+    forced = {c for c, _ in combos} if combos else set()
+    bg_choices = [c for c in COLORS if c not in forced]
+    bg_color = bg_choices[int(rng.integers(len(bg_choices)))]
+    tex = texture if texture is not None else TEXTURES[int(rng.integers(len(TEXTURES)))]
+    background = {
+        "color": bg_color,
+        "texture": tex,
+        "period": round(float(rng.uniform(0.06, 0.16)), 4),
+        "angle": float(rng.choice([0.0, 45.0, 90.0, 135.0])),
+        "noise_seed": int(rng.integers(2**31)),
+    }
+    used: set[str] = set()
+    kinds: list[tuple[str, str]] = []
+    for k in range(n_objects):
+        color, shape = combos[k] if combos else _pick_combo(rng, used, bg_color, hold_out)
+        used.add(color)
+        kinds.append((color, shape))
+    W_u, H_u = _frame(aspect)
+    objects: list[dict[str, Any]] = []
+    relations: list[list[Any]] = []
+    ok = False
+    # Rejection sampling. Some relation sets are hard to place in a narrow frame (two objects both
+    # "left of" a third in a tall image), so the relations are redrawn every 100 tries, and after half
+    # of the rounds all objects are made small, which always fits.
+    for attempt in range(4000):
+        if attempt % 100 == 0:
+            wanted = [str(rng.choice(RELATIONS)) for _ in range(n_objects - 1)]
+            relations = [[0, wanted[0], 1]] if n_objects >= 2 else []
+            if n_objects == 3:
+                relations.append([2, wanted[1], 1])
+        objects = []
+        for color, shape in kinds:
+            size = "small" if attempt >= 2000 or rng.random() < 0.5 else "large"
+            r = float(rng.uniform(*SIZES[size]))
+            m = 1.2 * r + 0.02  # keep the whole silhouette inside the frame
+            x = float(rng.uniform(m, W_u - m)) / W_u if W_u > 2 * m else 0.5
+            y = float(rng.uniform(m, H_u - m)) / H_u if H_u > 2 * m else 0.5
+            rot = float(rng.uniform(-12.0, 12.0)) if shape not in ("circle", "ring") else 0.0
+            objects.append(
+                {
+                    "shape": shape,
+                    "color": color,
+                    "size": size,
+                    "x": x,
+                    "y": y,
+                    "r": r,
+                    "rotation": round(rot, 2),
+                }
+            )
+        ok = all(_apart(objects[i], objects[j], aspect) for i in range(n_objects) for j in range(i))
+        ok = ok and all(_clear(objects[i], objects[j], rel, aspect) for i, rel, j in relations)
+        if ok:
+            break
+    if not ok:
+        raise RuntimeError(f"could not lay out {n_objects} objects at aspect {aspect}")
+    scene = {
+        "aspect": float(aspect),
+        "background": background,
+        "objects": objects,
+        "relations": relations,
+        "cropped": False,
+    }
+    if cropped:
+        scene = _zoom_crop(scene, rng)
+    for obj in scene["objects"]:
+        obj["x"], obj["y"], obj["r"] = round(obj["x"], 5), round(obj["y"], 5), round(obj["r"], 5)
+    return scene
+
+
+def _zoom_crop(scene: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """Zoom into the scene by 1.3-1.7x at a random place so that at least one object is cut by the border
+    while every object centre stays inside (a similarity transform: relations are unchanged)."""
+    aspect = scene["aspect"]
+    W_u, H_u = _frame(aspect)
+    for _ in range(200):
+        z = float(rng.uniform(1.3, 1.7))
+        fw, fh = W_u / z, H_u / z  # the new view, in old units
+        ox = float(rng.uniform(0.0, W_u - fw))
+        oy = float(rng.uniform(0.0, H_u - fh))
+        new = []
+        cut = False
+        inside = True
+        for obj in scene["objects"]:
+            x = (obj["x"] * W_u - ox) / fw
+            y = (obj["y"] * H_u - oy) / fh
+            r = obj["r"] * z
+            # centre comfortably inside, in units of the new shorter side
+            mx, my = 0.3 * r * min(fw, fh) / fw, 0.3 * r * min(fw, fh) / fh
+            if not (mx <= x <= 1 - mx and my <= y <= 1 - my):
+                inside = False
+                break
+            ext_x, ext_y = 1.2 * r * min(fw, fh) / fw, 1.2 * r * min(fw, fh) / fh
+            if x - ext_x < 0 or x + ext_x > 1 or y - ext_y < 0 or y + ext_y > 1:
+                cut = True
+            new.append({**obj, "x": x, "y": y, "r": r})
+        if inside and cut:
+            return {**scene, "objects": new, "cropped": True}
+    return scene
+
+
+def _object_phrase(obj: dict[str, Any]) -> str:
+    return f"a {obj['size']} {obj['color']} {obj['shape']}"
+
+
+def _background_phrase(bg: dict[str, Any]) -> str:
+    adjective = {"plain": "", "stripes": "striped ", "checker": "checkered ", "noise": "noisy "}[
+        bg["texture"]
+    ]
+    return f"a {adjective}{bg['color']} background"
+
+
+def caption(scene: dict[str, Any]) -> str:
+    """The caption of a scene, e.g. "a large red circle above a small blue square on a striped green
+    background". A third object is attached with its relation to the second one:
+    "..., and a small yellow star left of the blue square, on a plain ...".
+    """
+    objs = scene["objects"]
+    rels = {(i, j): rel for i, rel, j in scene.get("relations", [])}
+    text = _object_phrase(objs[0])
+    if len(objs) >= 2:
+        text += f" {rels[(0, 1)]} {_object_phrase(objs[1])}"
+    if len(objs) == 3:
+        text += f", and {_object_phrase(objs[2])} {rels[(2, 1)]} the {objs[1]['color']} {objs[1]['shape']},"
+    return f"{text} on {_background_phrase(scene['background'])}"
+
+
+# ---------------------------------------------------------------------------------------------- files
+def generate_shapes_dataset(
+    n: int,
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    base: int = 256,
+    step: int = 32,
+    small_fraction: float = 0.3,
+    small_range: tuple[int, int] = (64, 128),
+    crop_fraction: float = 0.15,
+    hold_out: bool = True,
+    supersample: int = 4,
+) -> dict[str, Any]:
+    """Write n images with captions and metadata to out_dir (the `sdxl data shapes` command).
+
+    Files: `NNNNNN.png`, `NNNNNN.txt` (caption), `metadata.jsonl` (one line per image: path, caption,
+    original_size [h, w] = the TRUE size before the upscale, size [h, w] of the file, scene) and
+    `scenes.jsonl` (path, scene). Image i depends only on (seed, i), so the output is identical for the
+    same seed whatever n is.
+
+    Image sizes are drawn from `scaled_buckets(base, step)`. `small_fraction` of the images are rendered
+    with their shorter side in `small_range` and upscaled (bicubic, hence soft) to the bucket size.
+    `crop_fraction` of the scenes are zoomed so objects are cut by the border.
+    Returns a summary: count, number of small and cropped images, the sizes used.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = scaled_buckets(base, step)
+    n_small = n_cropped = 0
+    used: dict[str, int] = {}
+    with (
+        open(out / "metadata.jsonl", "w", encoding="utf-8") as meta,
+        open(out / "scenes.jsonl", "w", encoding="utf-8") as scenes,
+    ):
+        for i in range(n):
+            rng = np.random.default_rng([seed, i])
+            h, w = sizes[int(rng.integers(len(sizes)))]
+            is_small = bool(rng.random() < small_fraction)
+            is_cropped = bool(rng.random() < crop_fraction)
+            scene = random_scene(rng, aspect=h / w, hold_out=hold_out, cropped=is_cropped)
+            if is_small:
+                short = int(rng.integers(small_range[0], small_range[1] + 1))
+                scale = short / min(h, w)
+                sh, sw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+                img = render_scene(scene, sh, sw, supersample).resize((w, h), Image.Resampling.BICUBIC)
+                original = (sh, sw)
+                n_small += 1
+            else:
+                img = render_scene(scene, h, w, supersample)
+                original = (h, w)
+            n_cropped += int(scene["cropped"])
+            name = f"{i:06d}"
+            text = caption(scene)
+            img.save(out / f"{name}.png", optimize=False)
+            (out / f"{name}.txt").write_text(text + "\n", encoding="utf-8")
+            row = {
+                "path": f"{name}.png",
+                "caption": text,
+                "original_size": list(original),
+                "size": [h, w],
+                "small": is_small,
+                "scene": scene,
+            }
+            meta.write(json.dumps(row, sort_keys=True) + "\n")
+            scenes.write(json.dumps({"path": f"{name}.png", "scene": scene}, sort_keys=True) + "\n")
+            used[f"{h}x{w}"] = used.get(f"{h}x{w}", 0) + 1
+    return {"count": n, "small": n_small, "cropped": n_cropped, "sizes": used, "out_dir": str(out)}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+EVAL_KINDS = ("single", "pair", "single_novel", "pair_novel")
+
+
+def eval_prompts(kind: str, n: int, seed: int = 0) -> list[tuple[str, dict[str, Any]]]:
+    """Prompts for evaluating a model trained on this dataset, as (prompt, scene spec) pairs.
+
+    kind: "single" (one object), "pair" (two objects and their relation), "single_novel" / "pair_novel"
+    (the same with a HELD_OUT colour-shape pair, never shown in training when hold_out=True).
+    Specs are square (aspect 1.0) and never cropped; render them with `render_scene(spec, s, s)` for a
+    reference image, and score a generated image with `sdxl.data.evaluate.prompt_accuracy`.
+    The generator is seeded separately from the training data (the kind is part of the seed).
+    """
+    if kind not in EVAL_KINDS:
+        raise ValueError(f"kind must be one of {EVAL_KINDS}, got {kind!r}")
+    rng = np.random.default_rng([seed, 1_000_003, EVAL_KINDS.index(kind)])
+    out = []
+    for _ in range(n):
+        combos = None
+        if kind == "single_novel":
+            combos = [HELD_OUT[int(rng.integers(len(HELD_OUT)))]]
+        elif kind == "pair_novel":
+            first = HELD_OUT[int(rng.integers(len(HELD_OUT)))]
+            second = _pick_combo(rng, {first[0]}, "", hold_out=False)
+            combos = [first, second] if rng.random() < 0.5 else [second, first]
+        n_obj = 1 if kind.startswith("single") else 2
+        spec = random_scene(
+            rng, aspect=1.0, n_objects=n_obj, hold_out=not kind.endswith("novel"), combos=combos
+        )
+        out.append((caption(spec), spec))
+    return out

@@ -1,0 +1,188 @@
+"""SDXL's discrete noise schedule, and the wrapper that turns the UNet into a denoiser in sigma space.
+
+Sampling works in the k-diffusion / EDM formulation: a noisy latent is `x = x0 + sigma * eps` and a
+denoiser maps `(x, sigma) -> x0_hat`. SDXL itself was trained as a discrete-time DDPM (1000 steps, variance
+preserving): its UNet sees `x_vp = sqrt(alphabar_t) * x0 + sqrt(1 - alphabar_t) * eps` and an integer
+timestep `t`, and predicts `eps` (or `v`). The two views are the same thing up to a scale: with
+`sigma_t = sqrt((1 - alphabar_t) / alphabar_t)`, `x_vp = x / sqrt(sigma_t^2 + 1)`. So the UNet is called on
+`c_in * x` with `c_in = 1 / sqrt(sigma^2 + 1)` and the timestep whose training sigma is `sigma`.
+
+`DiscreteSchedule` holds the 1000 training sigmas and converts between sigma and timestep.
+`ModelDenoiser` wraps a UNet-like `model_fn(x_in, t, **cond)` into a denoiser.
+
+Which timestep the UNet sees for a sigma between two training levels is a convention, and the tools differ:
+  - sgm (the reference code) and A1111 with "quantization" on: the nearest training level (an integer).
+  - k-diffusion, ComfyUI and diffusers' Euler/Heun/LMS/DPM2 (for Karras and other sigma-defined schedules):
+    the continuous `t` found by interpolating linearly in log sigma between the two neighbouring levels.
+  - diffusers' DPM-Solver++ / UniPC with Karras sigmas: that continuous `t`, rounded (= the nearest level in
+    log sigma), which is `quantize=True` here.
+  - diffusers' "linspace" timestep spacing: fractional timesteps whose sigmas were interpolated linearly in
+    *sigma* (numpy `interp`); `interpolation="linear"` inverts exactly that.
+For sigmas that are training levels (every "leading"/"trailing" schedule, sgm's `normal`, ComfyUI's `simple`)
+all conventions give the same integer timestep, exactly: a float32 sigma taken from the table maps back to its
+own index with no rounding error (see `sigma_to_t`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class DiscreteSchedule:
+    """The DDPM training schedule of SDXL: 1000 "scaled linear" betas from 0.00085 to 0.012.
+
+    betas = linspace(sqrt(beta_start), sqrt(beta_end), N)^2, alphabar_t = prod_{s<=t}(1 - beta_s),
+    sigma_t = sqrt((1 - alphabar_t) / alphabar_t); sigma_0 = 0.0292, sigma_999 = 14.6146.
+
+    `dtype` is the precision of the cumulative product. float64 is what sgm, k-diffusion (via ldm), A1111 and
+    ComfyUI compute; diffusers computes in float32, which moves the small sigmas by up to 1.3e-5 (relative).
+    Pass `dtype=torch.float32` to reproduce diffusers' numbers exactly. Either way the table `sigmas` is
+    stored as float32, the precision schedules hand out.
+    """
+
+    def __init__(
+        self,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        num_timesteps: int = 1000,
+        dtype: torch.dtype = torch.float64,
+    ):
+        self.beta_start = beta_start
+        self.beta_end = beta_end
+        self.num_timesteps = num_timesteps
+        self.dtype = dtype
+        self.betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=dtype) ** 2
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        # sigmas[t] for t = 0..N-1, ascending.
+        self.sigmas = (((1.0 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).to(torch.float32)
+        # Logs of the float32 table, in float64: a float32 sigma equal to a table entry then has exactly the
+        # same log as that entry, so it maps back to its integer timestep with no rounding error.
+        self.log_sigmas = self.sigmas.to(torch.float64).log()
+
+    def __repr__(self) -> str:
+        return (
+            f"DiscreteSchedule(beta_start={self.beta_start}, beta_end={self.beta_end}, "
+            f"num_timesteps={self.num_timesteps}, dtype={self.dtype})"
+        )
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma, quantize: bool = False, interpolation: str = "log") -> Tensor:
+        """The (continuous) timestep of each sigma, as a float32 tensor shaped like `sigma`.
+
+        interpolation "log": interpolate linearly in log sigma between the two neighbouring training levels
+        (k-diffusion, ComfyUI, diffusers' `_sigma_to_t`); "linear": interpolate in sigma (the inverse of the
+        numpy `interp` diffusers uses for "linspace" spacing). Sigmas outside the table clamp to t = 0 / N-1.
+        quantize=True returns the nearest integer timestep: `round` of the log-interpolated t, i.e. the
+        training level nearest in log sigma (k-diffusion's quantize, diffusers' DPM-Solver/UniPC Karras
+        rounding). sgm picks the level nearest in sigma itself; the two differ only for sigmas in a sliver
+        between the log- and the linear midpoint of two neighbouring levels, never for training levels.
+        """
+        sigma = torch.as_tensor(sigma)
+        # On the CPU in float64 (a few numbers a step; MPS lacks float64); returned on sigma's device.
+        s = sigma.detach().to("cpu", torch.float64)
+        if interpolation == "log":
+            table = self.log_sigmas
+            value = s.clamp(min=1e-10).log()
+        elif interpolation == "linear":
+            table = self.sigmas.to(torch.float64)
+            value = s
+        else:
+            raise ValueError(f"interpolation must be 'log' or 'linear', got {interpolation!r}")
+        # low: the last table entry <= value (the table is ascending), kept in [0, N-2] so `low + 1` exists.
+        low = torch.searchsorted(table, value.reshape(-1), right=True).reshape(value.shape) - 1
+        low = low.clamp(0, self.num_timesteps - 2)
+        lo, hi = table[low], table[low + 1]
+        w = ((value - lo) / (hi - lo)).clamp(0.0, 1.0)
+        t = low.to(torch.float64) + w
+        if quantize:
+            t = t.round()
+        return t.to(device=sigma.device, dtype=torch.float32)
+
+    def t_to_sigma(self, t, interpolation: str = "log") -> Tensor:
+        """The sigma of each (possibly fractional) timestep, float32; integer t give table entries exactly.
+
+        "log" interpolates log sigma (k-diffusion, ComfyUI's `sigma(t)`); "linear" interpolates sigma
+        (diffusers' numpy `interp` over the timestep spacing).
+        """
+        t = torch.as_tensor(t)
+        device = t.device
+        t = t.detach().to("cpu", torch.float64).clamp(0, self.num_timesteps - 1)
+        low = t.floor().long().clamp(max=self.num_timesteps - 2)
+        w = t - low.to(torch.float64)
+        if interpolation == "log":
+            table = self.log_sigmas
+            return ((1 - w) * table[low] + w * table[low + 1]).exp().to(device=device, dtype=torch.float32)
+        if interpolation == "linear":
+            table = self.sigmas.to(torch.float64)
+            return ((1 - w) * table[low] + w * table[low + 1]).to(device=device, dtype=torch.float32)
+        raise ValueError(f"interpolation must be 'log' or 'linear', got {interpolation!r}")
+
+
+def _per_sample(sigma, x: Tensor) -> Tensor:
+    """sigma (float, 0-d or [B] tensor) -> a float32 [B] tensor on x's device."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+    if sigma.numel() == 1:
+        sigma = sigma.expand(x.shape[0])
+    return sigma
+
+
+class ModelDenoiser:
+    """Wrap an eps- or v-predicting UNet `model_fn(x_in, t, **cond)` into `denoiser(x, sigma, **cond) -> x0`.
+
+    The UNet is called on `x_in = x / sqrt(sigma^2 + 1)` (the variance-preserving latent it was trained on)
+    with `t = schedule.sigma_to_t(sigma, quantize, interpolation)` as a float32 [B] tensor, and its output is
+    turned into x0:
+      - eps: x0 = x - sigma * eps
+      - v:   x0 = c_skip * x + c_out * v, with c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1)
+             (v = alpha * eps - sigma_vp * x0 in the VP variables; rearranged in sigma space).
+
+    Timesteps: for sigmas that are training levels the UNet sees the integer timestep, exactly as diffusers
+    passes it for "leading"/"trailing" spacing; with the defaults (log interpolation, no quantization) it sees
+    the continuous timestep diffusers' Euler-family schedulers pass for Karras/exponential sigmas;
+    `quantize=True` gives the rounded timestep of diffusers' DPM-Solver++/UniPC with Karras sigmas (and sgm's
+    nearest-level convention), `interpolation="linear"` the fractional timesteps of diffusers' "linspace"
+    spacing.
+    See the module docstring.
+    """
+
+    def __init__(
+        self,
+        model_fn: Callable[..., Tensor],
+        schedule: DiscreteSchedule | None = None,
+        prediction: str = "eps",
+        quantize: bool = False,
+        interpolation: str = "log",
+    ):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+        self.model_fn = model_fn
+        self.schedule = schedule if schedule is not None else DiscreteSchedule()
+        self.prediction = prediction
+        self.quantize = quantize
+        self.interpolation = interpolation
+
+    def timestep(self, sigma) -> Tensor:
+        """The timestep the UNet sees for `sigma` (float32, shaped like `sigma`)."""
+        return self.schedule.sigma_to_t(sigma, quantize=self.quantize, interpolation=self.interpolation)
+
+    def __call__(self, x: Tensor, sigma, **cond) -> Tensor:
+        sigma = _per_sample(sigma, x)
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        c_in = 1.0 / (s**2 + 1.0) ** 0.5
+        out = self.model_fn(x * c_in, self.timestep(sigma), **cond)
+        if self.prediction == "eps":
+            return x - s * out
+        c_skip = 1.0 / (s**2 + 1.0)
+        c_out = -s / (s**2 + 1.0) ** 0.5
+        return c_skip * x + c_out * out
