@@ -82,7 +82,8 @@ class SDXL:
         self.tok_l = CLIPTokenizer.clip_l() if config.text_l is not None else None
         self.tok_g = CLIPTokenizer.bigg() if config.text_g is not None else None
         self.schedule = DiscreteSchedule()
-        self.loras: list = []
+        self.lora_dirs: list[Path] = []  # where LoRA names are looked up
+        self.allow_lora_paths = True  # the server turns this off: names only, inside lora_dirs
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -148,20 +149,29 @@ class SDXL:
         numbers = torch.tensor([nums], dtype=torch.float32, device=self.device).expand(pooled.shape[0], -1)
         return micro_conditioning(pooled.float(), numbers, self.config.fourier_dim).to(self.dtype)
 
-    def text_conditioning(self, req: GenerationRequest, batch: int):
-        """(context, y) for the cond and uncond branches, each [batch, ...]."""
-        ctx, pooled = self.encode_prompt(req.prompt, req.prompt_2, req.clip_skip)
-        neg = req.negative_prompt
-        if self.kind != "refiner" and not neg and not req.negative_prompt_2:
+    def text_conditioning(self, req: GenerationRequest, batch: int, steps: int | None = None):
+        """Conditioning schedules for the cond and uncond branches: lists of (end_step, context, y), one
+        entry per range of steps (several only with A1111 prompt editing), tensors [batch, ...]."""
+        from .prompt_encoding import encode_schedule
+
+        steps = steps or req.steps
+        cond = encode_schedule(self, req.prompt, req.prompt_2, steps, req.clip_skip, req.emphasis)
+        if self.kind != "refiner" and not req.negative_prompt and not req.negative_prompt_2:
             # the official base behaviour: the unconditional branch is all zeros (text and pooled)
-            nctx, npooled = self.zero_text(1, ctx.shape[1])
+            uncond = [(steps, *self.zero_text(1, cond[0][1].shape[1]))]
         else:
-            nctx, npooled = self.encode_prompt(neg or "", req.negative_prompt_2, req.clip_skip)
-        ctx, nctx = _match_length(ctx, nctx)
-        y = self.conditioning_vector(pooled, req)
-        ny = self.conditioning_vector(npooled, req, negative=True)
+            uncond = encode_schedule(self, req.negative_prompt or "", req.negative_prompt_2, steps,
+                                     req.clip_skip, req.emphasis)
+        n = max(c.shape[1] for _, c, _ in cond + uncond)
         rep = lambda t: t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t  # noqa: E731
-        return (rep(ctx), rep(y)), (rep(nctx), rep(ny))
+
+        def finish(entries, negative):
+            from .prompt_encoding import _pad_chunks
+
+            return [(end, rep(_pad_chunks(c, n)), rep(self.conditioning_vector(p, req, negative=negative)))
+                    for end, c, p in entries]
+
+        return finish(cond, False), finish(uncond, True)
 
     # ---------------------------------------------------------------- images <-> latents
     @torch.no_grad()
@@ -182,18 +192,24 @@ class SDXL:
     # ---------------------------------------------------------------- denoising
     def make_denoiser(self, cond, uncond, req: GenerationRequest, sigmas: torch.Tensor,
                       extra_channels: torch.Tensor | None = None) -> ModelDenoiser:
-        """A denoiser D(x, sigma) with classifier-free guidance, guidance rescale and a CFG step range."""
-        (ctx, y), (nctx, ny) = cond, uncond
-        cfg = req.cfg
-        unet = self.unet
-        both_ctx, both_y = torch.cat([nctx, ctx]), torch.cat([ny, y])
+        """A denoiser D(x, sigma) with classifier-free guidance (both branches in one batch), guidance
+        rescale, CFG limited to a range of steps, and per-step conditioning (prompt editing).
+
+        `cond`/`uncond` are schedules from `text_conditioning`. The step a UNet call belongs to is read off
+        its timestep, so second-order samplers' intermediate evaluations count as their step.
+        """
+        cfg, unet = req.cfg, self.unet
         prediction = req.prediction or self.config.prediction
-        den = ModelDenoiser(None, self.schedule, prediction=prediction,
-                            quantize=quantizes_timesteps(req.sampler))
-        # CFG only inside [cfg_start, cfg_end] of the schedule: compare the UNet timestep with the range's
+        den = ModelDenoiser(None, self.schedule, prediction=prediction, quantize=quantizes_timesteps(req.sampler))
         n = max(len(sigmas) - 1, 1)
-        t_hi = float(den.timestep(sigmas[int(round(req.cfg_start * n))])) if req.cfg_start > 0 else math.inf
-        t_lo = float(den.timestep(sigmas[min(int(round(req.cfg_end * n)), n)])) if req.cfg_end < 1 else -math.inf
+        t_steps = den.timestep(sigmas[:-1].float().cpu()).tolist()
+        cfg_first, cfg_last = int(round(req.cfg_start * n)), int(round(req.cfg_end * n))
+
+        def pick(schedule, step):
+            for end, c, y in schedule:
+                if step + 1 <= end:
+                    return c, y
+            return schedule[-1][1], schedule[-1][2]
 
         def model_fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = x_in.to(self.dtype)
@@ -201,13 +217,17 @@ class SDXL:
                 x_in = torch.cat([x_in, extra_channels.to(x_in)], dim=1)
             tt = t.to(x_in.device).reshape(-1).expand(x_in.shape[0])
             tv = float(tt[0])
-            if cfg == 1.0 or not (t_lo < tv <= t_hi):
+            step = max(sum(1 for ts in t_steps if ts >= tv - 1e-4) - 1, 0)
+            ctx, y = pick(cond, step)
+            if cfg == 1.0 or not (cfg_first <= step < cfg_last):
                 return unet(x_in, tt, ctx, y).float()
+            nctx, ny = pick(uncond, step)
             b = x_in.shape[0]
-            out = unet(torch.cat([x_in, x_in]), torch.cat([tt, tt]), both_ctx, both_y).float()
+            out = unet(torch.cat([x_in, x_in]), torch.cat([tt, tt]), torch.cat([nctx, ctx]),
+                       torch.cat([ny, y])).float()
             out_u, out_c = out[:b], out[b:]
             guided = out_u + cfg * (out_c - out_u)
-            if req.guidance_rescale > 0:  # Lin et al. 2023, "Common Diffusion Noise Schedules..." eq. 15-16
+            if req.guidance_rescale > 0:  # Lin et al. 2023, "Common Diffusion Noise Schedules...", eq. 15-16
                 dims = list(range(1, out.ndim))
                 rescaled = guided * (out_c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
                 guided = req.guidance_rescale * rescaled + (1 - req.guidance_rescale) * guided
@@ -215,7 +235,6 @@ class SDXL:
 
         den.model_fn = model_fn
         return den
-
 
     def sigmas_for(self, req: GenerationRequest, steps: int | None = None) -> torch.Tensor:
         return get_sigmas(req.schedule, steps or req.steps, self.schedule)
@@ -225,19 +244,6 @@ class SDXL:
     def generate(self, req: GenerationRequest, callback=None, refiner: SDXL | None = None) -> GenerationResult:
         """Run a request. `callback(event)` gets a `Progress` after every step; returning "stop" interrupts."""
         return run_generation(self, req, callback=callback, refiner=refiner)
-
-
-def _match_length(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Long prompts give 77*k tokens; pad the shorter context by repeating its last chunk (A1111 does this
-    with empty chunks; here the padding chunk is the encoding of an empty chunk when available)."""
-    if a.shape[1] == b.shape[1]:
-        return a, b
-    if a.shape[1] < b.shape[1]:
-        b2, a2 = _match_length(b, a)
-        return a2, b2
-    k = (a.shape[1] - b.shape[1]) // 77
-    pad = b[:, -77:].repeat(1, k, 1) if b.abs().sum() else torch.zeros_like(b[:, :77]).repeat(1, k, 1)
-    return a, torch.cat([b, pad], dim=1)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -323,8 +329,58 @@ def _run_sampler(pipe: SDXL, denoiser, x, sigmas, req: GenerationRequest, genera
         raise Interrupted(f"interrupted during {stage} sampling") from None
 
 
+def resolve_lora(name: str, dirs: list[Path], allow_paths: bool = True) -> Path:
+    """A LoRA name -> file. Names resolve inside `dirs` only (no `..`, no absolute paths, no symlinks out);
+    `allow_paths` (CLI, Python API) also accepts an existing file path."""
+    p = Path(name).expanduser()
+    if allow_paths and p.is_file():
+        return p
+    if not p.is_absolute() and ".." not in p.parts:
+        for d in dirs:
+            root = Path(d).resolve()
+            for cand in (root / name, root / f"{name}.safetensors"):
+                if cand.is_file() and cand.resolve().is_relative_to(root):
+                    return cand.resolve()
+    raise RequestError(f"LoRA {name!r}: not found" + (f" in {', '.join(map(str, dirs))}" if dirs else ""))
+
+
+def _apply_loras(pipe: SDXL, req: GenerationRequest, inline: list):
+    """Hook the request's LoRAs (and the prompt's `<lora:name:w>` tags) onto the models; returns the patch."""
+    from .weights.lora import LoraSet, apply, load_lora, lora_models
+
+    specs = [(x.name, x.weight, None) for x in req.loras]
+    specs += [(x.name, x.weight, None) for x in inline]
+    if not specs:
+        return None
+    cache = pipe.__dict__.setdefault("_lora_cache", {})
+    loras = LoraSet()
+    for name, weight, text_weight in specs:
+        path = resolve_lora(name, pipe.lora_dirs, pipe.allow_lora_paths)
+        key = (str(path), path.stat().st_mtime_ns)
+        if key not in cache:
+            cache[key] = load_lora(path)
+        loras.add(cache[key], weight, text_weight)
+    patch = apply(lora_models(pipe.unet, pipe.text), loras)
+    for report in patch.reports:
+        if not report.ok:
+            log.warning("%s", report.summary())
+    return patch
+
+
 def run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: SDXL | None = None):
+    from .prompts import extract_loras
+
     req.validate()
+    prompt, inline = extract_loras(req.prompt)
+    patch = _apply_loras(pipe, req, inline)
+    try:
+        return _run_generation(pipe, req, callback, refiner)
+    finally:
+        if patch is not None:
+            patch.remove()
+
+
+def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: SDXL | None = None):
     if pipe.unet is None or pipe.vae is None:
         raise RequestError(f"model {pipe.path}: needs a UNet and a VAE to generate (this file lacks one)")
     if req.refiner is not None and refiner is None:
@@ -339,7 +395,7 @@ def run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: S
     noise = _noise(seeds, lat_shape, pipe.device)
     generator = torch.Generator("cpu").manual_seed(seed)
     cond, uncond = pipe.text_conditioning(req, B)
-    _check_finite(cond[0], "the text encoders' output")
+    _check_finite(cond[0][1], "the text encoders' output")
     sigmas = pipe.sigmas_for(req).to(pipe.device)
 
     init = mask = extra = lat_mask = init_pixels = None

@@ -31,6 +31,7 @@ class GenerationRequest:
     prompt_2: str | None = None  # text for the bigG encoder; None = same as prompt
     negative_prompt_2: str | None = None
     clip_skip: int = 1  # 1 = the penultimate layer SDXL was trained with; 2 = one layer earlier, ...
+    emphasis: str = "original"  # A1111 emphasis: "original" (mean-restoring), "no_norm", "none" (no syntax)
     # --- size and micro-conditioning (None = the image size; crop defaults to 0, 0) ---
     width: int = 1024
     height: int = 1024
@@ -132,6 +133,8 @@ class GenerationRequest:
             raise RequestError(f"refiner_strength: {self.refiner_strength} is outside (0, 1]")
         if self.refiner_mode not in ("ensemble", "sdedit"):
             raise RequestError(f"refiner_mode: {self.refiner_mode!r} is not 'ensemble' or 'sdedit'")
+        if self.emphasis not in ("original", "no_norm", "none"):
+            raise RequestError(f"emphasis: {self.emphasis!r} is not 'original', 'no_norm' or 'none'")
         if self.clip_skip < 1:
             raise RequestError(f"clip_skip: {self.clip_skip} must be >= 1")
         if self.seed is not None and not (0 <= int(self.seed) < 2**64):
