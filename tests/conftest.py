@@ -20,5 +20,7 @@ def tiny_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_models")
     out = {}
     for i, kind in enumerate(("base", "refiner", "inpaint")):
-        out[kind] = write_single_file(random_checkpoint(tiny_config(kind), seed=10 + i), d / f"{kind}.safetensors")
+        out[kind] = write_single_file(
+            random_checkpoint(tiny_config(kind), seed=10 + i), d / f"{kind}.safetensors"
+        )
     return out

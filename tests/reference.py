@@ -13,7 +13,7 @@ import torch
 
 
 def _strip(sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def diffusers_components(path: str | Path, tok_dir: Path):
@@ -47,7 +47,9 @@ def diffusers_components(path: str | Path, tok_dir: Path):
         out["tokenizer"] = CLIPTokenizer.from_pretrained(tok_dir / "tokenizer")
     prefix = "conditioner.embedders.1.model." if cfg.text_l is not None else "conditioner.embedders.0.model."
     te2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config_to_hf(cfg.text_g, True)))
-    missing, unexpected = te2.load_state_dict(convert_open_clip_checkpoint(te2, sd, prefix=prefix), strict=False)
+    missing, unexpected = te2.load_state_dict(
+        convert_open_clip_checkpoint(te2, sd, prefix=prefix), strict=False
+    )
     assert not [k for k in missing if "position_ids" not in k], missing
     out["text_encoder_2"] = te2.eval()
     write_hf_tokenizer_files(tok_dir / "tokenizer_2", pad="!")
@@ -59,8 +61,13 @@ def euler_scheduler():
     from diffusers import EulerDiscreteScheduler
 
     return EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
     )
 
 
@@ -69,9 +76,14 @@ def diffusers_base_pipeline(path, tok_dir: Path, scheduler=None):
 
     c = diffusers_components(path, tok_dir)
     return StableDiffusionXLPipeline(
-        vae=c["vae"], text_encoder=c["text_encoder"], text_encoder_2=c["text_encoder_2"],
-        tokenizer=c["tokenizer"], tokenizer_2=c["tokenizer_2"], unet=c["unet"],
-        scheduler=scheduler or euler_scheduler(), add_watermarker=False,
+        vae=c["vae"],
+        text_encoder=c["text_encoder"],
+        text_encoder_2=c["text_encoder_2"],
+        tokenizer=c["tokenizer"],
+        tokenizer_2=c["tokenizer_2"],
+        unet=c["unet"],
+        scheduler=scheduler or euler_scheduler(),
+        add_watermarker=False,
     )
 
 
@@ -80,9 +92,16 @@ def diffusers_refiner_pipeline(path, tok_dir: Path, scheduler=None):
 
     c = diffusers_components(path, tok_dir)
     return StableDiffusionXLImg2ImgPipeline(
-        vae=c["vae"], text_encoder=None, text_encoder_2=c["text_encoder_2"], tokenizer=None,
-        tokenizer_2=c["tokenizer_2"], unet=c["unet"], scheduler=scheduler or euler_scheduler(),
-        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, add_watermarker=False,
+        vae=c["vae"],
+        text_encoder=None,
+        text_encoder_2=c["text_encoder_2"],
+        tokenizer=None,
+        tokenizer_2=c["tokenizer_2"],
+        unet=c["unet"],
+        scheduler=scheduler or euler_scheduler(),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
     )
 
 
@@ -95,7 +114,7 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def to_uint8(images) -> "np.ndarray":  # noqa: F821
+def to_uint8(images) -> np.ndarray:  # noqa: F821
     import numpy as np
 
     if isinstance(images, torch.Tensor):

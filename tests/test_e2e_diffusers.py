@@ -23,9 +23,31 @@ def test_generate_matches_diffusers(tiny_files, tmp_path, width, height):
 
     out = tmp_path / "img.png"
     lat = tmp_path / "lat.safetensors"
-    args = ["generate", "a photo of a red cat", "--model", str(tiny_files["base"]), "--width", str(width),
-            "--height", str(height), "--steps", "5", "--cfg", "5", "--seed", "42", "--sampler", "euler",
-            "--schedule", "leading", "--out", str(out), "--save-latents", str(lat), "--quiet"]
+    args = [
+        "generate",
+        "a photo of a red cat",
+        "--model",
+        str(tiny_files["base"]),
+        "--width",
+        str(width),
+        "--height",
+        str(height),
+        "--steps",
+        "5",
+        "--cfg",
+        "5",
+        "--seed",
+        "42",
+        "--sampler",
+        "euler",
+        "--schedule",
+        "leading",
+        "--out",
+        str(out),
+        "--save-latents",
+        str(lat),
+        "--quiet",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     ours = np.asarray(Image.open(out).convert("RGB"))
@@ -33,9 +55,16 @@ def test_generate_matches_diffusers(tiny_files, tmp_path, width, height):
 
     pipe = diffusers_base_pipeline(tiny_files["base"], tmp_path)
     with torch.no_grad():
-        ref = pipe("a photo of a red cat", negative_prompt=None, num_inference_steps=5, guidance_scale=5.0,
-                   width=width, height=height, generator=torch.Generator("cpu").manual_seed(42),
-                   output_type="np").images
+        ref = pipe(
+            "a photo of a red cat",
+            negative_prompt=None,
+            num_inference_steps=5,
+            guidance_scale=5.0,
+            width=width,
+            height=height,
+            generator=torch.Generator("cpu").manual_seed(42),
+            output_type="np",
+        ).images
     ref8 = to_uint8(ref)[0]
     assert ours.std() > 1.0, "random model should give a non-flat image"
     assert psnr(ours, ref8) >= 40.0

@@ -69,7 +69,7 @@ def test_detect_distilled_and_inpaint_unet_only(unet):
 
 def test_detect_vae_only_file():
     sd = meta_official_state(ModelConfig(unet=None, vae=VAEConfig(), text_l=None, text_g=None))
-    bare = ShapeDict({k[len("first_stage_model."):]: v for k, v in sd.items()})
+    bare = ShapeDict({k[len("first_stage_model.") :]: v for k, v in sd.items()})
     assert detect(bare, {}).vae == VAEConfig()
 
 
@@ -104,7 +104,9 @@ def test_diffusers_folder_loads_in_diffusers(tiny_files, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     d = tmp_path / "d"
-    assert runner.invoke(app, ["convert", str(tiny_files["base"]), str(d), "--to", "diffusers"]).exit_code == 0
+    assert (
+        runner.invoke(app, ["convert", str(tiny_files["base"]), str(d), "--to", "diffusers"]).exit_code == 0
+    )
     pipe = StableDiffusionXLPipeline.from_pretrained(d, local_files_only=True)
     assert pipe.unet.config.cross_attention_dim == 96
 
@@ -168,8 +170,13 @@ def _header_file(tmp_path, header: dict, data: bytes = b"\0" * 64):
     "header,needle",
     [
         ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, "spans"),
-        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
-          "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, "overlap"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
+            },
+            "overlap",
+        ),
         ({"a": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]}}, "dtype"),
         ({"a": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}}, "truncated"),
         ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, "shape"),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -29,8 +28,15 @@ eval_app = typer.Typer(help="Evaluate models.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
 
-DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
-          "bf16": "bfloat16", "bfloat16": "bfloat16"}
+DTYPES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+}
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -46,7 +52,7 @@ def _dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
-def _size(text: Optional[str], flag: str) -> tuple[Optional[int], Optional[int]]:
+def _size(text: str | None, flag: str) -> tuple[int | None, int | None]:
     if not text:
         return None, None
     try:
@@ -61,7 +67,7 @@ def default_model_path(kind: str = "base") -> Path:
     return Path(__file__).parent / "assets" / "default" / f"{kind}.safetensors"
 
 
-def resolve_model(name: Optional[str], models_dir: Optional[Path], kind: str = "base") -> Path:
+def resolve_model(name: str | None, models_dir: Path | None, kind: str = "base") -> Path:
     """A model name: a path, a name (with or without .safetensors) in --models-dir, or 'default'."""
     if name is None or name == "default":
         p = default_model_path(kind)
@@ -75,11 +81,13 @@ def resolve_model(name: Optional[str], models_dir: Optional[Path], kind: str = "
         for cand in (d / name, d / f"{name}.safetensors"):
             if cand.exists():
                 return cand
-    fail(f"model {name!r}: no such file or folder" + (f" (also looked in {models_dir})" if models_dir else ""))
+    fail(
+        f"model {name!r}: no such file or folder" + (f" (also looked in {models_dir})" if models_dir else "")
+    )
     raise AssertionError
 
 
-def _device(device: Optional[str]) -> str:
+def _device(device: str | None) -> str:
     import torch
 
     if device:
@@ -89,52 +97,60 @@ def _device(device: Optional[str]) -> str:
 
 @app.command()
 def generate(
-    prompt: Optional[str] = typer.Argument(None, help="What to draw (A1111 prompt syntax)."),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", "-N", help="What to avoid."),
-    prompt_2: Optional[str] = typer.Option(None, help="Separate prompt for the bigG encoder."),
-    negative_prompt_2: Optional[str] = typer.Option(None, help="Separate negative prompt for bigG."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint file/folder or name; default: shipped."),
-    models_dir: Optional[Path] = typer.Option(None, help="Folder searched for model names."),
+    prompt: str | None = typer.Argument(None, help="What to draw (A1111 prompt syntax)."),
+    negative_prompt: str | None = typer.Option(None, "--negative-prompt", "-N", help="What to avoid."),
+    prompt_2: str | None = typer.Option(None, help="Separate prompt for the bigG encoder."),
+    negative_prompt_2: str | None = typer.Option(None, help="Separate negative prompt for bigG."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Checkpoint file/folder or name; default: shipped."
+    ),
+    models_dir: Path | None = typer.Option(None, help="Folder searched for model names."),
     width: int = typer.Option(None, "--width", "-W", help="Image width in pixels (multiple of 8)."),
     height: int = typer.Option(None, "--height", "-H", help="Image height in pixels (multiple of 8)."),
     steps: int = typer.Option(None, help="Sampler steps."),
     cfg: float = typer.Option(None, help="Classifier-free guidance scale."),
-    seed: Optional[int] = typer.Option(None, help="Seed (random if omitted; printed and saved)."),
+    seed: int | None = typer.Option(None, help="Seed (random if omitted; printed and saved)."),
     sampler: str = typer.Option(None, help="euler, euler_a, dpmpp_2m, ... or an A1111/ComfyUI name."),
     schedule: str = typer.Option(None, help="normal, leading, trailing, karras, exponential, ..."),
-    batch: Optional[int] = typer.Option(None, help="Images per batch (image i uses seed+i)."),
+    batch: int | None = typer.Option(None, help="Images per batch (image i uses seed+i)."),
     n: int = typer.Option(1, "--n", help="Number of batches to run one after another."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output PNG (numbered if several) or folder."),
-    init_image: Optional[Path] = typer.Option(None, help="img2img: start from this image."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output PNG (numbered if several) or folder."),
+    init_image: Path | None = typer.Option(None, help="img2img: start from this image."),
     strength: float = typer.Option(None, help="img2img/inpaint: how much to change (0..1)."),
-    mask: Optional[Path] = typer.Option(None, help="inpaint: mask image, white = repaint."),
-    original_size: Optional[str] = typer.Option(None, help="Micro-conditioning original size WxH."),
-    target_size: Optional[str] = typer.Option(None, help="Micro-conditioning target size WxH."),
-    crop_top: Optional[int] = typer.Option(None, help="Micro-conditioning crop top (pixels)."),
-    crop_left: Optional[int] = typer.Option(None, help="Micro-conditioning crop left (pixels)."),
-    negative_original_size: Optional[str] = typer.Option(None, help="Negative-branch original size WxH."),
-    negative_target_size: Optional[str] = typer.Option(None, help="Negative-branch target size WxH."),
-    guidance_rescale: Optional[float] = typer.Option(None, help="CFG rescale phi (0..1)."),
-    cfg_start: Optional[float] = typer.Option(None, help="Apply CFG from this fraction of the steps."),
-    cfg_end: Optional[float] = typer.Option(None, help="Apply CFG until this fraction of the steps."),
-    clip_skip: Optional[int] = typer.Option(None, help="1 = SDXL's penultimate layer; 2 = one earlier."),
-    refiner: Optional[str] = typer.Option(None, help="Refiner checkpoint ('default' = shipped refiner)."),
-    refiner_mode: Optional[str] = typer.Option(None, help="ensemble (finish the schedule) or sdedit."),
-    refiner_switch: Optional[float] = typer.Option(None, help="ensemble: fraction of the schedule the base runs."),
-    refiner_strength: Optional[float] = typer.Option(None, help="sdedit: fraction re-noised."),
-    aesthetic_score: Optional[float] = typer.Option(None, help="Refiner aesthetic score."),
-    negative_aesthetic_score: Optional[float] = typer.Option(None, help="Refiner negative aesthetic score."),
-    lora: list[str] = typer.Option([], "--lora", help="LoRA file/name with weight, e.g. style.safetensors:0.8"),
-    eta: Optional[float] = typer.Option(None, help="Noise multiplier for ancestral/SDE samplers."),
-    prediction: Optional[str] = typer.Option(None, help="Force eps or v prediction."),
-    from_image: Optional[Path] = typer.Option(None, "--from", help="Repeat the request stored in this PNG."),
+    mask: Path | None = typer.Option(None, help="inpaint: mask image, white = repaint."),
+    original_size: str | None = typer.Option(None, help="Micro-conditioning original size WxH."),
+    target_size: str | None = typer.Option(None, help="Micro-conditioning target size WxH."),
+    crop_top: int | None = typer.Option(None, help="Micro-conditioning crop top (pixels)."),
+    crop_left: int | None = typer.Option(None, help="Micro-conditioning crop left (pixels)."),
+    negative_original_size: str | None = typer.Option(None, help="Negative-branch original size WxH."),
+    negative_target_size: str | None = typer.Option(None, help="Negative-branch target size WxH."),
+    guidance_rescale: float | None = typer.Option(None, help="CFG rescale phi (0..1)."),
+    cfg_start: float | None = typer.Option(None, help="Apply CFG from this fraction of the steps."),
+    cfg_end: float | None = typer.Option(None, help="Apply CFG until this fraction of the steps."),
+    clip_skip: int | None = typer.Option(None, help="1 = SDXL's penultimate layer; 2 = one earlier."),
+    refiner: str | None = typer.Option(None, help="Refiner checkpoint ('default' = shipped refiner)."),
+    refiner_mode: str | None = typer.Option(None, help="ensemble (finish the schedule) or sdedit."),
+    refiner_switch: float | None = typer.Option(
+        None, help="ensemble: fraction of the schedule the base runs."
+    ),
+    refiner_strength: float | None = typer.Option(None, help="sdedit: fraction re-noised."),
+    aesthetic_score: float | None = typer.Option(None, help="Refiner aesthetic score."),
+    negative_aesthetic_score: float | None = typer.Option(None, help="Refiner negative aesthetic score."),
+    lora: list[str] = typer.Option(
+        [], "--lora", help="LoRA file/name with weight, e.g. style.safetensors:0.8"
+    ),
+    eta: float | None = typer.Option(None, help="Noise multiplier for ancestral/SDE samplers."),
+    prediction: str | None = typer.Option(None, help="Force eps or v prediction."),
+    from_image: Path | None = typer.Option(None, "--from", help="Repeat the request stored in this PNG."),
     dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16 for the UNet and text encoders."),
-    vae_dtype: Optional[str] = typer.Option(None, help="VAE dtype (default: same as --dtype)."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1, mps (default: cuda if available)."),
-    vae_tiling: Optional[bool] = typer.Option(None, "--vae-tiling/--no-vae-tiling", help="Tiled VAE decode."),
-    save_latents: Optional[Path] = typer.Option(None, help="Also write the final latents (safetensors)."),
+    vae_dtype: str | None = typer.Option(None, help="VAE dtype (default: same as --dtype)."),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, mps (default: cuda if available)."),
+    vae_tiling: bool | None = typer.Option(None, "--vae-tiling/--no-vae-tiling", help="Tiled VAE decode."),
+    save_latents: Path | None = typer.Option(None, help="Also write the final latents (safetensors)."),
     allow_pickle: bool = typer.Option(False, help="Allow .ckpt pickle files (weights-only loading)."),
-    watermark: Optional[bool] = typer.Option(None, "--watermark/--no-watermark", help="Add the official invisible watermark."),
+    watermark: bool | None = typer.Option(
+        None, "--watermark/--no-watermark", help="Add the official invisible watermark."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Generate images from a text prompt (txt2img; img2img with --init-image; inpaint with --mask)."""
@@ -167,17 +183,45 @@ def generate(
         except ValueError:
             fail(f"--lora {spec!r}: expected NAME or NAME:WEIGHT")
     overrides = dict(
-        prompt=prompt, negative_prompt=negative_prompt, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
-        width=width, height=height, steps=steps, cfg=cfg, seed=seed, sampler=sampler, schedule=schedule,
-        strength=strength, init_image=str(init_image) if init_image else None,
-        mask_image=str(mask) if mask else None, batch=batch, original_width=ow, original_height=oh,
-        target_width=tw, target_height=th, crop_top=crop_top, crop_left=crop_left,
-        negative_original_width=now, negative_original_height=noh, negative_target_width=ntw,
-        negative_target_height=nth, guidance_rescale=guidance_rescale, cfg_start=cfg_start, cfg_end=cfg_end,
-        clip_skip=clip_skip, refiner_mode=refiner_mode, refiner_switch=refiner_switch,
-        refiner_strength=refiner_strength, aesthetic_score=aesthetic_score,
-        negative_aesthetic_score=negative_aesthetic_score, eta=eta, prediction=prediction,
-        vae_tiling=vae_tiling, watermark=watermark, loras=loras or None,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        prompt_2=prompt_2,
+        negative_prompt_2=negative_prompt_2,
+        width=width,
+        height=height,
+        steps=steps,
+        cfg=cfg,
+        seed=seed,
+        sampler=sampler,
+        schedule=schedule,
+        strength=strength,
+        init_image=str(init_image) if init_image else None,
+        mask_image=str(mask) if mask else None,
+        batch=batch,
+        original_width=ow,
+        original_height=oh,
+        target_width=tw,
+        target_height=th,
+        crop_top=crop_top,
+        crop_left=crop_left,
+        negative_original_width=now,
+        negative_original_height=noh,
+        negative_target_width=ntw,
+        negative_target_height=nth,
+        guidance_rescale=guidance_rescale,
+        cfg_start=cfg_start,
+        cfg_end=cfg_end,
+        clip_skip=clip_skip,
+        refiner_mode=refiner_mode,
+        refiner_switch=refiner_switch,
+        refiner_strength=refiner_strength,
+        aesthetic_score=aesthetic_score,
+        negative_aesthetic_score=negative_aesthetic_score,
+        eta=eta,
+        prediction=prediction,
+        vae_tiling=vae_tiling,
+        watermark=watermark,
+        loras=loras or None,
     )
     # options given on the command line win over the request stored in --from IMAGE
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -187,13 +231,38 @@ def generate(
         fail(str(e))
     size_given = "width" in base or width is not None or height is not None
     model_path = resolve_model(model or base.get("model"), models_dir)
-    run_generate(req, model_path, refiner, models_dir, out, n, dtype, vae_dtype, device, save_latents,
-                 allow_pickle, quiet, size_given)
+    run_generate(
+        req,
+        model_path,
+        refiner,
+        models_dir,
+        out,
+        n,
+        dtype,
+        vae_dtype,
+        device,
+        save_latents,
+        allow_pickle,
+        quiet,
+        size_given,
+    )
 
 
-def run_generate(req, model_path: Path, refiner_name, models_dir, out, n, dtype, vae_dtype, device,
-                 save_latents, allow_pickle, quiet, size_given=True):
-    import torch
+def run_generate(
+    req,
+    model_path: Path,
+    refiner_name,
+    models_dir,
+    out,
+    n,
+    dtype,
+    vae_dtype,
+    device,
+    save_latents,
+    allow_pickle,
+    quiet,
+    size_given=True,
+):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .metadata import write_png
@@ -203,8 +272,13 @@ def run_generate(req, model_path: Path, refiner_name, models_dir, out, n, dtype,
 
     dev = _device(device)
     try:
-        pipe = SDXL.load(model_path, device=dev, dtype=_dtype(dtype),
-                         vae_dtype=_dtype(vae_dtype) if vae_dtype else None, allow_pickle=allow_pickle)
+        pipe = SDXL.load(
+            model_path,
+            device=dev,
+            dtype=_dtype(dtype),
+            vae_dtype=_dtype(vae_dtype) if vae_dtype else None,
+            allow_pickle=allow_pickle,
+        )
         ref = None
         if refiner_name:
             rp = resolve_model(refiner_name, models_dir, kind="refiner")
@@ -218,8 +292,15 @@ def run_generate(req, model_path: Path, refiner_name, models_dir, out, n, dtype,
     paths = []
     seed0 = req.resolved_seed()
     try:
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), TimeRemainingColumn(), disable=quiet, transient=False) as bar:
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            disable=quiet,
+            transient=False,
+        ) as bar:
             images_task = bar.add_task("images", total=n * req.batch) if n * req.batch > 1 else None
             step_task = bar.add_task("steps", total=req.steps)
 
@@ -233,8 +314,10 @@ def run_generate(req, model_path: Path, refiner_name, models_dir, out, n, dtype,
                 for j, (img, info) in enumerate(zip(result.images, result.infos)):
                     k = i * req.batch + j
                     path = _out_path(out, k, n * req.batch, result.seeds[j])
-                    record = {"request": {**req.to_dict(), "seed": result.seeds[j], "batch": 1},
-                              "sdxl_version": _version()}
+                    record = {
+                        "request": {**req.to_dict(), "seed": result.seeds[j], "batch": 1},
+                        "sdxl_version": _version(),
+                    }
                     write_png(img, path, info, record)
                     paths.append(path)
                     if images_task is not None:
@@ -242,7 +325,11 @@ def run_generate(req, model_path: Path, refiner_name, models_dir, out, n, dtype,
                 if save_latents is not None:
                     from .weights.io import save_safetensors
 
-                    lp = save_latents if n == 1 else save_latents.with_name(f"{save_latents.stem}-{i:04d}.safetensors")
+                    lp = (
+                        save_latents
+                        if n == 1
+                        else save_latents.with_name(f"{save_latents.stem}-{i:04d}.safetensors")
+                    )
                     save_safetensors({"latents": result.latents.float().cpu()}, lp, {"seed": str(req.seed)})
     except (RequestError, ValueError) as e:
         fail(str(e))
@@ -260,7 +347,7 @@ def _version() -> str:
     return __version__
 
 
-def _out_path(out: Optional[Path], k: int, total: int, seed: int) -> Path:
+def _out_path(out: Path | None, k: int, total: int, seed: int) -> Path:
     if out is None:
         out = Path("outputs")
     if out.suffix.lower() != ".png":  # a folder: numbered files inside
@@ -297,8 +384,14 @@ def inspect(
             dt = str(t.dtype).replace("torch.", "")
             dtypes[dt] = dtypes.get(dt, 0) + 1
         comps[name] = {"tensors": len(sd), "parameters": params, "dtypes": dtypes}
-    info = {"path": str(path), "layout": ck.layout, "kind": ck.config.kind, "prediction": ck.config.prediction,
-            "config": ck.config.to_dict(), "components": comps}
+    info = {
+        "path": str(path),
+        "layout": ck.layout,
+        "kind": ck.config.kind,
+        "prediction": ck.config.prediction,
+        "config": ck.config.to_dict(),
+        "components": comps,
+    }
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -306,11 +399,18 @@ def inspect(
     from rich.table import Table
 
     con = Console()
-    con.print(f"[bold]{path}[/bold]  layout: {ck.layout}  kind: [bold]{ck.config.kind}[/bold]  "
-              f"prediction: {ck.config.prediction}")
+    con.print(
+        f"[bold]{path}[/bold]  layout: {ck.layout}  kind: [bold]{ck.config.kind}[/bold]  "
+        f"prediction: {ck.config.prediction}"
+    )
     t = Table("component", "tensors", "parameters", "dtypes")
     for name, c in comps.items():
-        t.add_row(name, str(c["tensors"]), f"{c['parameters']:,}", ", ".join(f"{k}: {v}" for k, v in c["dtypes"].items()))
+        t.add_row(
+            name,
+            str(c["tensors"]),
+            f"{c['parameters']:,}",
+            ", ".join(f"{k}: {v}" for k, v in c["dtypes"].items()),
+        )
     con.print(t)
     for name, sub in info["config"].items():
         if isinstance(sub, dict):
@@ -322,7 +422,7 @@ def convert(
     src: Path = typer.Argument(..., help="Checkpoint file or diffusers folder."),
     dst: Path = typer.Argument(..., help="Output .safetensors file or folder."),
     to: str = typer.Option("single-file", "--to", help="single-file or diffusers."),
-    dtype: Optional[str] = typer.Option(None, help="Store floats as fp32, fp16 or bf16 (default: unchanged)."),
+    dtype: str | None = typer.Option(None, help="Store floats as fp32, fp16 or bf16 (default: unchanged)."),
     allow_pickle: bool = typer.Option(False, help="Allow .ckpt pickle files (weights-only loading)."),
 ):
     """Convert between the official single-file layout and diffusers folders (lossless unless --dtype)."""
@@ -375,8 +475,8 @@ def data_shapes(
 
 @eval_app.command("shapes")
 def eval_shapes(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the shipped one)."),
-    refiner: Optional[str] = typer.Option(None, help="Refiner to finish the schedule with."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model (default: the shipped one)."),
+    refiner: str | None = typer.Option(None, help="Refiner to finish the schedule with."),
     n: int = typer.Option(50, "--n", help="Prompts per list."),
     kinds: str = typer.Option("single,pair,single_novel,pair_novel", help="Prompt lists to run."),
     seed: int = typer.Option(0, help="Seed for prompts and sampling."),
@@ -386,7 +486,7 @@ def eval_shapes(
     schedule: str = typer.Option("karras", help="Schedule."),
     detector_check: int = typer.Option(50, help="First report the detector's accuracy on this many renders."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    device: Optional[str] = typer.Option(None, help="Device."),
+    device: str | None = typer.Option(None, help="Device."),
 ):
     """Prompt accuracy (detector) and Frechet distance of a shapes model on held-out prompts."""
     from rich.console import Console
@@ -405,9 +505,18 @@ def eval_shapes(
         ref = SDXL.load(resolve_model(refiner, None, "refiner"), device=_device(device)) if refiner else None
     except CheckpointError as e:
         fail(str(e))
-    results = evaluate_pipe(pipe, [k.strip() for k in kinds.split(",") if k.strip()], n=n, seed=seed,
-                            steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, refiner=ref,
-                            progress=lambda k, i, t: con.print(f"{k}: {i}/{t}", end="\r"))
+    results = evaluate_pipe(
+        pipe,
+        [k.strip() for k in kinds.split(",") if k.strip()],
+        n=n,
+        seed=seed,
+        steps=steps,
+        cfg=cfg,
+        sampler=sampler,
+        schedule=schedule,
+        refiner=ref,
+        progress=lambda k, i, t: con.print(f"{k}: {i}/{t}", end="\r"),
+    )
     if as_json:
         typer.echo(json.dumps({"detector": det, "results": [r.as_dict() for r in results]}, indent=2))
     else:

@@ -47,9 +47,20 @@ class KindResult:
         }
 
 
-def evaluate_pipe(pipe, kinds=("single", "pair"), n: int = 50, seed: int = 0, size: int | None = None,
-                  steps: int = 20, cfg: float = 5.0, sampler: str = "dpmpp_2m", schedule: str = "karras",
-                  refiner=None, progress=None, original_size: int | None = None) -> list[KindResult]:
+def evaluate_pipe(
+    pipe,
+    kinds=("single", "pair"),
+    n: int = 50,
+    seed: int = 0,
+    size: int | None = None,
+    steps: int = 20,
+    cfg: float = 5.0,
+    sampler: str = "dpmpp_2m",
+    schedule: str = "karras",
+    refiner=None,
+    progress=None,
+    original_size: int | None = None,
+) -> list[KindResult]:
     from .data.evaluate import frechet_distance, image_features, prompt_accuracy
     from .data.shapes import eval_prompts, render_scene
     from .request import GenerationRequest
@@ -61,8 +72,16 @@ def evaluate_pipe(pipe, kinds=("single", "pair"), n: int = 50, seed: int = 0, si
         res = KindResult(kind, len(prompts))
         gen_feats, real_feats = [], []
         for i, (prompt, spec) in enumerate(prompts):
-            req = GenerationRequest(prompt=prompt, width=size, height=size, steps=steps, cfg=cfg, sampler=sampler,
-                                    schedule=schedule, seed=seed * 100_003 + i)
+            req = GenerationRequest(
+                prompt=prompt,
+                width=size,
+                height=size,
+                steps=steps,
+                cfg=cfg,
+                sampler=sampler,
+                schedule=schedule,
+                seed=seed * 100_003 + i,
+            )
             if original_size:
                 req.original_width = req.original_height = original_size
             img = pipe.generate(req, refiner=refiner).images[0]
@@ -79,8 +98,10 @@ def evaluate_pipe(pipe, kinds=("single", "pair"), n: int = 50, seed: int = 0, si
 
 
 def format_table(results: list[KindResult]) -> str:
-    lines = ["| prompts | n | all correct (95% CI) | colour | shape | count | relation | FD |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| prompts | n | all correct (95% CI) | colour | shape | count | relation | FD |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         lo, hi = wilson(r.scores.get("all_ok", 0), r.n)
         rel = f"{r.rate('relation_ok'):.0%}" if r.kind.startswith("pair") else "-"

@@ -12,7 +12,6 @@ classifier-free-guided denoiser), `decode` (VAE, with an fp16 overflow fallback 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,16 @@ class NumericsError(RuntimeError):
 
 # diffusers' multistep solvers (DPM-Solver++, UniPC, DDIM, LCM) round sigma to the nearest training timestep
 # before calling the UNet (as sgm does); its Euler-family schedulers pass the interpolated timestep.
-_QUANTIZED = {"dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "unipc", "unipc_bh1", "ddim", "lcm"}
+_QUANTIZED = {
+    "dpmpp_2m",
+    "dpmpp_2m_sde",
+    "dpmpp_2m_sde_heun",
+    "dpmpp_3m_sde",
+    "unipc",
+    "unipc_bh1",
+    "ddim",
+    "lcm",
+}
 
 
 def quantizes_timesteps(sampler: str) -> bool:
@@ -66,8 +74,18 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
 class SDXL:
     """A loaded SDXL-family model: UNet, VAE, text towers and tokenizers, on one device."""
 
-    def __init__(self, config: ModelConfig, unet=None, vae=None, text=None, *, device="cpu",
-                 dtype=torch.float32, vae_dtype=None, path: str | Path | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        unet=None,
+        vae=None,
+        text=None,
+        *,
+        device="cpu",
+        dtype=torch.float32,
+        vae_dtype=None,
+        path: str | Path | None = None,
+    ):
         from .models.text import TextEncoders
         from .tokenizer import CLIPTokenizer
 
@@ -87,8 +105,9 @@ class SDXL:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def load(cls, path: str | Path, device="cpu", dtype=torch.float32, vae_dtype=None,
-             allow_pickle: bool = False) -> SDXL:
+    def load(
+        cls, path: str | Path, device="cpu", dtype=torch.float32, vae_dtype=None, allow_pickle: bool = False
+    ) -> SDXL:
         from .models.text import CLIPTextTower, TextEncoders
         from .models.unet import UNet
         from .models.vae import AutoencoderKL
@@ -101,13 +120,18 @@ class SDXL:
         if "unet" in ck.parts:
             unet = build_module(UNet, cfg.unet, ck.parts["unet"], device, dtype, f"{name} (UNet)")
         if "vae" in ck.parts:
-            vae = build_module(AutoencoderKL, cfg.vae, ck.parts["vae"], device, vae_dtype or dtype, f"{name} (VAE)")
+            vae = build_module(
+                AutoencoderKL, cfg.vae, ck.parts["vae"], device, vae_dtype or dtype, f"{name} (VAE)"
+            )
         if "text_l" in ck.parts:
-            tl = build_module(CLIPTextTower, cfg.text_l, ck.parts["text_l"], device, dtype, f"{name} (CLIP-L)")
+            tl = build_module(
+                CLIPTextTower, cfg.text_l, ck.parts["text_l"], device, dtype, f"{name} (CLIP-L)"
+            )
         if "text_g" in ck.parts:
             tg = build_module(CLIPTextTower, cfg.text_g, ck.parts["text_g"], device, dtype, f"{name} (bigG)")
-        return cls(cfg, unet, vae, TextEncoders(tl, tg), device=device, dtype=dtype, vae_dtype=vae_dtype,
-                   path=path)
+        return cls(
+            cfg, unet, vae, TextEncoders(tl, tg), device=device, dtype=dtype, vae_dtype=vae_dtype, path=path
+        )
 
     def model_hash(self) -> str | None:
         """A1111's short model hash (first 10 hex of the file's SHA-256), computed once."""
@@ -122,13 +146,16 @@ class SDXL:
         return self.config.kind
 
     # ---------------------------------------------------------------- text
-    def encode_prompt(self, prompt: str | list[str], prompt_2: str | list[str] | None = None,
-                      clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_prompt(
+        self, prompt: str | list[str], prompt_2: str | list[str] | None = None, clip_skip: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Context [B, 77*k, C] (CLIP-L penultimate ‖ bigG penultimate) and pooled bigG [B, P]."""
         from .prompt_encoding import encode_weighted
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts_2 = prompts if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
+        prompts_2 = (
+            prompts if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
+        )
         return encode_weighted(self, prompts, prompts_2, clip_skip)
 
     def zero_text(self, batch: int, length: int = 77) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,9 +163,15 @@ class SDXL:
         pooled = torch.zeros(batch, self.config.text_g.projection_dim, device=self.device, dtype=self.dtype)
         return ctx, pooled
 
-    def conditioning_vector(self, pooled: torch.Tensor, req: GenerationRequest, negative: bool = False,
-                            aesthetic: float | None = None) -> torch.Tensor:
-        """y = [pooled | fourier(original h, w | crop top, left | target h, w)] (refiner: aesthetic score last)."""
+    def conditioning_vector(
+        self,
+        pooled: torch.Tensor,
+        req: GenerationRequest,
+        negative: bool = False,
+        aesthetic: float | None = None,
+    ) -> torch.Tensor:
+        """y = [pooled | fourier(original h, w | crop top, left | target h, w)]; the refiner has the aesthetic
+        score in place of the target size."""
         mc = req.micro_conditioning(negative)
         nums = [*mc["original_size"], *mc["crop_top_left"]]
         if self.kind == "refiner":
@@ -152,7 +185,7 @@ class SDXL:
     def text_conditioning(self, req: GenerationRequest, batch: int, steps: int | None = None):
         """Conditioning schedules for the cond and uncond branches: lists of (end_step, context, y), one
         entry per range of steps (several only with A1111 prompt editing), tensors [batch, ...]."""
-        from .prompt_encoding import encode_schedule
+        from .prompt_encoding import encode_schedule, encode_text
 
         steps = steps or req.steps
         cond = encode_schedule(self, req.prompt, req.prompt_2, steps, req.clip_skip, req.emphasis)
@@ -160,16 +193,28 @@ class SDXL:
             # the official base behaviour: the unconditional branch is all zeros (text and pooled)
             uncond = [(steps, *self.zero_text(1, cond[0][1].shape[1]))]
         else:
-            uncond = encode_schedule(self, req.negative_prompt or "", req.negative_prompt_2, steps,
-                                     req.clip_skip, req.emphasis)
+            uncond = encode_schedule(
+                self, req.negative_prompt or "", req.negative_prompt_2, steps, req.clip_skip, req.emphasis
+            )
         n = max(c.shape[1] for _, c, _ in cond + uncond)
         rep = lambda t: t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t  # noqa: E731
+        empty = None
+
+        def pad(c):  # shorter contexts get empty-prompt chunks (zeros for the zero uncond), as A1111 does
+            nonlocal empty
+            if c.shape[1] == n:
+                return c
+            if not c.abs().any():
+                return torch.cat([c, c.new_zeros(c.shape[0], n - c.shape[1], c.shape[2])], dim=1)
+            if empty is None:
+                empty = encode_text(self, "", None, req.clip_skip, req.emphasis)[0][:, :77]
+            return torch.cat([c, empty.repeat(c.shape[0], (n - c.shape[1]) // 77, 1)], dim=1)
 
         def finish(entries, negative):
-            from .prompt_encoding import _pad_chunks
-
-            return [(end, rep(_pad_chunks(c, n)), rep(self.conditioning_vector(p, req, negative=negative)))
-                    for end, c, p in entries]
+            return [
+                (end, rep(pad(c)), rep(self.conditioning_vector(p, req, negative=negative)))
+                for end, c, p in entries
+            ]
 
         return finish(cond, False), finish(uncond, True)
 
@@ -182,16 +227,23 @@ class SDXL:
         return vae_decode(self, latents, tiled)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None,
-               sample: bool = False) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False
+    ) -> torch.Tensor:
         """Images in [-1, 1] -> scaled latents (the posterior mean unless `sample`)."""
         from .models.vae_utils import vae_encode
 
         return vae_encode(self, images, generator, sample)
 
     # ---------------------------------------------------------------- denoising
-    def make_denoiser(self, cond, uncond, req: GenerationRequest, sigmas: torch.Tensor,
-                      extra_channels: torch.Tensor | None = None) -> ModelDenoiser:
+    def make_denoiser(
+        self,
+        cond,
+        uncond,
+        req: GenerationRequest,
+        sigmas: torch.Tensor,
+        extra_channels: torch.Tensor | None = None,
+    ) -> ModelDenoiser:
         """A denoiser D(x, sigma) with classifier-free guidance (both branches in one batch), guidance
         rescale, CFG limited to a range of steps, and per-step conditioning (prompt editing).
 
@@ -200,7 +252,9 @@ class SDXL:
         """
         cfg, unet = req.cfg, self.unet
         prediction = req.prediction or self.config.prediction
-        den = ModelDenoiser(None, self.schedule, prediction=prediction, quantize=quantizes_timesteps(req.sampler))
+        den = ModelDenoiser(
+            None, self.schedule, prediction=prediction, quantize=quantizes_timesteps(req.sampler)
+        )
         n = max(len(sigmas) - 1, 1)
         t_steps = den.timestep(sigmas[:-1].float().cpu()).tolist()
         cfg_first, cfg_last = int(round(req.cfg_start * n)), int(round(req.cfg_end * n))
@@ -223,8 +277,9 @@ class SDXL:
                 return unet(x_in, tt, ctx, y).float()
             nctx, ny = pick(uncond, step)
             b = x_in.shape[0]
-            out = unet(torch.cat([x_in, x_in]), torch.cat([tt, tt]), torch.cat([nctx, ctx]),
-                       torch.cat([ny, y])).float()
+            out = unet(
+                torch.cat([x_in, x_in]), torch.cat([tt, tt]), torch.cat([nctx, ctx]), torch.cat([ny, y])
+            ).float()
             out_u, out_c = out[:b], out[b:]
             guided = out_u + cfg * (out_c - out_u)
             if req.guidance_rescale > 0:  # Lin et al. 2023, "Common Diffusion Noise Schedules...", eq. 15-16
@@ -241,8 +296,10 @@ class SDXL:
 
     # ---------------------------------------------------------------- the whole job
     @torch.no_grad()
-    def generate(self, req: GenerationRequest, callback=None, refiner: SDXL | None = None) -> GenerationResult:
-        """Run a request. `callback(event)` gets a `Progress` after every step; returning "stop" interrupts."""
+    def generate(
+        self, req: GenerationRequest, callback=None, refiner: SDXL | None = None
+    ) -> GenerationResult:
+        """Run a request. `callback(p)` gets a `Progress` after every step; returning "stop" interrupts."""
         return run_generation(self, req, callback=callback, refiner=refiner)
 
 
@@ -290,8 +347,10 @@ def _noise(seeds: list[int], shape: tuple[int, ...], device) -> torch.Tensor:
     """Initial noise: one CPU float32 generator per image (diffusers' convention for batch 1), so image i of
     a batch equals the same seed generated alone."""
     return torch.cat(
-        [torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32)
-         for s in seeds]
+        [
+            torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32)
+            for s in seeds
+        ]
     ).to(device)
 
 
@@ -315,7 +374,9 @@ def _run_sampler(pipe: SDXL, denoiser, x, sigmas, req: GenerationRequest, genera
 
     def cb(i, sigma, x_i, denoised):
         if not torch.isfinite(denoised).all():
-            raise NumericsError(f"non-finite values (NaN/Inf) in the {stage} UNet output at step {i + 1}/{total}")
+            raise NumericsError(
+                f"non-finite values (NaN/Inf) in the {stage} UNet output at step {i + 1}/{total}"
+            )
         if callback is not None:
             r = callback(Progress(stage, i + 1, total, float(sigma), denoised))
             if r == "stop":
@@ -405,7 +466,9 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
         sigmas = S.img2img_sigmas(sigmas, req.strength)
     if req.mask_image is not None:
         mask = _load_mask(req.mask_image, req.width, req.height, req.mask_blur).to(pipe.device)
-        lat_mask = torch.nn.functional.interpolate(mask, size=lat_shape[1:], mode="bilinear").expand(B, -1, -1, -1)
+        lat_mask = torch.nn.functional.interpolate(mask, size=lat_shape[1:], mode="bilinear").expand(
+            B, -1, -1, -1
+        )
         if pipe.config.unet.in_channels == 9:  # inpainting UNet: [latents | mask | masked-image latents]
             hard = (mask >= 0.5).to(init_pixels.dtype)
             masked = pipe.encode(init_pixels * (1 - hard)).expand(B, -1, -1, -1)
@@ -429,8 +492,9 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
     if refiner is not None:
         rcond, runcond = refiner.text_conditioning(req, B)
         if ref_sigmas is None:  # SDEdit: re-noise the finished latents and denoise the tail
-            ref_sigmas = S.img2img_sigmas(refiner.sigmas_for(req, req.refiner_steps).to(pipe.device),
-                                          req.refiner_strength)
+            ref_sigmas = S.img2img_sigmas(
+                refiner.sigmas_for(req, req.refiner_steps).to(pipe.device), req.refiner_strength
+            )
             x = x + _noise([s + 1 for s in seeds], lat_shape, pipe.device) * ref_sigmas[0]
         rden = refiner.make_denoiser(rcond, runcond, req, ref_sigmas)
         if mask is not None and extra is None and init is not None:
@@ -485,8 +549,21 @@ def a1111_parameters(pipe: SDXL, req: GenerationRequest, seed: int, refiner: SDX
         rh = refiner.model_hash()
         p["Refiner"] = f"{refiner.path.stem} [{rh}]" if rh else refiner.path.stem
         p["Refiner switch at"] = req.refiner_switch
-    if req.loras:
-        p["Lora hashes"] = ", ".join(f"{x.name}: {x.weight}" for x in req.loras)
+    if req.loras:  # A1111 puts LoRAs in the prompt as tags and their hashes in "Lora hashes"
+        from .metadata import lora_hash
+
+        p["prompt"] += "".join(f" <lora:{Path(x.name).stem}:{x.weight:g}>" for x in req.loras)
+        hashes = []
+        for x in req.loras:
+            try:
+                hashes.append(
+                    f"{Path(x.name).stem}: "
+                    f"{lora_hash(resolve_lora(x.name, pipe.lora_dirs, pipe.allow_lora_paths))}"
+                )
+            except (RequestError, OSError):
+                pass
+        if hashes:
+            p["Lora hashes"] = ", ".join(hashes)
     from . import __version__
 
     p["Version"] = f"sdxl {__version__}"

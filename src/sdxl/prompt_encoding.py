@@ -32,8 +32,9 @@ def _tower(pipe, which: str, text: str, clip_skip: int, emphasis: str):
     if _plain(text) and library is None:
         return tower(tok([text]).to(dev), skip=clip_skip)
     chunks = PromptChunks.from_text(text, tok, embeddings=library, emphasis=emphasis != "none")
-    return _encode_chunks(tower, chunks, library, which, clip_skip, emphasis, build_input_embeddings,
-                          apply_weights)
+    return _encode_chunks(
+        tower, chunks, library, which, clip_skip, emphasis, build_input_embeddings, apply_weights
+    )
 
 
 def _encode_chunks(tower, chunks, library, key, clip_skip, emphasis, build_input_embeddings, apply_weights):
@@ -58,8 +59,9 @@ def _pad_chunks(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([x, x[:, -CHUNK:].repeat(1, (n - x.shape[1]) // CHUNK, 1)], dim=1)
 
 
-def encode_text(pipe, p1: str, p2: str | None = None, clip_skip: int = 1,
-                emphasis: str = "original") -> tuple[torch.Tensor, torch.Tensor]:
+def encode_text(
+    pipe, p1: str, p2: str | None = None, clip_skip: int = 1, emphasis: str = "original"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(context [1, 77*k, C_l + C_g], pooled [1, P]) for one prompt (p2 = the bigG prompt, default p1)."""
     p2 = p1 if p2 is None else p2
     parts, pooled = [], None
@@ -75,16 +77,18 @@ def encode_text(pipe, p1: str, p2: str | None = None, clip_skip: int = 1,
     return torch.cat([_pad_chunks(x, n) for x in parts], dim=-1), pooled
 
 
-def encode_weighted(pipe, prompts: list[str], prompts_2: list[str], clip_skip: int = 1,
-                    emphasis: str = "original") -> tuple[torch.Tensor, torch.Tensor]:
+def encode_weighted(
+    pipe, prompts: list[str], prompts_2: list[str], clip_skip: int = 1, emphasis: str = "original"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched `encode_text`: (context [B, 77*k, C], pooled [B, P])."""
     out = [encode_text(pipe, a, b, clip_skip, emphasis) for a, b in zip(prompts, prompts_2)]
     n = max(c.shape[1] for c, _ in out)
     return torch.cat([_pad_chunks(c, n) for c, _ in out]), torch.cat([p for _, p in out])
 
 
-def encode_schedule(pipe, prompt: str, prompt_2: str | None, steps: int, clip_skip: int = 1,
-                    emphasis: str = "original") -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+def encode_schedule(
+    pipe, prompt: str, prompt_2: str | None, steps: int, clip_skip: int = 1, emphasis: str = "original"
+) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """[(end_step, context, pooled)] for a prompt with A1111 prompt editing; LoRA tags are removed."""
     from .prompts import prepare_prompt
 

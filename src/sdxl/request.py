@@ -113,7 +113,8 @@ class GenerationRequest:
                 raise RequestError(f"{name}: {v!r} is not a positive multiple of 8")
         if self.width * self.height > lim.max_pixels:
             raise RequestError(
-                f"size: {self.width}x{self.height} = {self.width * self.height} pixels, the limit is {lim.max_pixels}"
+                f"size: {self.width}x{self.height} = {self.width * self.height} pixels, "
+                f"the limit is {lim.max_pixels}"
             )
         if not 1 <= self.steps <= lim.max_steps:
             raise RequestError(f"steps: {self.steps} is outside 1..{lim.max_steps}")

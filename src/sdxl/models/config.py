@@ -247,16 +247,26 @@ def tiny_config(kind: str = "base") -> ModelConfig:
     if kind == "refiner":
         inp, out = UNetConfig.per_level((0, 1, 1, 0))
         unet = UNetConfig(
-            model_channels=32, channel_mult=(1, 2, 2, 2), transformer_depth=inp, transformer_depth_output=out,
-            transformer_depth_middle=1, context_dim=text_g.width, head_dim=16,
+            model_channels=32,
+            channel_mult=(1, 2, 2, 2),
+            transformer_depth=inp,
+            transformer_depth_output=out,
+            transformer_depth_middle=1,
+            context_dim=text_g.width,
+            head_dim=16,
             adm_in_channels=text_g.projection_dim + 5 * 256,
         )
         return ModelConfig(kind="refiner", unet=unet, vae=vae, text_l=None, text_g=text_g)
     inp, out = UNetConfig.per_level((0, 1, 2))
     unet = UNetConfig(
         in_channels=9 if kind == "inpaint" else 4,
-        model_channels=32, channel_mult=(1, 2, 4), transformer_depth=inp, transformer_depth_output=out,
-        transformer_depth_middle=2, context_dim=text_l.width + text_g.width, head_dim=16,
+        model_channels=32,
+        channel_mult=(1, 2, 4),
+        transformer_depth=inp,
+        transformer_depth_output=out,
+        transformer_depth_middle=2,
+        context_dim=text_l.width + text_g.width,
+        head_dim=16,
         adm_in_channels=text_g.projection_dim + 6 * 256,
     )
     return ModelConfig(kind=kind, unet=unet, vae=vae, text_l=text_l, text_g=text_g)

@@ -38,7 +38,9 @@ def _tiles(size: int, tile: int, overlap: int) -> list[int]:
     return sorted(set(starts))
 
 
-def tiled_apply(fn, x: torch.Tensor, tile: int, overlap: int, scale: float, out_channels: int) -> torch.Tensor:
+def tiled_apply(
+    fn, x: torch.Tensor, tile: int, overlap: int, scale: float, out_channels: int
+) -> torch.Tensor:
     """Apply an image-to-image map `fn` (spatial scale `scale`) tile by tile with blended overlaps."""
     B, _, H, W = x.shape
     oh, ow = int(H * scale), int(W * scale)
@@ -89,8 +91,9 @@ def vae_decode(pipe, latents: torch.Tensor, tiled: bool | None = None) -> torch.
     return img
 
 
-def vae_encode(pipe, images: torch.Tensor, generator=None, sample: bool = False,
-               tiled: bool | None = None) -> torch.Tensor:
+def vae_encode(
+    pipe, images: torch.Tensor, generator=None, sample: bool = False, tiled: bool | None = None
+) -> torch.Tensor:
     """Images in [-1, 1] -> scaled latents. Falls back to float32 if the encoder overflows."""
     vae, cfg = pipe.vae, pipe.config.vae
     dtype = next(vae.parameters()).dtype

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..models.config import ModelConfig, TextConfig
 from . import detect as D
@@ -37,7 +36,7 @@ class Checkpoint:
 
 
 def _sub(f: Mapping, prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: f[k] for k in f.keys() if k.startswith(prefix)}
+    return {k[len(prefix) :]: f[k] for k in f.keys() if k.startswith(prefix)}
 
 
 def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
@@ -218,7 +217,9 @@ def build_module(cls, cfg, sd: Mapping[str, torch.Tensor], device="cpu", dtype=t
     for k, ref in expected.items():
         t = sd[k]
         if tuple(t.shape) != tuple(ref.shape):
-            raise CheckpointError(f"{name}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+            raise CheckpointError(
+                f"{name}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
+            )
         target = dtype if t.is_floating_point() and dtype is not None else ref.dtype
         new[k] = t.to(device=device, dtype=target, copy=True)
     module.load_state_dict(new, assign=True)
@@ -229,7 +230,9 @@ def build_module(cls, cfg, sd: Mapping[str, torch.Tensor], device="cpu", dtype=t
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def single_file_state(config: ModelConfig, parts: Mapping[str, Mapping[str, torch.Tensor]], dtype=None) -> dict:
+def single_file_state(
+    config: ModelConfig, parts: Mapping[str, Mapping[str, torch.Tensor]], dtype=None
+) -> dict:
     """Our per-component state dicts -> one official-layout state dict."""
     from .text_layout import ours_to_hf_clip, ours_to_openclip
 
@@ -303,15 +306,25 @@ def write_diffusers(ckpt: Checkpoint, dst: str | Path, dtype=None) -> Path:
     elif cfg.kind == "inpaint":
         index["_class_name"] = "StableDiffusionXLInpaintPipeline"
     if "unet" in ckpt.parts:
-        put("unet", unet_diffusers_config(cfg.unet), "diffusion_pytorch_model.safetensors",
-            unet_sgm_to_diffusers(dict(ckpt.parts["unet"]), cfg.unet))
+        put(
+            "unet",
+            unet_diffusers_config(cfg.unet),
+            "diffusion_pytorch_model.safetensors",
+            unet_sgm_to_diffusers(dict(ckpt.parts["unet"]), cfg.unet),
+        )
         index["unet"] = ["diffusers", "UNet2DConditionModel"]
     if "vae" in ckpt.parts:
-        put("vae", vae_diffusers_config(cfg.vae), "diffusion_pytorch_model.safetensors",
-            vae_sgm_to_diffusers(dict(ckpt.parts["vae"]), cfg.vae))
+        put(
+            "vae",
+            vae_diffusers_config(cfg.vae),
+            "diffusion_pytorch_model.safetensors",
+            vae_sgm_to_diffusers(dict(ckpt.parts["vae"]), cfg.vae),
+        )
         index["vae"] = ["diffusers", "AutoencoderKL"]
-    for part, sub, tok, proj in (("text_l", "text_encoder", "tokenizer", False),
-                                 ("text_g", "text_encoder_2", "tokenizer_2", True)):
+    for part, sub, tok, proj in (
+        ("text_l", "text_encoder", "tokenizer", False),
+        ("text_g", "text_encoder_2", "tokenizer_2", True),
+    ):
         if part in ckpt.parts:
             tcfg = getattr(cfg, part)
             put(sub, text_config_to_hf(tcfg, proj), "model.safetensors", ours_to_hf_clip(ckpt.parts[part]))
@@ -319,12 +332,23 @@ def write_diffusers(ckpt: Checkpoint, dst: str | Path, dtype=None) -> Path:
             index[sub] = ["transformers", "CLIPTextModelWithProjection" if proj else "CLIPTextModel"]
             index[tok] = ["transformers", "CLIPTokenizer"]
     (dst / "scheduler").mkdir(exist_ok=True)
-    (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps({
-        "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-        "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
-        "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False,
-        "prediction_type": "v_prediction" if cfg.prediction == "v" else "epsilon",
-    }, indent=2))
+    (dst / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "EulerDiscreteScheduler",
+                "beta_start": 0.00085,
+                "beta_end": 0.012,
+                "beta_schedule": "scaled_linear",
+                "num_train_timesteps": 1000,
+                "steps_offset": 1,
+                "timestep_spacing": "leading",
+                "interpolation_type": "linear",
+                "use_karras_sigmas": False,
+                "prediction_type": "v_prediction" if cfg.prediction == "v" else "epsilon",
+            },
+            indent=2,
+        )
+    )
     index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
     (dst / "model_index.json").write_text(json.dumps(index, indent=2))
     return dst

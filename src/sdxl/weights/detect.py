@@ -28,7 +28,7 @@ class _View:
 
     def __init__(self, f, prefix: str):
         self.f, self.prefix = f, prefix
-        self.keys = {k[len(prefix):] for k in f.keys() if k.startswith(prefix)}
+        self.keys = {k[len(prefix) :] for k in f.keys() if k.startswith(prefix)}
 
     def __contains__(self, k: str) -> bool:
         return k in self.keys
@@ -142,7 +142,12 @@ def detect_unet(v: _View) -> UNetConfig:
 
 
 def detect_vae(v: _View) -> VAEConfig:
-    for k in ("encoder.conv_in.weight", "decoder.conv_in.weight", "quant_conv.weight", "post_quant_conv.weight"):
+    for k in (
+        "encoder.conv_in.weight",
+        "decoder.conv_in.weight",
+        "quant_conv.weight",
+        "post_quant_conv.weight",
+    ):
         if k not in v:
             raise CheckpointError(f"VAE is missing {v.prefix}{k}")
     ch, in_ch = v.shape("encoder.conv_in.weight")[:2]
@@ -201,7 +206,9 @@ def detect(f: Mapping, metadata: dict[str, str] | None = None, name: str = "chec
     parts = split_components(f.keys())
     if not parts:
         sample = ", ".join(sorted(f.keys())[:3]) or "no tensors"
-        raise CheckpointError(f"{name}: not an SDXL checkpoint: no UNet, VAE or text encoder found ({sample} ...)")
+        raise CheckpointError(
+            f"{name}: not an SDXL checkpoint: no UNet, VAE or text encoder found ({sample} ...)"
+        )
     try:
         unet = detect_unet(_View(f, parts["unet"])) if "unet" in parts else None
         vae = detect_vae(_View(f, parts["vae"])) if "vae" in parts else None
@@ -227,7 +234,9 @@ def detect(f: Mapping, metadata: dict[str, str] | None = None, name: str = "chec
         if n_numbers == 5:
             kind = "refiner"
         elif n_numbers != 6:
-            raise CheckpointError(f"{name}: UNet expects {n_numbers} micro-conditioning numbers (5 or 6 known)")
+            raise CheckpointError(
+                f"{name}: UNet expects {n_numbers} micro-conditioning numbers (5 or 6 known)"
+            )
         if unet.in_channels == 9:
             kind = "inpaint"
         ctx = (text_l.width if text_l else 0) + (text_g.width if text_g else 0)

@@ -52,7 +52,9 @@ def parse_header(head: bytes, data_size: int, name: str = "file") -> tuple[dict,
     try:
         header = json.loads(head.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{name}: safetensors header is not valid JSON ({e.__class__.__name__})") from None
+        raise CheckpointError(
+            f"{name}: safetensors header is not valid JSON ({e.__class__.__name__})"
+        ) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{name}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -88,7 +90,7 @@ def parse_header(head: bytes, data_size: int, name: str = "file") -> tuple[dict,
             )
         entries[key] = (dtype, tuple(shape), begin, end)
     spans = sorted((b, e, k) for k, (_, _, b, e) in entries.items() if e > b)
-    for (b0, e0, k0), (b1, _e1, k1) in zip(spans, spans[1:]):
+    for (_b0, e0, k0), (b1, _e1, k1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise CheckpointError(f"{name}: tensors {k0!r} and {k1!r} overlap in the file")
     return entries, metadata
@@ -200,7 +202,11 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
         if t.dtype not in DTYPE_NAMES:
             raise CheckpointError(f"{path}: cannot store tensor {k!r} of dtype {t.dtype}")
         n = t.numel() * t.element_size()
-        header[k] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[k] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
@@ -222,7 +228,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Run `write(fileobj)` into a temp file, then rename: `path` is always the old or the complete new file."""
+    """Run `write(fileobj)` into a temp file, then rename: `path` is the old or the complete new file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
