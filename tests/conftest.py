@@ -18,9 +18,10 @@ def tiny_files(tmp_path_factory):
     from sdxl.weights.checkpoint import write_single_file
 
     d = tmp_path_factory.mktemp("tiny_models")
-    out = {}
+    out, vae = {}, None
     for i, kind in enumerate(("base", "refiner", "inpaint")):
-        out[kind] = write_single_file(
-            random_checkpoint(tiny_config(kind), seed=10 + i), d / f"{kind}.safetensors"
-        )
+        ck = random_checkpoint(tiny_config(kind), seed=10 + i)
+        vae = ck.parts["vae"] if vae is None else vae
+        ck.parts["vae"] = vae  # one autoencoder for the whole family, as in the official files
+        out[kind] = write_single_file(ck, d / f"{kind}.safetensors")
     return out

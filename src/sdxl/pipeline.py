@@ -11,6 +11,7 @@ classifier-free-guided denoiser), `decode` (VAE, with an fp16 overflow fallback 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,31 @@ class SDXL:
         return cls(
             cfg, unet, vae, TextEncoders(tl, tg), device=device, dtype=dtype, vae_dtype=vae_dtype, path=path
         )
+
+    # ---------------------------------------------------------------- memory
+    def enable_cpu_offload(self, storage: str = "cpu") -> SDXL:
+        """Keep every component in `storage` memory and move only the running one to `self.device`
+        (text towers, then the UNet for sampling, then the VAE). Peak GPU memory is the largest component."""
+        self.offload_storage = torch.device(storage)
+        for m in (self.unet, self.vae, self.text):
+            if m is not None:
+                m.to(self.offload_storage)
+        return self
+
+    @contextlib.contextmanager
+    def on_device(self, module):
+        """Run a block with `module` on the execution device (a no-op unless CPU offload is on)."""
+        storage = getattr(self, "offload_storage", None)
+        if storage is None or module is None:
+            yield module
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to(storage)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def model_hash(self) -> str | None:
         """A1111's short model hash (first 10 hex of the file's SHA-256), computed once."""
@@ -455,14 +481,16 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
     lat_shape = (pipe.config.vae.embed_dim, req.height // f, req.width // f)
     noise = _noise(seeds, lat_shape, pipe.device)
     generator = torch.Generator("cpu").manual_seed(seed)
-    cond, uncond = pipe.text_conditioning(req, B)
+    with pipe.on_device(pipe.text):
+        cond, uncond = pipe.text_conditioning(req, B)
     _check_finite(cond[0][1], "the text encoders' output")
     sigmas = pipe.sigmas_for(req).to(pipe.device)
 
     init = mask = extra = lat_mask = init_pixels = None
     if req.init_image is not None:
         init_pixels = from_pil(req.init_image, req.width, req.height).to(pipe.device)
-        init = pipe.encode(init_pixels).expand(B, -1, -1, -1)
+        with pipe.on_device(pipe.vae):
+            init = pipe.encode(init_pixels).expand(B, -1, -1, -1)
         sigmas = S.img2img_sigmas(sigmas, req.strength)
     if req.mask_image is not None:
         mask = _load_mask(req.mask_image, req.width, req.height, req.mask_blur).to(pipe.device)
@@ -471,7 +499,8 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
         )
         if pipe.config.unet.in_channels == 9:  # inpainting UNet: [latents | mask | masked-image latents]
             hard = (mask >= 0.5).to(init_pixels.dtype)
-            masked = pipe.encode(init_pixels * (1 - hard)).expand(B, -1, -1, -1)
+            with pipe.on_device(pipe.vae):
+                masked = pipe.encode(init_pixels * (1 - hard)).expand(B, -1, -1, -1)
             hard_lat = torch.nn.functional.interpolate(hard, size=lat_shape[1:], mode="nearest")
             extra = torch.cat([hard_lat.expand(B, -1, -1, -1), masked], dim=1)
 
@@ -487,10 +516,12 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
     denoiser = pipe.make_denoiser(cond, uncond, req, base_sigmas, extra_channels=extra)
     if mask is not None and extra is None and init is not None:
         denoiser = _masked(denoiser, init, noise, lat_mask)
-    x = _run_sampler(pipe, denoiser, x, base_sigmas, req, generator, "base", callback)
+    with pipe.on_device(pipe.unet):
+        x = _run_sampler(pipe, denoiser, x, base_sigmas, req, generator, "base", callback)
 
     if refiner is not None:
-        rcond, runcond = refiner.text_conditioning(req, B)
+        with refiner.on_device(refiner.text):
+            rcond, runcond = refiner.text_conditioning(req, B)
         if ref_sigmas is None:  # SDEdit: re-noise the finished latents and denoise the tail
             ref_sigmas = S.img2img_sigmas(
                 refiner.sigmas_for(req, req.refiner_steps).to(pipe.device), req.refiner_strength
@@ -499,10 +530,12 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
         rden = refiner.make_denoiser(rcond, runcond, req, ref_sigmas)
         if mask is not None and extra is None and init is not None:
             rden = _masked(rden, init, noise, lat_mask)
-        x = _run_sampler(refiner, rden, x.to(refiner.device), ref_sigmas, req, generator, "refiner", callback)
+        with refiner.on_device(refiner.unet):
+            x = _run_sampler(refiner, rden, x.to(refiner.device), ref_sigmas, req, generator, "refiner", callback)
 
     _check_finite(x, "the final latents")
-    images = pipe.decode(x)
+    with pipe.on_device(pipe.vae):
+        images = pipe.decode(x)
     if mask is not None and init_pixels is not None:  # keep the untouched pixels exactly
         m = mask.to(images)
         images = images * m + init_pixels.to(images) * (1 - m)
