@@ -531,7 +531,8 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
         if mask is not None and extra is None and init is not None:
             rden = _masked(rden, init, noise, lat_mask)
         with refiner.on_device(refiner.unet):
-            x = _run_sampler(refiner, rden, x.to(refiner.device), ref_sigmas, req, generator, "refiner", callback)
+            x = x.to(refiner.device)
+            x = _run_sampler(refiner, rden, x, ref_sigmas, req, generator, "refiner", callback)
 
     _check_finite(x, "the final latents")
     with pipe.on_device(pipe.vae):
