@@ -523,6 +523,42 @@ def eval_shapes(
         typer.echo(format_table(results))
 
 
+_PASS = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command(context_settings=_PASS, add_help_option=False)
+def train(ctx: typer.Context):
+    """Train: full fine-tune, LoRA, refiner, text encoders, VAE (`sdxl train --help` lists the flags).
+
+    One line trains: sdxl train --data DIR --init FILE --output DIR --steps N --batch-size N --resolution N
+    --lr F [--lora-rank R] [--resume] [--config FILE.toml]. Several GPUs:
+    torchrun --nproc_per_node N -m sdxl train --config FILE.toml
+    """
+    from .train.__main__ import main as train_cli
+
+    raise typer.Exit(train_cli(list(ctx.args)))
+
+
+@app.command(context_settings=_PASS, add_help_option=False)
+def serve(ctx: typer.Context):
+    """HTTP API (A1111-compatible + job queue) and web UI (`sdxl serve --help` lists the options).
+
+    sdxl serve --host 127.0.0.1 --port 7860 [--model FILE] [--models-dir DIR] [--api-key KEY]
+    """
+    from .serve.__main__ import main as serve_cli
+
+    raise typer.Exit(serve_cli(list(ctx.args)))
+
+
+@app.command(context_settings=_PASS, add_help_option=False)
+def bench(ctx: typer.Context):
+    """Benchmark UNet step, text encoding, VAE decode, 30-step end to end and memory, ours vs diffusers
+    (`sdxl bench --help`)."""
+    from .bench import main as bench_cli
+
+    raise typer.Exit(bench_cli(list(ctx.args)))
+
+
 def main() -> None:
     try:
         app()

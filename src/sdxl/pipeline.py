@@ -422,6 +422,9 @@ def resolve_lora(name: str, dirs: list[Path], allow_paths: bool = True) -> Path:
     p = Path(name).expanduser()
     if allow_paths and p.is_file():
         return p
+    roots = [Path(d).resolve() for d in dirs]
+    if p.is_absolute() and p.is_file() and any(p.resolve().is_relative_to(r) for r in roots):
+        return p.resolve()  # already resolved inside an allowed folder (the server does this)
     if not p.is_absolute() and ".." not in p.parts:
         for d in dirs:
             root = Path(d).resolve()

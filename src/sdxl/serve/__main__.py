@@ -1,0 +1,87 @@
+"""`python -m sdxl.serve [options]`: run the HTTP server (the same as `sdxl serve`).
+
+    python -m sdxl.serve --model sd_xl_base_1.0.safetensors --models-dir ~/models --port 7860
+    SDXL_API_KEY=secret python -m sdxl.serve --host 0.0.0.0     # other addresses need an API key
+
+The API key can come from the environment variable SDXL_API_KEY, which keeps it out of `ps` listings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..request import Limits
+from .settings import ServeSettings, SettingsError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServeSettings()
+    lim = Limits()
+    p = argparse.ArgumentParser(prog="sdxl serve", description="Serve the HTTP API (A1111-compatible subset "
+                                "and native job API) and the web UI.")
+    p.add_argument("--host", default=d.host, help="address to listen on (default 127.0.0.1; any other "
+                   "address needs --api-key)")
+    p.add_argument("--port", type=int, default=d.port, help="port (default 7860)")
+    p.add_argument("--model", help="default checkpoint file or folder (default: the shipped model)")
+    p.add_argument("--models-dir", type=Path, help="folder of checkpoints that requests may name")
+    p.add_argument("--loras-dir", type=Path, help="folder of LoRA files (default: MODELS_DIR/loras)")
+    p.add_argument("--data-dir", type=Path, help="job database and images (default: the user data folder, "
+                   "e.g. ~/.local/share/sdxl)")
+    p.add_argument("--api-key", default=os.environ.get("SDXL_API_KEY"),
+                   help="require this key on every request (or set SDXL_API_KEY)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "fp32", "fp16", "bf16"],
+                   help="model precision (default: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--max-pixels", type=int, default=lim.max_pixels, help="largest width*height")
+    p.add_argument("--max-steps", type=int, default=lim.max_steps, help="most sampler steps")
+    p.add_argument("--max-batch", type=int, default=lim.max_batch, help="most images per batch")
+    p.add_argument("--max-prompt-chars", type=int, default=lim.max_prompt_chars, help="longest prompt")
+    p.add_argument("--max-images-per-job", type=int, default=d.max_images_per_job,
+                   help="most images per request (batch x n_iter)")
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20, help="largest request body")
+    p.add_argument("--queue-size", type=int, default=d.queue_size, help="jobs waiting before 429")
+    p.add_argument("--job-timeout", type=float, default=d.job_timeout_s, help="seconds a job may run")
+    p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace_s,
+                   help="seconds the running job may take to finish on shutdown before it is requeued")
+    p.add_argument("--preview", default=d.preview, choices=["approx", "vae", "off"],
+                   help="previews: approx (linear latent->RGB map, free), vae (exact, costs decodes), off")
+    p.add_argument("--preview-every", type=int, default=d.preview_every, help="preview every N steps")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin (http://host:port) allowed to call the API (repeatable)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a Host name other than localhost accepted without an API key (repeatable)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def settings_from_args(ns: argparse.Namespace) -> ServeSettings:
+    return ServeSettings(
+        host=ns.host, port=ns.port, model=ns.model, models_dir=ns.models_dir, loras_dir=ns.loras_dir,
+        data_dir=ns.data_dir, api_key=ns.api_key, device=ns.device, dtype=ns.dtype,
+        limits=Limits(max_pixels=ns.max_pixels, max_steps=ns.max_steps, max_batch=ns.max_batch,
+                      max_prompt_chars=ns.max_prompt_chars),
+        max_images_per_job=ns.max_images_per_job, max_body_bytes=int(ns.max_body_mb * 2**20),
+        queue_size=ns.queue_size, job_timeout_s=ns.job_timeout, shutdown_grace_s=ns.shutdown_grace,
+        preview=ns.preview, preview_every=ns.preview_every, allowed_origins=list(ns.allow_origin),
+        allowed_hosts=list(ns.allow_host),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(ns)
+        from .app import serve
+
+        serve(settings, log_level=ns.log_level)
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

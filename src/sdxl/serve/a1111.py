@@ -1,0 +1,513 @@
+"""The AUTOMATIC1111 web-UI API subset (`/sdapi/v1/...`), so existing clients and plugins work unchanged.
+
+Field names, defaults and response shapes follow A1111's `modules/api/models.py` and `api.py`
+(see ../shared/ECOSYSTEM.md section 1). Generation requests go through the same queue as native jobs,
+so they run in order with everything else; the route awaits the job and answers like A1111:
+`{"images": [base64 PNG, ...], "parameters": <request echoed>, "info": "<JSON string>"}`, where `info`
+holds `seed`, `all_seeds`, `infotexts` (one A1111 parameter text per image) and the other keys of A1111's
+`Processed.js()`.
+
+Mapping to `GenerationRequest`:
+  prompt, negative_prompt ("" = none) | steps (50) | cfg_scale (7.0) -> cfg | width/height (omitted: the
+  model's native size; A1111 would use 512, which SDXL draws badly) | seed (-1 = random) | batch_size ->
+  batch | n_iter: the request runs n_iter times, seeds advancing by batch_size, as A1111 does |
+  sampler_name ("DPM++ 2M", "Euler a", old "DPM++ 2M Karras" too; absent: sampler_index, default
+  "Euler", as A1111's API) | scheduler ("Automatic": the sampler's preferred schedule, as A1111 1.9+) |
+  eta | refiner_checkpoint + refiner_switch_at | denoising_strength -> strength (img2img) |
+  init_images[0], mask, mask_blur, inpainting_mask_invert (img2img) | override_settings:
+  sd_model_checkpoint (a model name in the models folder) and CLIP_stop_at_last_layers -> clip_skip.
+
+Features this server does not have are refused with 400 and a message rather than silently ignored,
+because the client would get a different picture than it asked for: hires fix (`enable_hr`), scripts,
+`alwayson_scripts` (ControlNet and other extensions), variation seeds (`subseed_strength` > 0), tiling and
+saved styles. Purely cosmetic or server-side fields (restore_faces, save_images, s_churn, ...) are accepted
+and ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import time
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, HTTPException, Query
+from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import __version__
+from ..request import GenerationRequest, RequestError
+from .jobs import CANCELLED, DONE, Job
+
+if TYPE_CHECKING:
+    from .app import Service
+
+# A1111 titles look like "sd_xl_base_1.0.safetensors [31e35c80fc]": the part in brackets is a hash.
+_TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]\s*$")
+
+
+# ------------------------------------------------------------------------------------------------ bodies
+class _A1111Body(BaseModel):
+    """Fields shared by txt2img and img2img. Unknown fields are accepted (A1111 clients send many)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int | None = Field(None, description="default: the model's native size")
+    height: int | None = Field(None, description="default: the model's native size")
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    denoising_strength: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    comments: dict[str, Any] | None = None
+    sampler_index: str = "Euler"
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    force_task_id: str | None = None
+    infotext: str | None = None
+
+
+class Txt2ImgBody(_A1111Body):
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+
+
+class Img2ImgBody(_A1111Body):
+    init_images: list[str] = Field(default_factory=list, description="base64 images; the first is used")
+    resize_mode: int = 0
+    image_cfg_scale: float | None = None
+    mask: str | None = Field(None, description="base64 mask, white = repaint")
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+
+class PngInfoBody(BaseModel):
+    image: str = Field(..., description="base64 PNG (a data: URL is fine)")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def strip_title(name: str) -> str:
+    """'model.safetensors [31e35c80fc]' -> 'model.safetensors'."""
+    return _TITLE_HASH.sub("", name).strip()
+
+
+# Our normalised infotext keys (sdxl.metadata.parse_a1111) -> the labels A1111's png-info returns.
+_LABELS = {
+    "prompt": "Prompt", "negative_prompt": "Negative prompt", "steps": "Steps", "cfg": "CFG scale",
+    "seed": "Seed", "clip_skip": "Clip skip", "denoising_strength": "Denoising strength",
+    "refiner_switch": "Refiner switch at", "model_hash": "Model hash", "model": "Model",
+    "vae_hash": "VAE hash", "vae": "VAE", "rng": "RNG", "emphasis": "Emphasis", "version": "Version",
+    "user": "User",
+    "hires_steps": "Hires steps", "hires_upscale": "Hires upscale", "hires_upscaler": "Hires upscaler",
+}  # fmt: skip
+
+
+def a1111_labels(parsed: dict[str, Any]) -> dict[str, Any]:
+    """`parse_a1111`'s normalised dict -> the dict A1111's /png-info returns ("Steps", "Sampler",
+    "Size-1" (width), "Size-2" (height), ...). Keys without a known label keep the label they were read
+    with."""
+    from ..metadata import SAMPLER_LABELS
+    from ..sampling.samplers import A1111_SCHEDULE_NAMES
+
+    out: dict[str, Any] = {}
+    for key, value in parsed.items():
+        if key == "sampler":
+            out["Sampler"] = SAMPLER_LABELS.get(value, value)
+        elif key == "schedule":
+            out["Schedule type"] = A1111_SCHEDULE_NAMES.get(value, value)
+        elif key in ("width", "height"):
+            out["Size-1" if key == "width" else "Size-2"] = value
+        elif key in ("hires_width", "hires_height"):
+            out["Hires resize-1" if key == "hires_width" else "Hires resize-2"] = value
+        elif key == "refiner":
+            h = parsed.get("refiner_hash")
+            out["Refiner"] = f"{value} [{h}]" if h else value
+        elif key in ("lora_hashes", "ti_hashes") and isinstance(value, dict):
+            label = "Lora hashes" if key == "lora_hashes" else "TI hashes"
+            out[label] = ", ".join(f"{n}: {h}" for n, h in value.items())
+        elif key != "refiner_hash":
+            out[_LABELS.get(key, key)] = value
+    return out
+
+
+def _refuse_unsupported(body: _A1111Body) -> None:
+    if getattr(body, "enable_hr", False):
+        raise RequestError("enable_hr: hires fix is not supported by this server")
+    if body.script_name:
+        raise RequestError(f"script_name: scripts are not supported ({body.script_name!r})")
+    if body.alwayson_scripts:
+        names = ", ".join(sorted(body.alwayson_scripts))
+        raise RequestError(f"alwayson_scripts: extensions are not supported ({names})")
+    if body.subseed_strength:
+        raise RequestError("subseed_strength: variation seeds are not supported")
+    if body.tiling:
+        raise RequestError("tiling: seamless tiling is not supported")
+    if body.styles:
+        raise RequestError("styles: saved styles are not supported; put the text in the prompt")
+
+
+class A1111:
+    """State and conversions for the A1111 routes."""
+
+    def __init__(self, service: Service):
+        self.service = service
+        self.options: dict[str, Any] = {
+            "CLIP_stop_at_last_layers": 1,
+            "sd_vae": "Automatic",
+            "samples_format": "png",
+            "eta_noise_seed_delta": 0,
+            "live_previews_enable": service.settings.preview != "off",
+            "show_progress_every_n_steps": service.settings.preview_every,
+        }
+
+    # ---------------------------------------------------------- models
+    def model_name(self, title: str | None) -> str | None:
+        """An A1111 checkpoint title or name -> our model name (None = the default model)."""
+        if title is None or not str(title).strip() or str(title).strip().lower() == "none":
+            return None
+        name = strip_title(str(title))
+        models = self.service.models
+        if models.is_default(name):
+            return None
+        models.resolve(name)  # BadName / NameNotFound
+        return name
+
+    def current_title(self) -> str:
+        path = self.service.models.default_path()
+        return path.name if path is not None else "default"
+
+    def native_size(self, model: str | None) -> int:
+        models = self.service.models
+        if model is None:
+            return models.default_config().sample_size
+        return models.config_of(models.resolve(model)).sample_size
+
+    # ---------------------------------------------------------- requests
+    def to_request(self, body: _A1111Body, width_height: tuple[int, int] | None = None) -> GenerationRequest:
+        from ..sampling.samplers import resolve_sampler, resolve_schedule
+
+        _refuse_unsupported(body)
+        opts = {**self.options, **(body.override_settings or {})}
+        label = body.sampler_name or body.sampler_index or "Euler"
+        try:
+            sampler, implied = resolve_sampler(label)
+            if implied is not None and (body.scheduler is None or body.scheduler.strip().lower()
+                                        in ("", "automatic", "auto")):
+                schedule = implied
+            else:
+                schedule = resolve_schedule(body.scheduler, sampler)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        model = self.model_name(opts.get("sd_model_checkpoint")) if "sd_model_checkpoint" in (
+            body.override_settings or {}) else None
+        if width_height is not None:
+            default_w, default_h = width_height
+        else:
+            default_w = default_h = self.native_size(model)
+        try:
+            clip_skip = max(1, int(opts.get("CLIP_stop_at_last_layers", 1)) - 1)
+        except (TypeError, ValueError):
+            raise RequestError("override_settings.CLIP_stop_at_last_layers: must be an integer") from None
+        req = GenerationRequest(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt or None,
+            width=body.width or default_w,
+            height=body.height or default_h,
+            steps=body.steps,
+            cfg=body.cfg_scale,
+            sampler=sampler,
+            schedule=schedule,
+            seed=None if body.seed is None or body.seed < 0 else body.seed,
+            batch=body.batch_size,
+            clip_skip=clip_skip,
+            model=model,
+        )
+        if body.eta is not None:
+            req.eta = body.eta
+        if body.refiner_checkpoint and strip_title(body.refiner_checkpoint).lower() != "none":
+            req.refiner = strip_title(body.refiner_checkpoint)
+            if body.refiner_switch_at is not None:
+                req.refiner_switch = body.refiner_switch_at
+        return req
+
+    def info_json(self, job: Job, body: _A1111Body, req: dict[str, Any]) -> str:
+        """A1111's `Processed.js()` keys (the ones that mean something here)."""
+        seeds = job.seeds or [req.get("seed")]
+        prompts = [req["prompt"]] * len(seeds)
+        negatives = [req.get("negative_prompt") or ""] * len(seeds)
+        from ..sampling.samplers import A1111_SAMPLER_NAMES
+
+        path = self.service.models.default_path() if req.get("model") is None else None
+        return json.dumps({
+            "prompt": req["prompt"],
+            "all_prompts": prompts,
+            "negative_prompt": req.get("negative_prompt") or "",
+            "all_negative_prompts": negatives,
+            "seed": seeds[0],
+            "all_seeds": seeds,
+            "subseed": -1,
+            "all_subseeds": [-1] * len(seeds),
+            "subseed_strength": 0,
+            "width": req["width"],
+            "height": req["height"],
+            "sampler_name": A1111_SAMPLER_NAMES.get(req["sampler"], req["sampler"]),
+            "scheduler": req["schedule"],
+            "cfg_scale": req["cfg"],
+            "steps": req["steps"],
+            "batch_size": req["batch"],
+            "restore_faces": False,
+            "face_restoration_model": None,
+            "sd_model_name": req.get("model") or (path.stem if path else None),
+            "sd_model_hash": None,
+            "sd_vae_name": None,
+            "sd_vae_hash": None,
+            "seed_resize_from_w": -1,
+            "seed_resize_from_h": -1,
+            "denoising_strength": req["strength"] if req.get("init_image") else body.denoising_strength,
+            "extra_generation_params": {},
+            "index_of_first_image": 0,
+            "infotexts": job.infos,
+            "styles": [],
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created_at)),
+            "clip_skip": req["clip_skip"] + 1,
+            "is_using_inpainting_conditioning": False,
+            "version": f"sdxl {__version__}",
+        })
+
+    def response(self, job: Job, body: _A1111Body, parameters: dict[str, Any]) -> dict[str, Any]:
+        if job.status not in (DONE, CANCELLED):
+            raise HTTPException(500, f"generation failed: {job.error}")
+        images = []
+        if body.send_images:
+            for name in job.images:
+                images.append(base64.b64encode(self.service.manager.output_path(name).read_bytes()).decode())
+        return {"images": images, "parameters": parameters, "info": self.info_json(job, body, job.request)}
+
+
+def _read_png_text(data_b64: str, service: Service) -> tuple[str, dict[str, Any]]:
+    """(A1111 parameters text, other text chunks) of an uploaded image, without converting its pixels."""
+    text = data_b64.partition(",")[2] if data_b64.startswith("data:") else data_b64
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except ValueError:
+        raise RequestError("image: not valid base64") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max(service.settings.limits.max_pixels * 4, 4096 * 4096):
+                raise RequestError(f"image: {w}x{h} pixels is larger than the server accepts")
+            img.load()  # text chunks after the pixel data are read only on load
+    except RequestError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+        raise RequestError(f"image: cannot decode ({type(e).__name__}: {e})") from None
+    items = {k: v for k, v in img.info.items() if isinstance(v, str)}
+    return items.pop("parameters", ""), items
+
+
+# ------------------------------------------------------------------------------------------------ routes
+def make_router(service: Service) -> APIRouter:
+    api = A1111(service)
+    manager = service.manager
+    r = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
+
+    @r.post("/txt2img")
+    async def txt2img(body: Txt2ImgBody) -> dict[str, Any]:
+        """A1111 txt2img: waits for the image(s) and returns them base64-encoded with `info`."""
+        req = api.to_request(body)
+        job = service.submit(req, n_iter=body.n_iter, source="a1111")
+        job = await manager.wait(job.id)
+        return api.response(job, body, body.model_dump())
+
+    @r.post("/img2img")
+    async def img2img(body: Img2ImgBody) -> dict[str, Any]:
+        """A1111 img2img / inpainting (`mask`, white = repaint)."""
+        if not body.init_images:
+            raise RequestError("init_images: give at least one base64 image")
+        init = service.decode_image(body.init_images[0], "init_images[0]")
+        # default size: the init image's, rounded down to a multiple of 8
+        size = (max(8, init.width // 8 * 8), max(8, init.height // 8 * 8))
+        req = api.to_request(body, size)
+        req.strength = 0.75 if body.denoising_strength is None else body.denoising_strength
+        req.init_image = init
+        if body.mask:
+            mask = service.decode_image(body.mask, "mask").convert("L")
+            req.mask_image = ImageOps.invert(mask) if body.inpainting_mask_invert else mask
+            req.mask_blur = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x,
+                                                                                  body.mask_blur_y)
+        job = service.submit(req, n_iter=body.n_iter, source="a1111")
+        job = await manager.wait(job.id)
+        params = body.model_dump()
+        if not body.include_init_images:
+            params["init_images"] = None
+            params["mask"] = None
+        return api.response(job, body, params)
+
+    @r.get("/progress")
+    def progress(skip_current_image: bool = Query(False)) -> dict[str, Any]:
+        """Progress of the running job (0 when idle), with a live preview as base64 PNG."""
+        job = manager.current()
+        queued = manager.queued_count()
+        if job is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
+                    "state": {"skipped": False, "interrupted": False, "stopping_generation": False,
+                              "job": "", "job_count": queued, "job_timestamp": "0", "job_no": 0,
+                              "sampling_step": 0, "sampling_steps": 0}}
+        elapsed = time.time() - (job.started_at or time.time())
+        eta = elapsed / job.progress - elapsed if job.progress > 0 else 0.0
+        image = None if skip_current_image else manager.preview(job, "PNG")
+        return {
+            "progress": job.progress,
+            "eta_relative": eta,
+            "current_image": image,
+            "textinfo": f"{job.stage} step {job.step}/{job.total}" if job.total else "starting",
+            "state": {
+                "skipped": False,
+                "interrupted": job.stop_reason in ("interrupt", "cancel"),
+                "stopping_generation": False,
+                "job": f"task({job.id})",
+                "job_count": job.n_iter,
+                "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created_at)),
+                "job_no": job.iteration,
+                "sampling_step": job.step,
+                "sampling_steps": job.total,
+                "queued": queued,
+            },
+        }
+
+    @r.post("/interrupt")
+    def interrupt() -> dict[str, Any]:
+        """Stop the running job after its current step; its finished images are still returned."""
+        manager.interrupt_current()
+        return {}
+
+    @r.post("/png-info")
+    def png_info(body: PngInfoBody) -> dict[str, Any]:
+        """Read generation parameters back from an image (A1111 text, parsed into a dict)."""
+        from ..metadata import parse_a1111
+
+        info, items = _read_png_text(body.image, service)
+        try:
+            parameters = a1111_labels(parse_a1111(info)) if info else {}
+        except ValueError:  # text that is not an infotext: return it raw, as A1111 does
+            parameters = {}
+        return {"info": info, "items": items, "parameters": parameters}
+
+    @r.get("/samplers")
+    def samplers() -> list[dict[str, Any]]:
+        from ..sampling.samplers import SAMPLER_INFO
+
+        by_label: dict[str, dict[str, Any]] = {}
+        for name, info in SAMPLER_INFO.items():
+            entry = by_label.setdefault(info.label, {"name": info.label, "aliases": [], "options": {}})
+            entry["aliases"].append(name)
+        return list(by_label.values())
+
+    @r.get("/schedulers")
+    def schedulers() -> list[dict[str, Any]]:
+        from ..sampling.samplers import A1111_SCHEDULE_NAMES
+        from ..sampling.schedules import SCHEDULES
+
+        names = ["automatic", *SCHEDULES]
+        return [{"name": n, "label": A1111_SCHEDULE_NAMES.get(n, n), "aliases": None, "default_rho": -1,
+                 "need_inner_model": False} for n in names]
+
+    @r.get("/sd-models")
+    def sd_models() -> list[dict[str, Any]]:
+        """The default model, then every checkpoint in the models folder (names relative to it)."""
+        out = []
+        default = service.models.startup_default_path()
+        if default is not None:
+            out.append({"title": default.name, "model_name": default.stem, "hash": None, "sha256": None,
+                        "filename": default.name, "config": None})
+        for rel in service.models.list_models():
+            out.append({"title": str(rel), "model_name": rel.with_suffix("").name if rel.suffix else rel.name,
+                        "hash": None, "sha256": None, "filename": str(rel), "config": None})
+        return out
+
+    @r.get("/loras")
+    def loras() -> list[dict[str, Any]]:
+        return [{"name": rel.with_suffix("").name, "alias": rel.with_suffix("").name, "path": str(rel),
+                 "metadata": {}} for rel in service.models.list_loras()]
+
+    @r.post("/refresh-checkpoints")
+    def refresh_checkpoints() -> dict[str, Any]:
+        """Listings are read from the folders on every call; nothing to refresh."""
+        return {}
+
+    @r.post("/refresh-loras")
+    def refresh_loras() -> dict[str, Any]:
+        return {}
+
+    @r.get("/options")
+    def get_options() -> dict[str, Any]:
+        return {**api.options, "sd_model_checkpoint": api.current_title()}
+
+    @r.post("/options")
+    def set_options(body: dict[str, Any]) -> dict[str, Any]:
+        """Change options. `sd_model_checkpoint` switches the default model (a name in the models folder);
+        other keys are stored and used as defaults for later A1111 requests where they mean something."""
+        if "sd_model_checkpoint" in body:
+            title = body["sd_model_checkpoint"]
+            service.models.set_default(strip_title(str(title)) if title else None)
+        if "CLIP_stop_at_last_layers" in body:
+            try:
+                int(body["CLIP_stop_at_last_layers"])
+            except (TypeError, ValueError):
+                raise RequestError("CLIP_stop_at_last_layers: must be an integer") from None
+        api.options.update({k: v for k, v in body.items() if k != "sd_model_checkpoint"})
+        return {}
+
+    return r

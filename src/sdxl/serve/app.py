@@ -1,0 +1,513 @@
+"""The HTTP server: native job API, AUTOMATIC1111-compatible routes, websocket progress and the web UI.
+
+    from sdxl.serve.app import create_app, serve
+    from sdxl.serve.settings import ServeSettings
+    serve(ServeSettings(port=7860, model="sd_xl_base_1.0.safetensors"))   # what `sdxl serve` runs
+
+Routes (all need the API key when one is set, except the web UI's static files):
+
+    GET  /                      the web UI (static/index.html, app.js, style.css)
+    GET  /health                liveness: {"status": "ok", "queued": n, "running": id or null}
+    GET  /info                  what the UI needs: model, samplers, schedules, size presets, LoRAs, limits
+    POST /jobs                  body = GenerationRequest JSON -> {"id": ...}; 429 when the queue is full
+    GET  /jobs                  history, newest first (?limit=&offset=&status=)
+    GET  /jobs/{id}             status, progress, images (URLs, seeds, infotexts), error
+    POST /jobs/{id}/cancel      cancel (DELETE /jobs/{id} does the same)
+    GET  /images/{name}         a result PNG (with its metadata)
+    WS   /ws/jobs/{id}          JSON events: status, progress (with a JPEG preview), finished
+    /sdapi/v1/...               the A1111 subset, see a1111.py
+    GET  /openapi.json, /docs   the schema (FastAPI)
+
+Errors are JSON `{"detail": "..."}` with a message that names the field: 400 bad value, 401 no or wrong
+API key, 403 cross-origin, 404 unknown id or name, 409 wrong state, 413 body too large, 422 malformed
+JSON/type errors, 429 queue full, 503 shutting down.
+
+Security, in `Guard` (one ASGI middleware in front of everything):
+  - Without an API key (loopback only), requests must be addressed to a loopback Host (DNS rebinding).
+  - API key: `Authorization: Bearer KEY`, `X-API-Key: KEY`, or the `sdxl_api_key` cookie (SameSite=Strict;
+    the web UI sets it so that <img> tags and the websocket carry the key). Compared in constant time.
+  - Cross-origin requests (a foreign `Origin` header) are refused unless listed in `allowed_origins`. This
+    stops any web page the user visits from driving a server on localhost (for example a form POST to
+    /sdapi/v1/interrupt, which needs no body) or reading progress over a websocket.
+  - Request bodies above `max_body_bytes` get 413 before any parsing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hmac
+import io
+import logging
+import typing
+import warnings
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image, ImageOps
+from pydantic import ConfigDict, Field, create_model
+from starlette.datastructures import Headers
+
+from .. import __version__
+from ..request import GenerationRequest, RequestError
+from .jobs import (
+    TERMINAL,
+    Job,
+    JobConflict,
+    JobManager,
+    JobNotFound,
+    ModelHost,
+    QueueFull,
+    ShuttingDown,
+)
+from .settings import BadName, NameNotFound, ServeSettings, check_bind, is_loopback
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(str(resources.files("sdxl.serve") / "static"))
+OUTPUT_PREFIX = "output:"  # an init image given as the name of a previous result
+API_KEY_COOKIE = "sdxl_api_key"
+
+
+# ------------------------------------------------------------------------------------------------ guard
+class Guard:
+    """ASGI middleware: cross-origin check, API key, body size limit (see the module docstring)."""
+
+    OPEN_PATHS = ("/", "/index.html")
+    OPEN_PREFIXES = ("/static/",)
+
+    def __init__(self, app, settings: ServeSettings):
+        self.app = app
+        self.key = settings.api_key
+        self.allowed_hosts = {h.lower() for h in settings.allowed_hosts}
+        self.max_body = settings.max_body_bytes
+        self.allowed_origins = {o.rstrip("/").lower() for o in settings.allowed_origins}
+
+    def _is_open(self, path: str) -> bool:
+        return path in self.OPEN_PATHS or path.startswith(self.OPEN_PREFIXES)
+
+    def _origin_ok(self, origin: str, host: str | None) -> bool:
+        o = origin.rstrip("/").lower()
+        if o in self.allowed_origins:
+            return True
+        netloc = urlsplit(o).netloc
+        return bool(host) and netloc == host.lower()
+
+    def _host_ok(self, host: str | None) -> bool:
+        """Without an API key, only requests addressed to a loopback name (or an allowed host) are served."""
+        if self.key:
+            return True
+        if not host:
+            return False
+        name = urlsplit("//" + host).hostname or ""
+        return is_loopback(name) or name.lower() in self.allowed_hosts
+
+    def _authorized(self, headers: Headers) -> bool:
+        assert self.key is not None
+        candidates = []
+        auth = headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            candidates.append(auth[7:].strip())
+        if "x-api-key" in headers:
+            candidates.append(headers["x-api-key"].strip())
+        for part in headers.get("cookie", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == API_KEY_COOKIE:
+                candidates.append(unquote(value))  # the UI stores it with encodeURIComponent
+        expected = self.key.encode()
+        return any(hmac.compare_digest(c.encode(), expected) for c in candidates)
+
+    async def _refuse(self, scope, receive, send, status: int, detail: str) -> None:
+        if scope["type"] == "websocket":
+            # closing before accept makes the server answer the handshake with 403
+            await send({"type": "websocket.close", "code": 1008, "reason": detail[:120]})
+            return
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        await JSONResponse({"detail": detail}, status_code=status, headers=headers)(scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        if not self._host_ok(headers.get("host")):
+            return await self._refuse(
+                scope, receive, send, 403,
+                f"Host {headers.get('host')!r} is not a loopback address; without an API key this server "
+                "only answers requests addressed to localhost (see --allow-host)",
+            )
+        origin = headers.get("origin")
+        if origin is not None and not self._origin_ok(origin, headers.get("host")):
+            return await self._refuse(scope, receive, send, 403,
+                                      f"cross-origin request from {origin} refused (see --allow-origin)")
+        if self.key and not self._is_open(scope["path"]) and not self._authorized(headers):
+            return await self._refuse(
+                scope, receive, send, 401,
+                "missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+            )
+        if scope["type"] == "http" and scope.get("method") in ("POST", "PUT", "PATCH"):
+            length = headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body):
+                return await self._refuse(scope, receive, send, 413,
+                                          f"request body larger than {self.max_body} bytes")
+            # read the body here, counting, so a chunked upload cannot exceed the limit either
+            chunks, size = [], 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:
+                    return await self._refuse(scope, receive, send, 413,
+                                              f"request body larger than {self.max_body} bytes")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            body = b"".join(chunks)
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            return await self.app(scope, replay, send)
+        return await self.app(scope, receive, send)
+
+
+# ------------------------------------------------------------------------------------------------ requests
+def _request_body_model():
+    """A pydantic model mirroring `GenerationRequest` field for field, so the OpenAPI schema documents the
+    native job body and unknown fields are refused (a typo must not be silently ignored)."""
+    hints = typing.get_type_hints(GenerationRequest)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(GenerationRequest):
+        tp = hints[f.name]
+        if f.name in ("init_image", "mask_image"):
+            tp = str | None
+            desc = ("base64 PNG/JPEG (a data: URL is fine), or 'output:NAME' for an image this server made"
+                    + ("; white = repaint" if f.name == "mask_image" else ""))
+            fields[f.name] = (tp, Field(default=None, description=desc))
+            continue
+        if f.default is not dataclasses.MISSING:
+            fields[f.name] = (tp, f.default)
+        else:
+            fields[f.name] = (tp, Field(default_factory=f.default_factory))
+    return create_model("GenerationRequestBody", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+GenerationRequestBody = _request_body_model()
+
+
+class Service:
+    """What the route modules share: settings, models, the job manager and request preparation."""
+
+    def __init__(self, settings: ServeSettings, models: ModelHost, manager: JobManager):
+        self.settings = settings
+        self.models = models
+        self.manager = manager
+
+    # ---------------------------------------------------------- images from clients
+    def decode_image(self, text: str, what: str) -> Image.Image:
+        """Base64 (optionally a data: URL) -> upright RGB PIL image. Raises RequestError (400)."""
+        if not isinstance(text, str) or not text:
+            raise RequestError(f"{what}: expected a base64-encoded image")
+        if text.startswith("data:"):
+            text = text.partition(",")[2]
+        try:
+            data = base64.b64decode("".join(text.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"{what}: not valid base64") from None
+        max_pixels = max(self.settings.limits.max_pixels * 4, 4096 * 4096)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise RequestError(f"{what}: {w}x{h} pixels, more than the server accepts ({max_pixels})")
+                img.load()
+                try:
+                    img = ImageOps.exif_transpose(img)
+                except Exception:  # noqa: BLE001 - a broken orientation tag: keep the stored orientation
+                    pass
+        except RequestError:
+            raise
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+            raise RequestError(f"{what}: cannot decode the image ({type(e).__name__}: {e})") from None
+        from ..data.images import to_rgb
+
+        return to_rgb(img).copy()
+
+    def image_ref(self, value: str, what: str) -> Image.Image:
+        """An init/mask image: base64 data, or 'output:NAME' (a result of this server)."""
+        if value.startswith(OUTPUT_PREFIX):
+            from ..data.images import load_image
+
+            return load_image(self.manager.output_path(value[len(OUTPUT_PREFIX):]))
+        return self.decode_image(value, what)
+
+    # ---------------------------------------------------------- checking and queueing
+    def check_names(self, req: GenerationRequest) -> None:
+        """Every model / refiner / LoRA name must resolve inside its folder (BadName 400, NameNotFound 404),
+        including LoRAs named inline in the prompt (`<lora:name:0.8>`)."""
+        from ..prompts import PromptError, extract_loras
+
+        if not self.models.is_default(req.model):
+            self.models.resolve(req.model)
+        if req.refiner:
+            self.models.resolve(req.refiner)
+        for spec in req.loras:
+            self.models.resolve_lora(spec.name)
+        for text in (req.prompt, req.prompt_2, req.negative_prompt, req.negative_prompt_2):
+            if not text:
+                continue
+            try:
+                _, loras = extract_loras(text)
+            except PromptError as e:
+                raise RequestError(f"prompt: {e}") from None
+            for ref in loras:
+                self.models.resolve_lora(ref.name)
+
+    def submit(self, req: GenerationRequest, n_iter: int = 1, source: str = "api") -> Job:
+        """Validate a request against the limits and the folders, store its images, queue it.
+        `req.init_image` / `req.mask_image` are decoded PIL images here (see `request_from_body`)."""
+        req.validate(self.settings.limits)
+        if n_iter < 1:
+            raise RequestError(f"n_iter: {n_iter} must be at least 1")
+        if req.batch * n_iter > self.settings.max_images_per_job:
+            raise RequestError(f"batch_size x n_iter = {req.batch * n_iter} images, the limit per request is "
+                               f"{self.settings.max_images_per_job}")
+        self.check_names(req)
+        job_id = self.manager.new_job_id()
+        saved: list[Path] = []
+        for key in ("init_image", "mask_image"):
+            image = getattr(req, key)
+            if image is None:
+                continue
+            if not isinstance(image, Image.Image):
+                raise RequestError(f"{key}: expected a decoded image")  # a server-side path never gets here
+            ref = self.manager.save_input(image, job_id, key.replace("_image", ""))
+            saved.append(self.manager.inputs / ref.partition(":")[2])
+            setattr(req, key, ref)
+        try:
+            return self.manager.submit(req, n_iter=n_iter, source=source, job_id=job_id)
+        except Exception:
+            for p in saved:
+                p.unlink(missing_ok=True)
+            raise
+
+    def request_from_body(self, body: dict[str, Any]) -> GenerationRequest:
+        """Native body -> request, with init/mask images decoded to PIL images (never paths)."""
+        d = dict(body)
+        for key in ("init_image", "mask_image"):
+            if d.get(key) is not None:
+                d[key] = self.image_ref(d[key], key)
+        return GenerationRequest.from_dict(d)
+
+    # ---------------------------------------------------------- UI info
+    def size_presets(self, sample_size: int) -> list[dict[str, int]]:
+        """The paper's aspect-ratio buckets (Appendix I) scaled to the model's native area, as W x H."""
+        from ..data.buckets import scaled_buckets
+
+        step = max(8, int(round(64 * sample_size / 1024 / 8)) * 8)
+        out = []
+        for h, w in scaled_buckets(sample_size, step=step):
+            if w * h <= self.settings.limits.max_pixels:
+                out.append({"width": w, "height": h})
+        return out
+
+    def info(self) -> dict[str, Any]:
+        from ..sampling.samplers import A1111_SCHEDULE_NAMES, SAMPLER_INFO
+        from ..sampling.schedules import SCHEDULES
+
+        defaults = GenerationRequest()
+        model: dict[str, Any] | None = None
+        sample_size = 1024
+        try:
+            cfg = self.models.default_config()
+            path = self.models.default_path()
+            sample_size = cfg.sample_size
+            model = {"name": path.stem if path else "default", "kind": cfg.kind, "sample_size": sample_size,
+                     "has_refiner_conditioning": cfg.kind == "refiner"}
+        except Exception as e:  # noqa: BLE001 - the UI still loads and shows the problem
+            log.warning("cannot read the default model's config: %s", e)
+        lim = self.settings.limits
+        return {
+            "version": __version__,
+            "model": model,
+            "models": [str(p) for p in self.models.list_models()],
+            "loras": [str(p.with_suffix("")) for p in self.models.list_loras()],
+            "samplers": [{"id": n, "label": i.label} for n, i in SAMPLER_INFO.items()],
+            "schedules": [{"id": n, "label": A1111_SCHEDULE_NAMES.get(n, n)} for n in SCHEDULES],
+            "sizes": self.size_presets(sample_size),
+            "limits": {"max_pixels": lim.max_pixels, "max_steps": lim.max_steps, "max_batch": lim.max_batch,
+                       "max_prompt_chars": lim.max_prompt_chars, "queue_size": self.settings.queue_size},
+            "defaults": {"width": sample_size, "height": sample_size, "steps": defaults.steps,
+                         "cfg": defaults.cfg, "sampler": defaults.sampler, "schedule": defaults.schedule,
+                         "refiner_switch": defaults.refiner_switch},
+            "auth_required": bool(self.settings.api_key),
+        }
+
+
+# ------------------------------------------------------------------------------------------------ the app
+def _error_handlers(app: FastAPI) -> None:
+    def handler(status: int):
+        async def h(request: Request, exc: Exception):
+            return JSONResponse({"detail": str(exc)}, status_code=status)
+
+        return h
+
+    for exc_type, status in ((RequestError, 400), (BadName, 400), (NameNotFound, 404), (JobNotFound, 404),
+                             (JobConflict, 409), (QueueFull, 429), (ShuttingDown, 503)):
+        app.add_exception_handler(exc_type, handler(status))
+    # PIL / load_image errors on 'output:NAME' images and prompt errors are ValueErrors with a message
+    from ..data.images import ImageError
+    from ..prompts import PromptError
+
+    app.add_exception_handler(ImageError, handler(400))
+    app.add_exception_handler(PromptError, handler(400))
+
+
+def create_app(settings: ServeSettings | None = None, pipeline: Any = None) -> FastAPI:
+    """Build the FastAPI app. `pipeline`: an already-built `SDXL` used as the default model (tests,
+    notebooks); without it the default model is loaded from `settings.model` on the first job."""
+    settings = settings or ServeSettings()
+    models = ModelHost(settings, pipeline)
+    manager = JobManager(settings, models)
+    service = Service(settings, models, manager)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        manager.start()
+        try:
+            yield
+        finally:
+            import asyncio
+
+            await asyncio.to_thread(manager.shutdown)
+
+    app = FastAPI(title="sdxl", version=__version__, lifespan=lifespan,
+                  description="Stable Diffusion XL: native job API, an AUTOMATIC1111-compatible subset "
+                              "(/sdapi/v1) and a web UI at /.")
+    app.state.service = service
+    app.state.manager = manager
+    app.state.settings = settings
+    _error_handlers(app)
+
+    # ---------------------------------------------------------- native API
+    @app.get("/health", tags=["native"])
+    def health() -> dict[str, Any]:
+        """Liveness: the worker's state and the queue length."""
+        cur = manager.current()
+        return {"status": "ok", "queued": manager.queued_count(), "running": cur.id if cur else None}
+
+    @app.get("/info", tags=["native"])
+    def info() -> dict[str, Any]:
+        """Model, samplers, schedules, size presets, LoRAs and limits (what the web UI shows)."""
+        return service.info()
+
+    @app.post("/jobs", tags=["native"], status_code=202)
+    def submit_job(body: GenerationRequestBody) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Queue a generation. Runs in submission order; answers 429 when the queue is full."""
+        job = service.submit(service.request_from_body(body.model_dump()))
+        return {"id": job.id, "status": job.status, "url": f"/jobs/{job.id}", "ws": f"/ws/jobs/{job.id}"}
+
+    @app.get("/jobs", tags=["native"])
+    def list_jobs(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+                  status: str | None = Query(None, pattern="^(queued|running|done|failed|cancelled)$")):
+        """Job history, newest first."""
+        return {"jobs": [manager.public(j) for j in manager.list(limit, offset, status)]}
+
+    @app.get("/jobs/{job_id}", tags=["native"])
+    def get_job(job_id: str) -> dict[str, Any]:
+        return manager.public(manager.get(job_id))
+
+    @app.post("/jobs/{job_id}/cancel", tags=["native"])
+    def cancel_job(job_id: str) -> dict[str, Any]:
+        """A queued job is cancelled at once; a running one stops after its current step."""
+        return manager.public(manager.cancel(job_id))
+
+    @app.delete("/jobs/{job_id}", tags=["native"])
+    def delete_job(job_id: str) -> dict[str, Any]:
+        """Same as POST /jobs/{id}/cancel."""
+        return manager.public(manager.cancel(job_id))
+
+    @app.get("/images/{name}", tags=["native"], response_class=FileResponse)
+    def get_image(name: str):
+        """A result image (PNG with its generation metadata)."""
+        return FileResponse(manager.output_path(name), media_type="image/png")
+
+    @app.websocket("/ws/jobs/{job_id}")
+    async def job_events(ws: WebSocket, job_id: str):
+        """Events as JSON: {"type": "status", "job"}, {"type": "progress", "step", "total", "progress",
+        "preview": "data:image/jpeg;base64,..."}, and finally {"type": "finished", "job"}."""
+        import asyncio
+
+        await ws.accept()
+        q = manager.subscribe(job_id, asyncio.get_running_loop())
+        try:
+            try:
+                job = manager.get(job_id)
+            except JobNotFound as e:
+                await ws.send_json({"type": "error", "detail": str(e)})
+                await ws.close(code=4404)
+                return
+            await ws.send_json({"type": "status", "job": manager.public(job)})
+            if job.status in TERMINAL:
+                await ws.send_json({"type": "finished", "job": manager.public(job)})
+                await ws.close()
+                return
+            while True:
+                event = await q.get()
+                await ws.send_json(event)
+                if event["type"] == "finished":
+                    break
+            await ws.close()
+        except WebSocketDisconnect:
+            pass
+        finally:
+            manager.unsubscribe(job_id, q)
+
+    # ---------------------------------------------------------- A1111 subset
+    from .a1111 import make_router
+
+    app.include_router(make_router(service))
+
+    # ---------------------------------------------------------- web UI
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+
+    # outermost last: CORS (only for explicitly allowed origins) must answer preflights before the guard
+    app.add_middleware(Guard, settings=settings)
+    if settings.allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=False)
+    return app
+
+
+def serve(settings: ServeSettings, log_level: str = "info") -> None:
+    """Run the server until SIGINT/SIGTERM (what `sdxl serve` calls). Raises SettingsError for an unsafe
+    bind. On shutdown, the running job gets `shutdown_grace_s` to finish, then is queued again."""
+    import uvicorn
+
+    check_bind(settings)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                            timeout_graceful_shutdown=int(max(settings.shutdown_grace_s, 1)))
+    uvicorn.Server(config).run()
+

@@ -1,0 +1,178 @@
+"""Server settings, where the server keeps its files, and the rules for names that come from requests.
+
+Everything the operator decides (address, API key, folders, limits, queue size, time-outs) is one
+`ServeSettings` value, built by the CLI (`sdxl serve ...`) or by tests. Two safety rules live here because
+every route depends on them:
+
+- `check_bind`: the server listens on the loopback interface unless an API key is set. Anyone who can reach
+  the port can run jobs on the GPU and read every generated image, so an open address needs a key.
+- `resolve_name`: a model, LoRA or image name sent by a client is a *name inside a configured folder*,
+  never a path. Absolute paths, `..` components and symlinks that lead out of the folder are refused, so a
+  request cannot make the server read (or reveal the existence of) files elsewhere on the machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from ..request import Limits
+
+
+class SettingsError(ValueError):
+    """A setting the server cannot start with; the message says which and what to do."""
+
+
+class BadName(ValueError):
+    """A client-supplied name that is not a plain name inside its folder (answered with HTTP 400)."""
+
+
+class NameNotFound(LookupError):
+    """A well-formed name that matches nothing in its folder (answered with HTTP 404)."""
+
+
+def default_data_dir() -> Path:
+    """The per-user data folder: job history (SQLite), generated images, uploaded init images.
+
+    Linux/BSD: `$XDG_DATA_HOME/sdxl` or `~/.local/share/sdxl`; macOS: `~/Library/Application Support/sdxl`;
+    Windows: `%LOCALAPPDATA%\\sdxl`. These are the platforms' usual places for application data.
+    """
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "sdxl"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "sdxl"
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "sdxl"
+
+
+@dataclass
+class ServeSettings:
+    """What `sdxl serve` is started with. Every field has a safe default.
+
+    host/port: where to listen. Only loopback addresses are allowed without `api_key`.
+    model: the default checkpoint (a path chosen by the operator, so it may live anywhere); None = the
+        shipped miniature model. Requests may name other models, but only files inside `models_dir`.
+    models_dir: folder of checkpoints (`*.safetensors` files and diffusers folders) that requests may name.
+    loras_dir: folder of LoRA files; default `<models_dir>/loras`.
+    data_dir: job database and images; default `default_data_dir()`.
+    api_key: when set, every route except the static web-UI files needs it (see `app.py`).
+    device/dtype: where and how models run; None/"auto" = CUDA with fp16 when available, else CPU fp32.
+    limits: per-request limits (pixels, steps, batch, prompt length), checked before a job is queued.
+    max_images_per_job: batch x n_iter for A1111 requests.
+    max_body_bytes: the largest request body accepted (base64 init images make bodies big).
+    queue_size: jobs waiting (not counting the running one); a full queue answers 429.
+    job_timeout_s: a job running longer is stopped between two sampler steps and fails.
+    shutdown_grace_s: on shutdown, how long the running job may take to finish before it is stopped and
+        put back in the queue for the next start.
+    max_attempts: a job that was running when the server died this many times is failed, not retried
+        (protects against a job that crashes the process on every start).
+    preview: "approx" (a fixed linear map from latents to RGB, free), "vae" (a real decode per preview;
+        exact but costs a VAE pass), or "off".
+    preview_every: compute a preview every N sampler steps.
+    allowed_origins: browser origins (scheme://host:port) other than the server itself that may call the API
+        (CORS). Cross-origin requests from anywhere else are refused.
+    allowed_hosts: without an API key the server answers only requests whose Host header is a loopback
+        name or address (this defeats DNS rebinding: a web page whose domain is re-pointed at 127.0.0.1);
+        list other names here (e.g. a reverse proxy's). Ignored when an API key is set.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    model: str | None = None
+    models_dir: Path | None = None
+    loras_dir: Path | None = None
+    data_dir: Path | None = None
+    api_key: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    limits: Limits = field(default_factory=Limits)
+    max_images_per_job: int = 16
+    max_body_bytes: int = 32 * 2**20
+    queue_size: int = 64
+    job_timeout_s: float = 900.0
+    shutdown_grace_s: float = 30.0
+    max_attempts: int = 3
+    preview: str = "approx"
+    preview_every: int = 1
+    allowed_origins: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("models_dir", "loras_dir", "data_dir"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, Path):
+                setattr(self, name, Path(v))
+        if self.loras_dir is None and self.models_dir is not None:
+            self.loras_dir = self.models_dir / "loras"
+        if self.api_key is not None and not self.api_key.strip():
+            self.api_key = None
+        if self.preview not in ("approx", "vae", "off"):
+            raise SettingsError(f"preview: {self.preview!r} is not one of approx, vae, off")
+        if self.queue_size < 1:
+            raise SettingsError("queue_size must be at least 1")
+        if self.preview_every < 1:
+            raise SettingsError("preview_every must be at least 1")
+
+    @property
+    def data_path(self) -> Path:
+        return self.data_dir if self.data_dir is not None else default_data_dir()
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback IP addresses (127.0.0.0/8, ::1). Any other name is treated as
+    reachable from the network, including 0.0.0.0 and :: (all interfaces)."""
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(settings: ServeSettings) -> None:
+    """Refuse to listen on a non-loopback address without an API key."""
+    if not is_loopback(settings.host) and not settings.api_key:
+        raise SettingsError(
+            f"refusing to listen on {settings.host}: that address can be reached from other machines, so an "
+            "API key is required. Pass --api-key KEY (clients then send 'Authorization: Bearer KEY' or "
+            "'X-API-Key: KEY'), or listen on 127.0.0.1."
+        )
+
+
+def resolve_name(folder: Path | None, name: str, what: str, suffixes: tuple[str, ...] = (),
+                 files_only: bool = False) -> Path:
+    """Resolve a client-supplied `name` to an existing file (or, unless `files_only`, folder) inside `folder`.
+
+    `name` may contain sub-folders (`sdxl/juggernaut`) and may omit one of `suffixes`. Raises `BadName`
+    (HTTP 400) for absolute paths, drive letters, `..` components, NUL bytes, the folder itself, or a match
+    that resolves, through symlinks, to somewhere outside `folder`; `NameNotFound` (HTTP 404) when nothing
+    matches.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise BadName(f"{what}: empty name")
+    if "\x00" in name or len(name) > 1024:
+        raise BadName(f"{what} {name[:64]!r}: not a valid name")
+    # Backslashes are separators on Windows; treating them as such everywhere refuses `..\\x` too.
+    rel = PurePosixPath(name.replace("\\", "/"))
+    if rel.is_absolute() or PureWindowsPath(name).drive or name.startswith("~"):
+        raise BadName(f"{what} {name!r}: give a name inside the {what} folder, not a path")
+    if any(part == ".." for part in rel.parts):
+        raise BadName(f"{what} {name!r}: '..' is not allowed in names")
+    if folder is None:
+        raise NameNotFound(f"{what} {name!r}: the server has no {what} folder configured")
+    root = folder.resolve()
+    candidates = [root / rel] + [root / (str(rel) + s) for s in suffixes if not str(rel).endswith(s)]
+    for cand in candidates:
+        if not os.path.lexists(cand):
+            continue
+        real = cand.resolve()
+        if root not in real.parents:
+            raise BadName(f"{what} {name!r}: not a name inside the {what} folder")
+        if real.is_file() or (real.is_dir() and not files_only):
+            return real
+    raise NameNotFound(f"{what} {name!r}: not found in the {what} folder")
