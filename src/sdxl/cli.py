@@ -453,6 +453,17 @@ def info(image: Path = typer.Argument(..., help="A PNG from sdxl, A1111, ComfyUI
         data = read_info(image)
     except (OSError, ValueError) as e:
         fail(f"{image}: {e}")
+    try:
+        from PIL import Image
+
+        from .watermark import WatermarkUnavailable, detect_watermark
+
+        with Image.open(image) as im:
+            data["watermark"] = detect_watermark(im)
+    except WatermarkUnavailable as e:
+        data["watermark"] = {"verdict": f"not checked ({e})"}
+    except OSError:
+        pass
     typer.echo(json.dumps({k: v for k, v in data.items() if k != "raw"}, indent=2, default=str))
 
 

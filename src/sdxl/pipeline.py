@@ -543,7 +543,12 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
     if mask is not None and init_pixels is not None:  # keep the untouched pixels exactly
         m = mask.to(images)
         images = images * m + init_pixels.to(images) * (1 - m)
-    result = GenerationResult(images=to_pil(images), latents=x, seeds=seeds, request=req)
+    pil = to_pil(images)
+    if req.watermark:
+        from .watermark import apply_watermark
+
+        pil = [apply_watermark(im) for im in pil]
+    result = GenerationResult(images=pil, latents=x, seeds=seeds, request=req)
     result.infos = [a1111_parameters(pipe, req, s, refiner) for s in seeds]
     return result
 
