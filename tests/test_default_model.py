@@ -40,8 +40,20 @@ def test_default_generate_gives_a_valid_image(tmp_path):
     from PIL import Image
 
     out = tmp_path / "x.png"
-    res = runner.invoke(app, ["generate", "a red circle above a blue square", "--out", str(out), "--seed", "1",
-                              "--steps", "12", "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "generate",
+            "a red circle above a blue square",
+            "--out",
+            str(out),
+            "--seed",
+            "1",
+            "--steps",
+            "12",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     img = np.asarray(Image.open(out).convert("RGB")).astype(float)
     assert img.shape == (256, 256, 3)
@@ -54,8 +66,22 @@ def test_default_generate_gives_a_valid_image(tmp_path):
 
 def test_default_refiner_runs(tmp_path):
     out = tmp_path / "r.png"
-    res = runner.invoke(app, ["generate", "a green star", "--refiner", "default", "--out", str(out), "--seed", "2",
-                              "--steps", "10", "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "generate",
+            "a green star",
+            "--refiner",
+            "default",
+            "--out",
+            str(out),
+            "--seed",
+            "2",
+            "--steps",
+            "10",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert out.is_file()
 
@@ -64,8 +90,13 @@ def test_training_recipe_smoke(tmp_path):
     """scripts/train_default.sh at 1/200 of its step counts: every stage runs and the result loads."""
     assert shutil.which("sdxl"), "the `sdxl` command must be installed (pip install -e .)"
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "train_default.sh"), str(tmp_path / "w"), "0.005"],
-                          capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "train_default.sh"), str(tmp_path / "w"), "0.005"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for kind in ("base", "refiner"):
         res = runner.invoke(app, ["inspect", str(tmp_path / "w" / "ship" / f"{kind}.safetensors"), "--json"])

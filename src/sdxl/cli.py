@@ -40,7 +40,11 @@ DTYPES = {
 
 
 def fail(msg: str, code: int = 2) -> None:
-    typer.echo(f"error: {msg}", err=True)
+    """Print `error: <first line of msg>` on stderr and exit. Only the first line: some messages carry
+    context below it (a PromptError points at the character with a caret), and the first line already
+    says what and where."""
+    lines = str(msg).strip().splitlines() or ["unknown error"]
+    typer.echo(f"error: {lines[0]}", err=True)
     raise typer.Exit(code)
 
 
@@ -230,6 +234,14 @@ def generate(
     except (RequestError, TypeError) as e:
         fail(str(e))
     size_given = "width" in base or width is not None or height is not None
+    if req.seed is not None and req.seed < 0:  # A1111 convention: -1 = random
+        req.seed = None
+    try:  # reject a bad request before loading gigabytes of weights
+        import copy
+
+        copy.copy(req).validate()
+    except RequestError as e:
+        fail(str(e))
     model_path = resolve_model(model or base.get("model"), models_dir)
     run_generate(
         req,

@@ -173,6 +173,9 @@ _PARAM = re.compile(
     """,
     re.VERBOSE,
 )
+# A run of characters a key may consist of; used to find key starts in linear time (see `_settings_pairs`).
+_KEY_RUN = re.compile(r"[\w \-/]+")
+_WORD = re.compile(r"\w")
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _LABEL = re.compile(r"\w[\w \-/]+")
 _NEGATIVE = "Negative prompt:"
@@ -287,6 +290,51 @@ def format_a1111(params: dict[str, Any]) -> str:
     return f"{prompt}{negative_line}\n{line}".strip()
 
 
+def _settings_pairs(line: str) -> list[tuple[str, str]]:
+    """`_PARAM.findall(line)`, the same pairs, in time linear in the length of the line.
+
+    `findall` retries the pattern at every position, and a key attempt scans to the end of the run of
+    key characters before it can fail, so a long line of words without a colon (an ordinary long prompt)
+    costs quadratic time: 64 KB took 18 s, enough for one uploaded PNG to stall a server. A key attempt
+    from a later start inside the same run meets the same run end, so it succeeds exactly when the first
+    attempt in that run does: the pattern only has to be tried at the first word character of each run
+    that ends in ':' (and is at least two characters long, as `\\w[..]+` needs).
+    """
+    pairs: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(line):
+        for run in _KEY_RUN.finditer(line, pos):
+            if not line.startswith(":", run.end()):
+                continue
+            first = _WORD.search(line, run.start(), run.end() - 1)
+            if first is None:
+                continue
+            found = _PARAM.match(line, first.start())
+            if found is None:  # cannot happen (the value part always matches); stay safe
+                continue
+            pairs.append((found.group(1), found.group(2)))
+            pos = found.end()
+            break
+        else:
+            break
+    return pairs
+
+
+def _split_refiner(value: str) -> tuple[str, str | None]:
+    """'name [abc123]' -> ('name', 'abc123'); no hash -> (value, None).
+
+    Same result as `re.fullmatch(r"(.*?)\\s*\\[([0-9a-fA-F]+)\\]", value)`, without that pattern's
+    quadratic backtracking on a value with a long run of spaces.
+    """
+    start = value.rfind("[")
+    if not value.endswith("]") or start < 0:
+        return value, None
+    digest, name = value[start + 1 : -1], value[:start].rstrip()
+    if not re.fullmatch(r"[0-9a-fA-F]+", digest) or "\n" in name:  # '.' does not match a newline
+        return value, None
+    return name, digest
+
+
 def _split_sampler(label: str) -> tuple[str, str | None]:
     """'DPM++ 2M Karras' -> ('DPM++ 2M', 'karras'): before A1111 1.9 the schedule was part of the name."""
     options = [(name, name) for name in SCHEDULE_LABELS]
@@ -345,9 +393,11 @@ def parse_a1111(text: str) -> dict[str, Any]:
     its label, never raised.
     """
     lines = text.strip().split("\n")
-    settings = ""
-    if len(_PARAM.findall(lines[-1])) >= 3:
-        settings = lines.pop()
+    pairs = _settings_pairs(lines[-1])
+    if len(pairs) >= 3:
+        lines.pop()
+    else:
+        pairs = []
     # Lines are joined the way A1111 does it (a newline only between non-empty accumulations), so that a
     # text A1111 wrote reads back to the same strings A1111 itself would show.
     prompt = negative = ""
@@ -363,7 +413,7 @@ def parse_a1111(text: str) -> dict[str, Any]:
             prompt += ("\n" if prompt else "") + line
     out: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative}
 
-    for label, raw in _PARAM.findall(settings):
+    for label, raw in pairs:
         value = _unquote(raw.strip())
         size = _SIZE.match(value)
         if label in ("Size", "Hires resize") and size:
@@ -377,10 +427,9 @@ def parse_a1111(text: str) -> dict[str, Any]:
         elif label == "Schedule type":
             out.setdefault("schedule", _schedule_name(value))
         elif label == "Refiner":
-            found = re.fullmatch(r"(.*?)\s*\[([0-9a-fA-F]+)\]", value)
-            out["refiner"] = found.group(1) if found else value
-            if found:
-                out["refiner_hash"] = found.group(2)
+            out["refiner"], refiner_hash = _split_refiner(value)
+            if refiner_hash is not None:
+                out["refiner_hash"] = refiner_hash
         elif label in ("Lora hashes", "TI hashes"):
             out["lora_hashes" if label == "Lora hashes" else "ti_hashes"] = _parse_hash_list(value)
         elif label == "Clip skip" and (_number(value, int) or 0) >= 2:
@@ -882,18 +931,28 @@ def _upstream(
     return None
 
 
-def _resolve_text(nodes: dict[str, dict[str, Any]], value: Any, hops: int = 0) -> str | None:
-    """A text input, or the text of a string node it is linked to (primitive and custom text nodes)."""
+def _resolve_text(
+    nodes: dict[str, dict[str, Any]], value: Any, hops: int = 0, seen: set[str] | None = None
+) -> str | None:
+    """A text input, or the text of a string node it is linked to (primitive and custom text nodes).
+
+    Depth-first over the text-like inputs; each node is entered at most once (`seen`). Without that, a
+    node whose six text inputs all link onward (to itself, or to a chain of such nodes) made the search
+    visit 6**20 paths: a few hundred bytes of `prompt` chunk could hang `read_info`.
+    """
     if isinstance(value, str):
         return value
     if not _is_link(value) or hops > 20:
         return None
-    node = nodes.get(str(value[0]))
-    if node is None:
+    seen = set() if seen is None else seen
+    node_id = str(value[0])
+    node = nodes.get(node_id)
+    if node is None or node_id in seen:
         return None
+    seen.add(node_id)
     for name in _TEXT_INPUTS:
         if name in node["inputs"]:
-            text = _resolve_text(nodes, node["inputs"][name], hops + 1)
+            text = _resolve_text(nodes, node["inputs"][name], hops + 1, seen)
             if text is not None:
                 return text
     return None

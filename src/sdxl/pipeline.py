@@ -71,6 +71,14 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
         raise NumericsError(f"non-finite values (NaN/Inf) in {what}")
 
 
+def _check_conditioning(cond, uncond, model: str) -> None:
+    """Every context and conditioning vector of both CFG branches (all prompt-editing ranges). The pooled
+    text enters the UNet only through `y`: unchecked, NaN there would be blamed on the UNet at step 1."""
+    for _, context, y in cond + uncond:
+        _check_finite(context, f"the {model} text encoders' output (the prompt context)")
+        _check_finite(y, f"the {model} text encoders' pooled output (the UNet's conditioning vector y)")
+
+
 # ------------------------------------------------------------------------------------------------- model
 class SDXL:
     """A loaded SDXL-family model: UNet, VAE, text towers and tokenizers, on one device."""
@@ -486,7 +494,7 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
     generator = torch.Generator("cpu").manual_seed(seed)
     with pipe.on_device(pipe.text):
         cond, uncond = pipe.text_conditioning(req, B)
-    _check_finite(cond[0][1], "the text encoders' output")
+    _check_conditioning(cond, uncond, "base")
     sigmas = pipe.sigmas_for(req).to(pipe.device)
 
     init = mask = extra = lat_mask = init_pixels = None
@@ -494,6 +502,7 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
         init_pixels = from_pil(req.init_image, req.width, req.height).to(pipe.device)
         with pipe.on_device(pipe.vae):
             init = pipe.encode(init_pixels).expand(B, -1, -1, -1)
+        _check_finite(init, "the VAE encoder output (the init image's latents)")
         sigmas = S.img2img_sigmas(sigmas, req.strength)
     if req.mask_image is not None:
         mask = _load_mask(req.mask_image, req.width, req.height, req.mask_blur).to(pipe.device)
@@ -504,6 +513,7 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
             hard = (mask >= 0.5).to(init_pixels.dtype)
             with pipe.on_device(pipe.vae):
                 masked = pipe.encode(init_pixels * (1 - hard)).expand(B, -1, -1, -1)
+            _check_finite(masked, "the VAE encoder output (the masked image's latents)")
             hard_lat = torch.nn.functional.interpolate(hard, size=lat_shape[1:], mode="nearest")
             extra = torch.cat([hard_lat.expand(B, -1, -1, -1), masked], dim=1)
 
@@ -525,6 +535,7 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
     if refiner is not None:
         with refiner.on_device(refiner.text):
             rcond, runcond = refiner.text_conditioning(req, B)
+        _check_conditioning(rcond, runcond, "refiner")
         if ref_sigmas is None:  # SDEdit: re-noise the finished latents and denoise the tail
             ref_sigmas = S.img2img_sigmas(
                 refiner.sigmas_for(req, req.refiner_steps).to(pipe.device), req.refiner_strength

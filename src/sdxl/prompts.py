@@ -110,8 +110,11 @@ def extract_networks(text: str) -> ExtraNetworks:
     removed too, since A1111 never sends a tag to the text encoder, and are returned in `other` so callers
     can warn about them.
     """
-    found = ExtraNetworks(text=_NETWORK_TAG.sub("", text))
-    for m in _NETWORK_TAG.finditer(text):
+    # No tag can end after the last '>'. Stopping the scan there keeps it linear: otherwise every '<' of
+    # a text like "<a:<a:<a:..." scans to the end for a '>' (300 KB of PNG metadata took minutes).
+    end = text.rfind(">") + 1
+    found = ExtraNetworks(text=_NETWORK_TAG.sub("", text[:end]) + text[end:])
+    for m in _NETWORK_TAG.finditer(text, 0, end):
         kind, args = m.group(1), m.group(2)
         if kind.lower() not in LORA_KINDS:
             found.other.append((kind, args))

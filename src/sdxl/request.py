@@ -171,7 +171,10 @@ class GenerationRequest:
             raise RequestError(f"unknown request fields: {', '.join(unknown)}")
         d = dict(d)
         if "loras" in d:
-            d["loras"] = [LoraSpec(**x) if isinstance(x, dict) else LoraSpec(*x) for x in d["loras"]]
+            d["loras"] = [
+                x if isinstance(x, LoraSpec) else LoraSpec(**x) if isinstance(x, dict) else LoraSpec(*x)
+                for x in d["loras"]
+            ]
         for k in ("init_image", "mask_image"):
             if d.get(k) == "<image>":
                 d[k] = None

@@ -54,19 +54,43 @@ def image_size(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     try:
         with Image.open(path) as img:
             w, h = img.size
-            try:
-                orientation = img.getexif().get(0x0112, 1)
-            except Exception:  # a broken EXIF block is not a reason to reject the image
-                orientation = 1
+            if w <= 0 or h <= 0:
+                raise ImageError(path, f"invalid size {w}x{h}")
+            if w * h > max_pixels:  # before anything that might decode (see _header_orientation)
+                raise ImageError(
+                    path, f"image has {w}x{h} = {w * h} pixels, more than max_pixels={max_pixels}"
+                )
+            orientation = _header_orientation(img)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        if isinstance(e, ImageError):
+            raise
         raise ImageError(path, f"cannot read image header ({type(e).__name__}: {e})") from e
-    if w <= 0 or h <= 0:
-        raise ImageError(path, f"invalid size {w}x{h}")
-    if w * h > max_pixels:
-        raise ImageError(path, f"image has {w}x{h} = {w * h} pixels, more than max_pixels={max_pixels}")
     if orientation in (5, 6, 7, 8):
         h, w = w, h
     return h, w
+
+
+def _header_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 when absent or unreadable), without decoding any pixels.
+
+    Pillow's `PngImageFile.getexif()` loads the whole image to look for an eXIf chunk after the pixel
+    data: on a decompression bomb that is exactly the decoding the header check exists to avoid, and on a
+    dataset scan it decodes every PNG. For PNG only an eXIf chunk before the pixels is read here (where
+    writers put it); `load_image` still honours a late one, having decoded the image anyway.
+    """
+    try:
+        if img.format == "PNG":
+            raw = img.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+        else:
+            exif = img.getexif()
+        orientation = exif.get(0x0112, 1)
+        return orientation if isinstance(orientation, int) else 1
+    except Exception:  # a broken EXIF block is not a reason to reject the image
+        return 1
 
 
 def _composite_on_white(rgba: Image.Image) -> Image.Image:

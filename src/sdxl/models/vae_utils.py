@@ -88,6 +88,12 @@ def vae_decode(pipe, latents: torch.Tensor, tiled: bool | None = None) -> torch.
             img = _decode_raw(vae, z.float(), tiled, cfg)
         finally:
             vae.to(dtype)
+        if not torch.isfinite(img).all():  # not an overflow after all: NaN weights or NaN latents
+            from ..pipeline import NumericsError
+
+            raise NumericsError(
+                f"non-finite values (NaN/Inf) in the VAE decoder output, in {dtype} and again in float32"
+            )
     return img
 
 
@@ -121,6 +127,10 @@ def vae_encode(
             m = run(torch.float32)
         finally:
             vae.to(dtype)
+    if not torch.isfinite(m).all():
+        from ..pipeline import NumericsError
+
+        raise NumericsError(f"non-finite values (NaN/Inf) in the VAE encoder output ({dtype}, float32 tried)")
     mean, logvar = m.chunk(2, dim=1)
     z = mean
     if sample:

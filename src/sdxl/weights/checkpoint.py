@@ -57,10 +57,13 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
         parts["unet"] = _sub(f, prefixes["unet"])
     if "vae" in prefixes and config.vae is not None:
         parts["vae"] = _sub(f, prefixes["vae"])
-    if "text_l" in prefixes and config.text_l is not None:
-        parts["text_l"] = hf_clip_to_ours(_sub(f, prefixes["text_l"]))
-    if "text_g" in prefixes and config.text_g is not None:
-        parts["text_g"] = openclip_to_ours(_sub(f, prefixes["text_g"]))
+    try:
+        if "text_l" in prefixes and config.text_l is not None:
+            parts["text_l"] = hf_clip_to_ours(_sub(f, prefixes["text_l"]))
+        if "text_g" in prefixes and config.text_g is not None:
+            parts["text_g"] = openclip_to_ours(_sub(f, prefixes["text_g"]))
+    except (ValueError, IndexError, RuntimeError) as e:  # names or shapes that no text tower has
+        raise CheckpointError(f"{path}: {e}") from None
     return Checkpoint(path=path, config=config, parts=parts, metadata=metadata)
 
 
@@ -203,8 +206,11 @@ def build_module(cls, cfg, sd: Mapping[str, torch.Tensor], device="cpu", dtype=t
 
     Strict: a missing tensor or a shape mismatch is a CheckpointError naming it. Peak memory is one copy.
     """
-    with torch.device("meta"):
-        module = cls(cfg)
+    try:
+        with torch.device("meta"):
+            module = cls(cfg)
+    except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as e:  # a config no module can have
+        raise CheckpointError(f"{name}: cannot build the model this file describes ({e})") from None
     expected = module.state_dict()
     missing = sorted(set(expected) - set(sd))
     if missing:

@@ -8,7 +8,8 @@ which then wins.
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import math
 import re
 from collections.abc import Mapping
 
@@ -195,14 +196,98 @@ def detect_bigg(v: _View) -> TextConfig:
     )
 
 
+# Config fields that may be 0 or -1 (transformer depths: 0 = no attention, middle -1 = a single ResBlock;
+# token id 0 is bigG's padding); every other number in a config is a size and must be positive, except
+# the VAE's shift_factor, any finite number.
+_MAY_BE_ZERO = {"transformer_depth", "transformer_depth_output", "pad_token"}
+_MAY_BE_MINUS_ONE = {"transformer_depth_middle"}
+
+
+def check_config(config: ModelConfig, widths: bool = True) -> ModelConfig:
+    """Type- and range-check a ModelConfig read from a file's metadata (untrusted JSON).
+
+    `ModelConfig.from_json` takes whatever the JSON holds; a string where a width belongs, or a zero
+    head size, would only fail later inside model construction with an arbitrary exception. With
+    `widths`, also the divisibility the modules need (GroupNorm groups, attention heads). Raises
+    ValueError naming the first bad field; returns the config unchanged.
+    """
+    if config.kind not in ("base", "refiner", "inpaint"):
+        raise ValueError(f"kind {config.kind!r} is not base, refiner or inpaint")
+    if config.prediction not in ("eps", "v"):
+        raise ValueError(f"prediction {config.prediction!r} is not eps or v")
+    parts = {"": config, "unet.": config.unet, "vae.": config.vae}
+    parts.update({"text_l.": config.text_l, "text_g.": config.text_g})
+    for prefix, part in parts.items():
+        if part is None:
+            continue
+        for fld in dataclasses.fields(part):
+            value = getattr(part, fld.name)
+            if fld.name in ("unet", "vae", "text_l", "text_g", "kind", "prediction"):
+                continue
+            where = prefix + fld.name
+            low = -1 if fld.name in _MAY_BE_MINUS_ONE else 0 if fld.name in _MAY_BE_ZERO else 1
+            if fld.name == "act":
+                if value not in ("gelu", "quick_gelu"):
+                    raise ValueError(f"{where} {value!r} is not gelu or quick_gelu")
+            elif fld.name == "projection_dim" and value is None:
+                continue
+            elif isinstance(value, tuple):
+                if not value or not all(_is_int(v) and v >= low for v in value):
+                    raise ValueError(f"{where} {value!r} must be integers >= {low}")
+            elif isinstance(fld.default, float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ValueError(f"{where} {value!r} is not a finite number")
+                if value <= 0 and fld.name != "shift_factor":
+                    raise ValueError(f"{where} {value!r} must be positive")
+            elif not _is_int(value) or value < low:
+                raise ValueError(f"{where} {value!r} must be an integer >= {low}")
+    if widths:
+        _check_widths(config)
+    return config
+
+
+def _check_widths(config: ModelConfig) -> None:
+    """The divisibility the modules need (GroupNorm groups, attention heads), checked up front so that a
+    file whose shapes or metadata break it fails detection with a reason, not model construction."""
+    u, v = config.unet, config.vae
+    if u is not None:
+        widths = [u.model_channels * m for m in u.channel_mult]
+        for ch in [u.model_channels, *widths]:
+            if ch % u.norm_groups:
+                raise ValueError(f"unet: {ch} channels do not split into {u.norm_groups} groups")
+        n, levels = u.num_res_blocks, len(widths)
+        attention = {widths[i // n] for i, d in enumerate(u.transformer_depth) if d}
+        out_depths = enumerate(u.transformer_depth_output)  # output blocks run deepest level first
+        attention |= {widths[levels - 1 - i // (n + 1)] for i, d in out_depths if d}
+        if u.transformer_depth_middle >= 0:
+            attention.add(widths[-1])
+        for ch in sorted(attention):
+            if ch % u.head_dim:
+                raise ValueError(f"unet: {ch} channels are not a whole number of {u.head_dim}-wide heads")
+    if v is not None:
+        for ch in [v.ch] + [v.ch * m for m in v.ch_mult]:
+            if ch % v.norm_groups:
+                raise ValueError(f"vae: {ch} channels do not split into {v.norm_groups} groups")
+    for name, t in (("text_l", config.text_l), ("text_g", config.text_g)):
+        if t is not None and t.width % t.head_dim:
+            raise ValueError(f"{name}: width {t.width} is not a whole number of {t.head_dim}-wide heads")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def detect(f: Mapping, metadata: dict[str, str] | None = None, name: str = "checkpoint") -> ModelConfig:
     """The ModelConfig of an official-layout (or bare component) file. Raises CheckpointError."""
     metadata = metadata if metadata is not None else getattr(f, "metadata", {}) or {}
     if CONFIG_METADATA_KEY in metadata:
         try:
-            return ModelConfig.from_json(metadata[CONFIG_METADATA_KEY])
-        except (TypeError, ValueError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{name}: unreadable {CONFIG_METADATA_KEY} metadata ({e})") from None
+            return check_config(ModelConfig.from_json(metadata[CONFIG_METADATA_KEY]))
+        # a JSON list instead of an object gives AttributeError; deep nesting RecursionError
+        except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as e:
+            raise CheckpointError(
+                f"{name}: unreadable {CONFIG_METADATA_KEY} metadata ({str(e)[:200]})"
+            ) from None
     parts = split_components(f.keys())
     if not parts:
         sample = ", ".join(sorted(f.keys())[:3]) or "no tensors"
@@ -216,7 +301,9 @@ def detect(f: Mapping, metadata: dict[str, str] | None = None, name: str = "chec
         text_g = detect_bigg(_View(f, parts["text_g"])) if "text_g" in parts else None
     except CheckpointError as e:
         raise CheckpointError(f"{name}: {e}") from None
-    except (KeyError, IndexError, ZeroDivisionError) as e:
+    # a tensor with fewer dimensions than expected fails to unpack (ValueError); a config built from
+    # nonsense shapes fails its own checks (ValueError)
+    except (KeyError, IndexError, ZeroDivisionError, ValueError, TypeError) as e:
         raise CheckpointError(f"{name}: inconsistent tensors ({e})") from None
     kind = "base"
     if unet is not None:
@@ -249,4 +336,8 @@ def detect(f: Mapping, metadata: dict[str, str] | None = None, name: str = "chec
     prediction = "eps"
     if "v_pred" in f or str(metadata.get("modelspec.prediction_type", "")).lower() in ("v", "v_prediction"):
         prediction = "v"
-    return ModelConfig(kind=kind, unet=unet, vae=vae, text_l=text_l, text_g=text_g, prediction=prediction)
+    config = ModelConfig(kind=kind, unet=unet, vae=vae, text_l=text_l, text_g=text_g, prediction=prediction)
+    try:  # sizes only: head widths are an assumption here (64), which the modules check when built
+        return check_config(config, widths=False)
+    except ValueError as e:  # e.g. a zero-size dimension
+        raise CheckpointError(f"{name}: inconsistent tensors ({e})") from None

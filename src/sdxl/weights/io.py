@@ -44,6 +44,17 @@ MAX_HEADER = 100 * 1024 * 1024
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 
 
+def _is_count(x) -> bool:
+    """A non-negative JSON integer (not a bool, which Python counts as an int)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _show(value, limit: int = 60) -> str:
+    """repr() cut to `limit` characters: a hostile header can hold a shape list megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def parse_header(head: bytes, data_size: int, name: str = "file") -> tuple[dict, dict[str, str]]:
     """Validate a safetensors JSON header against the size of the data that follows it.
 
@@ -51,7 +62,8 @@ def parse_header(head: bytes, data_size: int, name: str = "file") -> tuple[dict,
     """
     try:
         header = json.loads(head.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    # ValueError covers bad UTF-8, bad JSON and integers of more than 4300 digits; RecursionError deep nesting
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(
             f"{name}: safetensors header is not valid JSON ({e.__class__.__name__})"
         ) from None
@@ -65,34 +77,41 @@ def parse_header(head: bytes, data_size: int, name: str = "file") -> tuple[dict,
     entries = {}
     for key, info in header.items():
         if not isinstance(info, dict):
-            raise CheckpointError(f"{name}: tensor {key!r} has a malformed header entry")
+            raise CheckpointError(f"{name}: tensor {_show(key)} has a malformed header entry")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{name}: tensor {key!r} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-            raise CheckpointError(f"{name}: tensor {key!r} has an invalid shape {shape!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPES:  # (a list or dict is not even hashable)
+            raise CheckpointError(f"{name}: tensor {_show(key)} has unknown dtype {_show(dtype)}")
+        # JSON true/false are Python ints too; sizes must also fit torch's int64 shapes and strides, which
+        # a zero-element tensor of shape [0, 10**30] would not (its byte count, 0, is otherwise fine).
+        if (
+            not isinstance(shape, list)
+            or not all(_is_count(s) for s in shape)
+            or math.prod(max(s, 1) for s in shape) * DTYPES[dtype][1] >= 2**63
+        ):
+            raise CheckpointError(f"{name}: tensor {_show(key)} has an invalid shape {_show(shape)}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offsets)
+            or not all(_is_count(o) for o in offsets)
             or offsets[0] > offsets[1]
         ):
-            raise CheckpointError(f"{name}: tensor {key!r} has invalid data_offsets {offsets!r}")
+            raise CheckpointError(f"{name}: tensor {_show(key)} has invalid data_offsets {_show(offsets)}")
         begin, end = offsets
         if end > data_size:
             raise CheckpointError(
-                f"{name}: tensor {key!r} ends at byte {end} but the file holds {data_size} data bytes "
-                "(truncated file?)"
+                f"{name}: tensor {_show(key)} ends at byte {_show(end)} but the file holds {data_size} "
+                "data bytes (truncated file?)"
             )
         if end - begin != math.prod(shape) * DTYPES[dtype][1]:
             raise CheckpointError(
-                f"{name}: tensor {key!r} claims shape {shape} {dtype} but spans {end - begin} bytes"
+                f"{name}: tensor {_show(key)} claims shape {_show(shape)} {dtype} "
+                f"but spans {end - begin} bytes"
             )
         entries[key] = (dtype, tuple(shape), begin, end)
     spans = sorted((b, e, k) for k, (_, _, b, e) in entries.items() if e > b)
     for (_b0, e0, k0), (b1, _e1, k1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise CheckpointError(f"{name}: tensors {k0!r} and {k1!r} overlap in the file")
+            raise CheckpointError(f"{name}: tensors {_show(k0)} and {_show(k1)} overlap in the file")
     return entries, metadata
 
 
@@ -179,8 +198,13 @@ def open_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> Mapping
         return ShapeDict({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
     if path.is_file():
         with open(path, "rb") as f:
-            magic = f.read(8)
-        if magic[:2] == b"PK" or magic[:1] == b"\x80":
+            magic = f.read(9)
+        # A safetensors file starts with its header length (little-endian u64) and then '{'. The length's
+        # low byte is 0x80 for one valid file in 32 (headers are padded to 8 bytes), so the pickle sniff
+        # below must not run on something that is laid out like safetensors.
+        header_fits = len(magic) == 9 and 8 + struct.unpack("<Q", magic[:8])[0] <= path.stat().st_size
+        looks_safetensors = header_fits and magic[8:9] == b"{"
+        if not looks_safetensors and (magic[:2] == b"PK" or magic[:1] == b"\x80"):
             raise CheckpointError(
                 f"{path}: is a pickle/zip checkpoint, not safetensors; rename it to .ckpt and pass "
                 "--allow-pickle if you trust it"

@@ -1,0 +1,491 @@
+"""The training configuration: one dataclass per TOML section, every key documented where it is declared.
+
+A run is described by a TOML file (`sdxl train --config run.toml`) whose tables mirror the dataclasses below,
+plus command-line flags for the common keys. Example:
+
+    [model]
+    init = "sd_xl_base_1.0.safetensors"
+
+    [data]
+    path = "my_images/"
+    resolution = 1024
+
+    [train]
+    output = "runs/my-finetune"
+    steps = 2000
+    batch_size = 4
+
+    [optim]
+    lr = 1e-5
+
+Every key's documentation lives in its field's `metadata["doc"]`; `reference_markdown()` renders the table
+that docs/TRAINING.md carries, and a test checks the two agree. Unknown keys are an error (a typo must not
+silently fall back to a default), and so are values of the wrong type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot be used; the message names the key."""
+
+
+def _f(default: Any, doc: str, choices: tuple | None = None) -> Any:
+    """A field with its documentation (and, for string options, the allowed values)."""
+    md = {"doc": doc}
+    if choices is not None:
+        md["choices"] = choices
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=md)
+    return field(default=default, metadata=md)
+
+
+@dataclass
+class ModelSection:
+    """[model]: what network to train and where its starting weights come from."""
+
+    init: str = _f("", "Checkpoint to start from: an official-layout single file or a diffusers folder "
+                       "(anything `sdxl inspect` reads). Empty: train from scratch with `preset` or "
+                       "`config`.")
+    preset: str = _f("", "From-scratch architecture when `init` is empty: `tiny`, `tiny-refiner` (test "
+                         "sizes), `base`, `refiner` (the official sizes).",
+                         ("", "tiny", "tiny-refiner", "base", "refiner"))
+    config: str = _f("", "From-scratch architecture from a JSON or TOML file holding a `ModelConfig` "
+                         "dictionary (keys kind, unet, vae, text_l, text_g, prediction, ...). Wins over "
+                         "`preset`.")
+    vae: str = _f("", "Take the VAE from this checkpoint instead (e.g. one trained with "
+                      "`task = \"vae\"`). Its config, including scale_factor, replaces the model's VAE "
+                      "config.")
+    prediction: str = _f("", "Override what the UNet predicts: `eps` or `v`. Empty: keep the model's own "
+                             "(recorded in the output file's metadata).", ("", "eps", "v"))
+    allow_pickle: bool = _f(False, "Allow a pickle `.ckpt` as `init` (loaded with "
+                                   "torch.load(weights_only=True)).")
+
+
+@dataclass
+class DataSection:
+    """[data]: the images, their buckets, augmentation and caching."""
+
+    path: str = _f("", "Image folder with same-name .txt captions (kohya convention), a folder with a "
+                       "metadata.jsonl, or a .jsonl manifest (path, caption, optional aesthetic_score, "
+                       "original_size).")
+    resolution: int = _f(1024, "Base side of the bucket area: buckets hold about resolution^2 pixels.")
+    bucket_step: int = _f(64, "Bucket sides are multiples of this (64 for SDXL; 8 for small experiments).")
+    min_bucket_side: int = _f(0, "Drop buckets with a side below this (0: keep all).")
+    max_bucket_side: int = _f(0, "Drop buckets with a side above this (0: keep all).")
+    min_size: int = _f(0, "Leave out images whose shorter ORIGINAL side is below this (the paper's filter; 0"
+                          " keeps all).")
+    upscale: bool = _f(True, "False: leave out images that would have to be enlarged to cover their bucket.")
+    crop: str = _f("random", "`random` (the paper) or `center` crop to the bucket. Latent caching only pays "
+                             "off across epochs with `center`.", ("random", "center"))
+    flip_prob: float = _f(0.0, "Probability of a horizontal flip (the crop coordinate is mirrored).")
+    ucg: float = _f(0.1, "Caption dropout probability: the sample gets the all-zero text context and pooled "
+                         "vector, SDXL's null conditioning (the paper: 10%).")
+    shuffle_caption: bool = _f(False, "Shuffle comma-separated caption tags (kohya `shuffle_caption`).")
+    keep_tokens: int = _f(0, "With `shuffle_caption`: number of leading tags kept in place.")
+    caption_separator: str = _f(",", "Tag separator for `shuffle_caption`.")
+    size_conditioning: bool = _f(True, "False records original size = target size (ablation: no size "
+                                       "conditioning).")
+    crop_conditioning: bool = _f(True, "False records crop = (0, 0) (ablation: no crop conditioning).")
+    shuffle: bool = _f(True, "Shuffle the sample order every epoch (seeded). False: buckets in order.")
+    drop_last: bool = _f(True, "Drop each bucket's last incomplete batch (and, with several processes, the "
+                               "batches that do not divide evenly among them).")
+    num_workers: int = _f(0, "DataLoader worker processes (0: load in the training process).")
+    default_aesthetic_score: float = _f(6.0, "Aesthetic score for refiner samples whose manifest entry has "
+                                             "none.")
+    cache_latents: bool = _f(False, "Cache VAE latent moments on disk, keyed by the SHA-256 of the prepared "
+                                    "pixels and of the VAE weights.")
+    cache_text: bool = _f(False, "Cache text-encoder outputs on disk, keyed by the SHA-256 of the caption, "
+                                 "of the encoder weights and the clip skip. Ignored when the text encoders "
+                                 "train.")
+    cache_dir: str = _f("", "Where caches live. Empty: `<output>/cache`.")
+
+
+@dataclass
+class TrainSection:
+    """[train]: the loop."""
+
+    task: str = _f("diffusion", "`diffusion` (UNet, optionally text encoders; full or LoRA) or `vae` "
+                                "(autoencoder training, see [vae]).", ("diffusion", "vae"))
+    output: str = _f("runs/train", "Output folder: model.safetensors or lora.safetensors, checkpoints/, "
+                                   "samples/, log.jsonl, config.toml.")
+    steps: int = _f(1000, "Optimizer steps to train for (the total, also when resuming).")
+    stop_at: int = _f(0, "Save and stop after this step as if interrupted, to split a run into sessions (the"
+                         " LR schedule still spans `steps`; resume with checkpoint.resume). 0: run to "
+                         "`steps`.")
+    batch_size: int = _f(1, "Images per micro-batch per process. The global batch is batch_size x grad_accum"
+                            " x number of processes.")
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    seed: int = _f(0, "Seed of the data order, augmentation, noise, timesteps and from-scratch weights.")
+    device: str = _f("auto", "`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:1`, ...")
+    mixed_precision: str = _f("no", "`no` (float32), `bf16` or `fp16` autocast; fp16 uses a GradScaler. "
+                                    "Weights and optimizer state stay float32.", ("no", "bf16", "fp16"))
+    gradient_checkpointing: bool = _f(False, "Recompute UNet blocks in the backward pass (less memory, ~30% "
+                                             "slower).")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    train_unet: bool = _f(True, "Train the UNet (False with `train_text_encoders` trains only the towers).")
+    train_text_encoders: bool = _f(False, "Train both text towers jointly with the UNet, at `optim.text_lr`.")
+    clip_skip: int = _f(1, "Text hidden state used as context, counted back from the last layer (1 = the "
+                           "penultimate layer, SDXL's choice).")
+    max_nan_steps: int = _f(5, "Stop with an error after this many CONSECUTIVE steps with a NaN/Inf loss or "
+                               "gradient (each such step is skipped and counted).")
+    log_every: int = _f(10, "Write a log line (loss, lr, images/s) every N steps.")
+    progress: bool = _f(True, "Show a progress bar (loss, it/s, ETA) on the first process.")
+    deterministic: bool = _f(False, "torch.use_deterministic_algorithms(True): bitwise repeatable runs on "
+                                    "one machine, slower on GPUs.")
+    save_dtype: str = _f("fp32", "dtype of the exported model.safetensors: `fp32`, `fp16` or `bf16`.",
+                                 ("fp32", "fp16", "bf16"))
+
+
+@dataclass
+class LossSection:
+    """[loss]: the diffusion objective."""
+
+    timestep_min: int = _f(0, "Timesteps are drawn uniformly from [timestep_min, timestep_max).")
+    timestep_max: int = _f(0, "Exclusive upper bound; 0 = automatic: 200 for a refiner (the paper's 200 "
+                              "lowest noise levels), 1000 otherwise.")
+    offset_noise: float = _f(0.0, "Offset-noise level (the paper's 1024^2 stage: 0.05; keep 0 when fine-"
+                                  "tuning a model trained without it).")
+    offset_noise_mode: str = _f("channel", "`channel`: one offset per sample AND channel ([B,C,1,1], sgm "
+                                           "HEAD); `sample`: one offset per sample shared by all channels "
+                                           "([B,1,1,1], sgm at the SDXL release).", ("channel", "sample"))
+    min_snr_gamma: float = _f(0.0, "Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the usual value; 0"
+                                   " off.")
+    latent_sample: bool = _f(True, "Sample latents from the VAE posterior (sgm) instead of using its mean.")
+
+
+@dataclass
+class OptimSection:
+    """[optim]: optimizer and learning-rate schedule."""
+
+    name: str = _f("adamw", "`adamw` (torch.optim.AdamW), `adafactor` (torch.optim.Adafactor), `adamw8bit` "
+                            "(bitsandbytes' 8-bit AdamW; needs that package).",
+                            ("adamw", "adafactor", "adamw8bit"))
+    lr: float = _f(0.0001, "Peak learning rate of the UNet (or LoRA) parameters.")
+    text_lr: float = _f(0.0, "Learning rate of the text towers (0: same as `lr`).")
+    betas: list = _f([0.9, 0.999], "Adam betas.")
+    weight_decay: float = _f(0.01, "Decoupled weight decay.")
+    eps: float = _f(1e-08, "Adam epsilon.")
+    warmup_steps: int = _f(0, "Linear warm-up from 0 to the peak over this many steps.")
+    schedule: str = _f("constant", "After warm-up: `constant`, `cosine` or `linear` decay to min_lr_ratio x "
+                                   "lr.", ("constant", "cosine", "linear"))
+    min_lr_ratio: float = _f(0.0, "Final learning rate of the cosine/linear schedules, as a fraction of the "
+                                  "peak.")
+
+
+@dataclass
+class EMASection:
+    """[ema]: exponential moving average of the trained weights."""
+
+    enabled: bool = _f(False, "Keep an EMA of the trained parameters (float32 copy).")
+    decay: float = _f(0.9999, "EMA decay; the effective decay is min(decay, (1 + n) / (10 + n)) after n "
+                              "updates (sgm LitEma / diffusers EMAModel).")
+    start_step: int = _f(0, "The average starts (as a copy of the weights) after this optimizer step.")
+    export: bool = _f(True, "Write the EMA weights (not the raw ones) into model.safetensors / "
+                            "lora.safetensors.")
+
+
+@dataclass
+class LoRASection:
+    """[lora]: low-rank adapters instead of a full fine-tune."""
+
+    rank: int = _f(0, "LoRA rank; 0 trains the full weights.")
+    alpha: float = _f(0.0, "LoRA alpha; the update is scaled by alpha / rank (0: alpha = rank).")
+    dropout: float = _f(0.0, "Dropout on the LoRA branch input during training.")
+    conv: bool = _f(False, "Also adapt the UNet's 3x3 convolutions (LoCon), at `conv_rank` / `conv_alpha`.")
+    conv_rank: int = _f(0, "Rank of the 3x3-conv adapters (0: `rank`).")
+    conv_alpha: float = _f(0.0, "Alpha of the 3x3-conv adapters (0: conv rank).")
+    text_encoders: bool = _f(False, "Also put adapters on both text towers (trained at `optim.text_lr`).")
+
+
+@dataclass
+class CheckpointSection:
+    """[checkpoint]: training state that survives crashes and signals."""
+
+    every: int = _f(500, "Save the training state every N optimizer steps (0: only at the end and on a "
+                         "signal).")
+    keep: int = _f(2, "Complete checkpoints kept; older ones are deleted after a newer one is committed.")
+    resume: bool = _f(False, "Continue from the newest complete checkpoint in `<output>/checkpoints` (the "
+                             "`--resume` flag). Starts fresh if there is none.")
+
+
+@dataclass
+class SampleSection:
+    """[sample]: images generated from the current weights during training."""
+
+    every: int = _f(0, "Generate sample images every N steps (0: never) into `<output>/samples`.")
+    prompts: list = _f([], "Prompts, one image each.")
+    negative_prompt: str = _f("", "Negative prompt (empty: the base model's zero embedding).")
+    steps: int = _f(20, "Sampler steps.")
+    cfg: float = _f(5.0, "Classifier-free guidance scale.")
+    sampler: str = _f("euler", "Sampler name (see `sdxl generate --help`).")
+    schedule: str = _f("normal", "Sigma schedule name.")
+    width: int = _f(0, "Sample width (0: data.resolution).")
+    height: int = _f(0, "Sample height (0: data.resolution).")
+    seed: int = _f(0, "Seed of the first prompt; prompt k uses seed + k.")
+
+
+@dataclass
+class DistSection:
+    """[dist]: several processes (launched with torchrun)."""
+
+    strategy: str = _f("ddp", "`ddp`: DistributedDataParallel (replicated weights); `fsdp`: fully sharded "
+                              "(torch.distributed.fsdp.fully_shard) for full fine-tunes too big for one GPU.",
+                              ("ddp", "fsdp"))
+    backend: str = _f("auto", "Process-group backend: `auto` (nccl on GPUs, gloo on CPU), `nccl`, `gloo`.",
+                              ("auto", "nccl", "gloo"))
+
+
+@dataclass
+class VAESection:
+    """[vae]: autoencoder training (`train.task = "vae"`)."""
+
+    reconstruction: str = _f("l1", "Pixel reconstruction loss: `l1` or `l2`.", ("l1", "l2"))
+    kl_weight: float = _f(1e-06, "Weight of the KL term (sgm's SDXL autoencoder config: 1e-6).")
+    gan: bool = _f(False, "Add a PatchGAN discriminator (hinge loss) after `gan_start` steps.")
+    gan_start: int = _f(1000, "Step from which the discriminator trains and its loss enters the generator "
+                              "loss.")
+    gan_weight: float = _f(0.5, "Weight of the generator's adversarial loss.")
+    disc_lr: float = _f(0.0, "Discriminator learning rate (0: optim.lr).")
+    disc_channels: int = _f(64, "Width of the discriminator's first layer.")
+    disc_layers: int = _f(3, "Strided conv layers of the discriminator.")
+    update_scale_factor: bool = _f(True, "At export, set the latent scale_factor to 1 / std of the latents "
+                                         "of a few training batches (how SD chose 0.18215).")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection,
+    "data": DataSection,
+    "train": TrainSection,
+    "loss": LossSection,
+    "optim": OptimSection,
+    "ema": EMASection,
+    "lora": LoRASection,
+    "checkpoint": CheckpointSection,
+    "sample": SampleSection,
+    "dist": DistSection,
+    "vae": VAESection,
+}
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run: one attribute per TOML table."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    ema: EMASection = field(default_factory=EMASection)
+    lora: LoRASection = field(default_factory=LoRASection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+    dist: DistSection = field(default_factory=DistSection)
+    vae: VAESection = field(default_factory=VAESection)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from nested dicts ({"train": {"steps": 10}, ...}); unknown tables/keys raise ConfigError."""
+        cfg = cls()
+        for section, values in d.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"unknown table [{section}] (known: {', '.join(SECTIONS)})")
+            if not isinstance(values, dict):
+                raise ConfigError(f"[{section}] must be a table")
+            for key, value in values.items():
+                cfg.set(f"{section}.{key}", value)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        return cls.from_dict(data)
+
+    def set(self, dotted: str, value: Any) -> None:
+        """Set `section.key` with type checking (ints are accepted for floats; lists stay lists)."""
+        if "." not in dotted:
+            raise ConfigError(f"config keys are `table.key`, got {dotted!r}")
+        section, key = dotted.split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown table [{section}] in {dotted!r}")
+        obj = getattr(self, section)
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        if key not in fields:
+            raise ConfigError(f"unknown key {dotted!r} (known in [{section}]: {', '.join(fields)})")
+        expected = get_type_hints(type(obj))[key]
+        setattr(obj, key, _coerce(dotted, value, expected))
+
+    def validate(self) -> None:
+        """Check choices and ranges; raises ConfigError naming the key."""
+        for section in SECTIONS:
+            obj = getattr(self, section)
+            for f in dataclasses.fields(obj):
+                choices = f.metadata.get("choices")
+                value = getattr(obj, f.name)
+                if choices is not None and value not in choices:
+                    raise ConfigError(f"{section}.{f.name} = {value!r}: must be one of {list(choices)}")
+        t, lo = self.train, self.loss
+        for key, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size),
+                           ("train.grad_accum", t.grad_accum), ("data.resolution", self.data.resolution),
+                           ("data.bucket_step", self.data.bucket_step), ("train.log_every", t.log_every),
+                           ("train.max_nan_steps", t.max_nan_steps)):
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
+        if not 0 <= lo.timestep_min < (lo.timestep_max or 1000) <= 1000:
+            raise ConfigError(f"loss.timestep_min/max must satisfy 0 <= min < max <= 1000, got "
+                              f"[{lo.timestep_min}, {lo.timestep_max})")
+        if not 0.0 <= self.data.ucg <= 1.0:
+            raise ConfigError(f"data.ucg must be in [0, 1], got {self.data.ucg}")
+        if len(self.optim.betas) != 2:
+            raise ConfigError(f"optim.betas needs two numbers, got {self.optim.betas}")
+        if self.lora.rank < 0:
+            raise ConfigError("lora.rank must be >= 0")
+        if not 0.0 <= self.ema.decay < 1.0:
+            raise ConfigError(f"ema.decay must be in [0, 1), got {self.ema.decay}")
+
+    # ------------------------------------------------------------------ output
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def to_toml(self) -> str:
+        """The config as TOML (what `load` reads back); written to `<output>/config.toml` by every run."""
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            for key, value in values.items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _coerce(key: str, value: Any, expected: Any) -> Any:
+    """Check `value` against the annotated type (the annotations are strings: 'int', 'float', ...)."""
+    name = expected if isinstance(expected, str) else getattr(expected, "__name__", str(expected))
+    if name == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif name == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif name == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif name == "str":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, Path):
+            return str(value)
+    elif name == "list":
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, str):  # command line: a JSON list, or one item
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                parsed = [value]
+            return parsed if isinstance(parsed, list) else [parsed]
+    raise ConfigError(f"{key}: expected {name}, got {value!r}")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+# Command-line flags of `sdxl train` and the keys they set (flags override the TOML file).
+CLI_FLAGS: dict[str, str] = {
+    "data": "data.path",
+    "init": "model.init",
+    "preset": "model.preset",
+    "output": "train.output",
+    "steps": "train.steps",
+    "batch_size": "train.batch_size",
+    "grad_accum": "train.grad_accum",
+    "resolution": "data.resolution",
+    "lr": "optim.lr",
+    "lora_rank": "lora.rank",
+    "seed": "train.seed",
+    "mixed_precision": "train.mixed_precision",
+    "device": "train.device",
+    "resume": "checkpoint.resume",
+    "save_every": "checkpoint.every",
+    "task": "train.task",
+}
+
+
+def build_config(options: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from command-line style options.
+
+    `options["config"]` (optional) is a TOML file; the other keys are `CLI_FLAGS` names or dotted keys
+    (`"loss.offset_noise"`), applied on top. None values are ignored (flags that were not given).
+    """
+    options = dict(options)
+    path = options.pop("config", None)
+    cfg = TrainConfig.load(path) if path else TrainConfig()
+    for name, value in options.items():
+        if value is None:
+            continue
+        key = CLI_FLAGS.get(name, name)
+        if name == "resume" and value is False:
+            continue  # an absent --resume flag must not undo `resume = true` in the file
+        cfg.set(key, value)
+    cfg.validate()
+    return cfg
+
+
+def reference_markdown() -> str:
+    """The key reference table of docs/TRAINING.md, generated from the field docs."""
+    out = []
+    for section, klass in SECTIONS.items():
+        out.append(f"### [{section}]\n")
+        desc = (klass.__doc__ or "").split(":", 1)[-1].strip()
+        out.append(desc[:1].upper() + desc[1:] + "\n")
+        out.append("| key | default | meaning |")
+        out.append("|---|---|---|")
+        for f in dataclasses.fields(klass):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            doc = f.metadata["doc"].replace("|", "\\|")
+            out.append(f"| `{f.name}` | `{_toml_value(default)}` | {doc} |")
+        out.append("")
+    return "\n".join(out)

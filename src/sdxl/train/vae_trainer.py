@@ -1,0 +1,261 @@
+"""Autoencoder training (`train.task = "vae"`): the KL-regularised VAE of SDXL section 2.4, on the shared
+loop.
+
+The objective is sgm's `GeneralLPIPSWithDiscriminator` without LPIPS (it needs pretrained VGG weights, which a
+from-scratch project does not have), written per pixel:
+
+    z      = mean + exp(logvar / 2) * n,  n ~ N(0, I)          (reparameterised posterior sample)
+    rec    = mean |x - decode(z)|   (or squared, `vae.reconstruction = "l2"`)
+    kl     = 0.5 * sum(mean^2 + exp(logvar) - 1 - logvar) / (number of pixel values)
+    loss   = rec + kl_weight * kl  [+ gan_weight * (-mean D(decode(z)))   after `gan_start` steps]
+
+sgm sums both terms over the image instead of averaging; dividing both by the same pixel count keeps the
+ratio, so `kl_weight` means what it means there (1e-6 in the SDXL autoencoder config).
+
+The optional discriminator is taming-transformers' PatchGAN (`NLayerDiscriminator`) with GroupNorm in place of
+BatchNorm (so its output does not depend on how a batch is split over processes), trained with the hinge loss
+after `gan_start` steps on the same batches, with its own AdamW (betas 0.5, 0.9 as in taming). Its weights and
+optimizer state are part of the training checkpoint.
+
+At export, `vae.update_scale_factor` sets the latent scale factor to 1 / std of the latents of a few training
+images, the rule behind SD's 0.18215 and SDXL's 0.13025: the diffusion model then sees unit-variance latents.
+The export is a VAE-only official-layout file `<output>/vae.safetensors` (keys `first_stage_model.*`,
+config in the metadata) that `model.vae` of a diffusion run, `sdxl inspect` and the pipeline read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import checkpointing as C
+from .config import ConfigError
+from .trainer import (
+    BatchStream,
+    TrainerBase,
+    TrainingError,
+    _full,
+    all_true,
+    autocast_context,
+    barrier,
+    load_models,
+    sample_generator,
+)
+
+log = logging.getLogger("sdxl.train")
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: strided 4x4 convs down to a map of real/fake logits, one per overlapping image patch."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3):
+        super().__init__()
+        mods: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch = channels
+        for i in range(1, layers + 1):
+            out = channels * min(2**i, 8)
+            stride = 2 if i < layers else 1
+            mods += [nn.Conv2d(ch, out, 4, stride, 1, bias=False), nn.GroupNorm(min(32, out // 4), out),
+                     nn.LeakyReLU(0.2)]
+            ch = out
+        mods.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.net = nn.Sequential(*mods)
+        for m in self.modules():  # taming's weights_init: N(0, 0.02) convs
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class VAEModule(nn.Module):
+    """What DDP wraps: encode, sample the posterior with the given standard-normal noise, decode."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        mean, logvar = self.vae.encode(x)
+        z = mean if noise is None else mean + (0.5 * logvar).exp() * noise
+        return self.vae.decode(z), mean, logvar
+
+
+class VAETrainer(TrainerBase):
+    """Reconstruction + KL (+ PatchGAN) training of `AutoencoderKL`."""
+
+    def build(self) -> None:
+        cfg = self.cfg
+        device = self.info.device
+        models = load_models(cfg, device, need=("vae",))
+        self.model_config = models.config
+        self.vae = models.vae.requires_grad_(True).train()
+        self.module = VAEModule(self.vae)
+        self.disc = None
+        self.disc_wrapped = None
+        self.disc_opt = None
+        v = cfg.vae
+        if v.gan:
+            self.disc = PatchDiscriminator(self.model_config.vae.out_channels, v.disc_channels,
+                                           v.disc_layers).to(device)
+            self.disc_wrapped = self.disc
+            if self.info.distributed:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                ids = [device.index] if device.type == "cuda" else None
+                self.disc_wrapped = DDP(self.disc, device_ids=ids)
+            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=v.disc_lr or cfg.optim.lr,
+                                              betas=(0.5, 0.9), weight_decay=0.0)
+        self._last: tuple[Tensor, Tensor] | None = None
+        self.build_data()
+
+    def build_data(self) -> None:
+        from ..data.buckets import BucketBatchSampler, scaled_buckets
+        from ..data.dataset import ImageCaptionDataset, collate
+
+        d = self.cfg.data
+        if not d.path:
+            raise ConfigError("data.path is empty: give a folder of images (captions are not needed)")
+        buckets = scaled_buckets(d.resolution, d.bucket_step, d.min_bucket_side or None,
+                                 d.max_bucket_side or None)
+        self.dataset = ImageCaptionDataset(d.path, resolution=d.resolution, buckets=buckets,
+                                           seed=self.cfg.train.seed, crop=d.crop, flip_prob=d.flip_prob,
+                                           ucg=0.0, min_size=d.min_size, upscale=d.upscale)
+        if len(self.dataset) == 0:
+            raise TrainingError(f"data.path: no usable images in {d.path} ({dict(self.dataset.stats)})")
+        self.sampler = BucketBatchSampler(self.dataset.bucket_of, self.cfg.train.batch_size,
+                                          seed=self.cfg.train.seed, drop_last=d.drop_last, shuffle=d.shuffle,
+                                          rank=self.info.rank, world_size=self.info.world_size)
+        self.stream = BatchStream(self.dataset, self.sampler, functools.partial(collate), d.num_workers)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [p for p in self.module.parameters() if p.requires_grad], "lr": self.cfg.optim.lr}]
+
+    def gan_active(self) -> bool:
+        return self.disc is not None and self.step >= self.cfg.vae.gan_start
+
+    def compute_loss(self, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.cfg
+        dev = self.info.device
+        x = batch["pixels"].to(dev)
+        noise = None
+        if cfg.loss.latent_sample:
+            f = self.model_config.vae.downscale
+            shape = (self.model_config.vae.embed_dim, x.shape[2] // f, x.shape[3] // f)
+            gens = [sample_generator(cfg.train.seed, step, batch["epoch"], int(i)) for i in batch["index"]]
+            noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)
+        with autocast_context(dev, cfg.train.mixed_precision):
+            recon, mean, logvar = self.wrapped(x, noise)
+        recon, mean, logvar = recon.float(), mean.float(), logvar.float()
+        diff = recon - x
+        rec = diff.abs().mean() if cfg.vae.reconstruction == "l1" else diff.pow(2).mean()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum() / x.numel()
+        loss = rec + cfg.vae.kl_weight * kl
+        metrics = {"rec": float(rec.detach()), "kl": float(kl.detach())}
+        if self.gan_active():
+            self.disc.requires_grad_(False)  # the generator step must not accumulate discriminator gradients
+            g_loss = -self.disc(recon).mean()
+            self.disc.requires_grad_(True)
+            loss = loss + cfg.vae.gan_weight * g_loss
+            metrics["g_loss"] = float(g_loss.detach())
+        self._last = (x.detach(), recon.detach())
+        return loss, metrics
+
+    def after_optimizer_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One discriminator update (hinge loss) on the last micro-batch's real images and reconstructions."""
+        if not self.gan_active() or self._last is None:
+            return {}
+        real, fake = self._last
+        self.disc_opt.zero_grad(set_to_none=True)
+        d_loss = F.relu(1.0 - self.disc_wrapped(real)).mean() + F.relu(1.0 + self.disc_wrapped(fake)).mean()
+        if all_true(bool(torch.isfinite(d_loss).item()), self.info):
+            d_loss.backward()
+            self.disc_opt.step()
+        self.disc_opt.zero_grad(set_to_none=True)
+        return {"d_loss": float(d_loss.detach())}
+
+    def extra_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        if self.disc is None:
+            return {}, {}
+        tensors = {f"disc.{k}": v.detach().cpu().clone() for k, v in self.disc.state_dict().items()}
+        opt_tensors: dict[str, Tensor] = {}
+        tree = C.flatten(self.disc_opt.state_dict(), opt_tensors, "disc_optimizer")
+        tensors.update(opt_tensors)
+        return tensors, {"disc_optimizer": tree}
+
+    def load_extra_state(self, tensors: dict[str, Tensor], scalars: dict[str, Any]) -> None:
+        if self.disc is None:
+            return
+        sd = {k[len("disc."):]: v for k, v in tensors.items() if k.startswith("disc.")}
+        if not sd:
+            log.warning("resume: the checkpoint has no discriminator; it starts fresh")
+            return
+        self.disc.load_state_dict(sd)
+        self.disc_opt.load_state_dict(C.unflatten(scalars["disc_optimizer"], tensors))
+
+    # ------------------------------------------------------------------ outputs
+    @torch.no_grad()
+    def latent_std(self, vae: nn.Module, max_images: int = 16) -> float:
+        """Std of posterior samples over the first images of the data (deterministic noise)."""
+        values = []
+        g = torch.Generator("cpu").manual_seed(self.cfg.train.seed)
+        for i in range(min(max_images, len(self.dataset))):
+            x = self.dataset[i]["pixels"][None].to(self.info.device)
+            mean, logvar = vae.encode(x)
+            z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g).to(mean.device)
+            values.append(z.float().flatten().cpu())
+        return float(torch.cat(values).std())
+
+    def export(self) -> Path | None:
+        """`<output>/vae.safetensors`: a VAE-only official-layout file (EMA weights if `ema.export`)."""
+        from ..models.config import ModelConfig
+        from ..models.vae import AutoencoderKL
+        from ..weights.checkpoint import Checkpoint, write_single_file
+
+        sd = {k: _full(v).detach().cpu() for k, v in self.vae.state_dict().items()}
+        if self.cfg.ema.enabled and self.cfg.ema.export and self.ema is not None:
+            ema = self.ema.state_dict()
+            sd = {k: ema.get(f"vae.{k}", v) for k, v in sd.items()}
+        path = self.output / "vae.safetensors"
+        if self.info.is_main:
+            vae_cfg = self.model_config.vae
+            if self.cfg.vae.update_scale_factor:
+                probe = AutoencoderKL(vae_cfg).to(self.info.device)
+                probe.load_state_dict(sd)
+                std = self.latent_std(probe.eval())
+                if std > 0:
+                    vae_cfg = dataclasses.replace(vae_cfg, scale_factor=round(1.0 / std, 5))
+                    log.info("latent std %.4f: scale_factor set to %.5f", std, vae_cfg.scale_factor)
+            mc = ModelConfig(kind="base", unet=None, vae=vae_cfg, text_l=None, text_g=None)
+            dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[self.cfg.train.save_dtype]
+            write_single_file(Checkpoint(path=path, config=mc, parts={"vae": sd}), path, dtype=dtype)
+            log.info("wrote %s", path)
+        barrier(self.info)
+        return path
+
+    @torch.no_grad()
+    def sample(self) -> None:
+        """Input | reconstruction pairs of the first images into `<output>/samples` (first process only)."""
+        if not self.info.is_main:
+            barrier(self.info)
+            return
+        from ..data.images import tensor_to_pil
+
+        folder = self.output / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.vae.eval()
+        for i in range(min(4, len(self.dataset))):
+            x = self.dataset[i]["pixels"][None].to(self.info.device)
+            with autocast_context(self.info.device, self.cfg.train.mixed_precision):
+                recon = self.vae.decode(self.vae.encode(x)[0]).float()
+            pair = torch.cat([x[0].cpu(), recon[0].cpu()], dim=2)
+            tensor_to_pil(pair).save(folder / f"step-{self.step:08d}-{i}.png")
+        self.vae.train()
+        barrier(self.info)
