@@ -510,6 +510,8 @@ def eval_shapes(
     detector_check: int = typer.Option(50, help="First report the detector's accuracy on this many renders."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     device: str | None = typer.Option(None, help="Device."),
+    size: int | None = typer.Option(None, help="Image side (default: the model's native size)."),
+    original_size: int | None = typer.Option(None, help="Micro-conditioning original size (square)."),
 ):
     """Prompt accuracy (detector) and Frechet distance of a shapes model on held-out prompts."""
     from rich.console import Console
@@ -538,6 +540,8 @@ def eval_shapes(
         sampler=sampler,
         schedule=schedule,
         refiner=ref,
+        size=size,
+        original_size=original_size,
         progress=lambda k, i, t: con.print(f"{k}: {i}/{t}", end="\r"),
     )
     if as_json:
