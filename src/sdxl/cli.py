@@ -67,6 +67,43 @@ def _size(text: str | None, flag: str) -> tuple[int | None, int | None]:
     return None, None
 
 
+def config_path() -> Path:
+    """The user's defaults: $SDXL_CONFIG, else $XDG_CONFIG_HOME/sdxl/config.toml (~/.config/sdxl/config.toml)."""
+    import os
+
+    if os.environ.get("SDXL_CONFIG"):
+        return Path(os.environ["SDXL_CONFIG"])
+    root = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return root / "sdxl" / "config.toml"
+
+
+def user_defaults() -> dict:
+    """The [generate] table of the user's config file: any request field, plus model and models_dir.
+
+        [generate]
+        model = "sd_xl_base_1.0"
+        models_dir = "~/models"
+        steps = 30
+        sampler = "DPM++ 2M Karras"
+    """
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    p = config_path()
+    if not p.is_file():
+        return {}
+    try:
+        data = tomllib.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        fail(f"{p}: unreadable config file ({e})")
+    gen = data.get("generate", {})
+    if not isinstance(gen, dict):
+        fail(f"{p}: [generate] must be a table")
+    return gen
+
+
 def default_model_path(kind: str = "base") -> Path:
     return Path(__file__).parent / "assets" / "default" / f"{kind}.safetensors"
 
@@ -229,6 +266,11 @@ def generate(
     )
     # options given on the command line win over the request stored in --from IMAGE
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    # defaults from the user's config file, under the stored request and the command line
+    user = user_defaults()
+    models_dir = models_dir or (Path(user["models_dir"]).expanduser() if user.get("models_dir") else None)
+    model = model or user.get("model")
+    base = {**{k: v for k, v in user.items() if k not in ("model", "models_dir", "dtype", "device")}, **base}
     try:
         req = GenerationRequest.from_dict({**base, **overrides})
     except (RequestError, TypeError) as e:
