@@ -73,6 +73,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # this run created the process group (and destroys it at the end)
 
     @property
     def is_main(self) -> bool:
@@ -106,6 +107,7 @@ def setup_distributed(cfg: TrainConfig) -> DistInfo:
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        info.owns_group = True
     return info
 
 
@@ -1137,6 +1139,8 @@ class Trainer(TrainerBase):
             self.text_cache = DiskCache(cache_root / "text")
             self.text_salt = f"text:skip={cfg.train.clip_skip}:" + fingerprint(models.text)
         self.stats = {"vae_encodes": 0, "text_encodes": 0}
+        if cfg.sample.every:
+            self.sample_requests()
         self.build_data()
 
     def build_data(self) -> None:
@@ -1397,18 +1401,34 @@ class Trainer(TrainerBase):
             for n, t in saved.items():
                 params[n].copy_(t)
 
+    def sample_requests(self) -> list:
+        """One validated `GenerationRequest` per `[sample]` prompt (bad settings fail at setup, not later)."""
+        from ..request import GenerationRequest, RequestError
+
+        s = self.cfg.sample
+        size = self.cfg.data.resolution
+        out = []
+        for k, prompt in enumerate(s.prompts):
+            req = GenerationRequest(prompt=prompt, negative_prompt=s.negative_prompt or None,
+                                    width=s.width or size, height=s.height or size, steps=s.steps, cfg=s.cfg,
+                                    sampler=s.sampler, schedule=s.schedule, seed=s.seed + k)
+            try:
+                out.append(req.validate())
+            except RequestError as e:
+                raise ConfigError(f"[sample]: {e}") from None
+        return out
+
     @torch.no_grad()
     def sample(self) -> None:
         """Images from the current weights via the pipeline (`SDXL.generate`), into `<output>/samples`."""
-        s = self.cfg.sample
-        if not s.prompts:
+        requests = self.sample_requests()
+        if not requests:
             return
         sharded = self.info.distributed and self.cfg.dist.strategy == "fsdp"
         if not (self.info.is_main or sharded):
             barrier(self.info)
             return
         from ..pipeline import SDXL
-        from ..request import GenerationRequest
 
         m = self.models
         m.unet.eval()
@@ -1416,11 +1436,7 @@ class Trainer(TrainerBase):
                     dtype=torch.float32)
         folder = self.output / "samples"
         folder.mkdir(parents=True, exist_ok=True)
-        size = self.cfg.data.resolution
-        for k, prompt in enumerate(s.prompts):
-            req = GenerationRequest(prompt=prompt, negative_prompt=s.negative_prompt or None,
-                                    width=s.width or size, height=s.height or size, steps=s.steps, cfg=s.cfg,
-                                    sampler=s.sampler, schedule=s.schedule, seed=s.seed + k)
+        for k, req in enumerate(requests):
             result = pipe.generate(req)
             if self.info.is_main:
                 result.images[0].save(folder / f"step-{self.step:08d}-{k}.png")
@@ -1445,7 +1461,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         trainer.setup()
         return trainer.train()
     finally:
-        if info.distributed and dist.is_initialized():
+        if info.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
