@@ -374,7 +374,7 @@ BAD_OPTIONS = [
     (["--dtype", "fp8"], "--dtype"),
     (["--lora", "style:strong"], "--lora"),
     (["--lora", "no_such_lora:0.5"], "no_such_lora"),
-    (["--seed", "-1"], "seed"),
+    (["--seed", str(2**64)], "seed"),
     (["--clip-skip", "0"], "clip_skip"),
     (["--prediction", "x0"], "prediction"),
 ]
