@@ -27,8 +27,27 @@ def test_help_for_every_command():
 
 def test_numbered_outputs_and_from(tiny_files, tmp_path):
     out = tmp_path / "img.png"
-    args = ["generate", "a (red:1.2) cat", "--model", str(tiny_files["base"]), "-W", "64", "-H", "64",
-            "--steps", "3", "--seed", "5", "--batch", "2", "--n", "2", "--out", str(out), "--quiet"]
+    args = [
+        "generate",
+        "a (red:1.2) cat",
+        "--model",
+        str(tiny_files["base"]),
+        "-W",
+        "64",
+        "-H",
+        "64",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--batch",
+        "2",
+        "--n",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     paths = res.output.split()
@@ -36,16 +55,20 @@ def test_numbered_outputs_and_from(tiny_files, tmp_path):
     info = json.loads(runner.invoke(app, ["info", paths[3]]).output)
     assert info["source"] == "sdxl" and info["parameters"]["seed"] == 8
     again = tmp_path / "again.png"
-    res = runner.invoke(app, ["generate", "--from", paths[3], "--model", str(tiny_files["base"]), "--out",
-                              str(again), "--quiet"])
+    res = runner.invoke(
+        app,
+        ["generate", "--from", paths[3], "--model", str(tiny_files["base"]), "--out", str(again), "--quiet"],
+    )
     assert res.exit_code == 0, res.output
     assert list(Image.open(again).getdata()) == list(Image.open(paths[3]).getdata())
 
 
 def test_user_config_defaults(tiny_files, tmp_path, monkeypatch):
     cfg = tmp_path / "config.toml"
-    cfg.write_text(f'[generate]\nmodels_dir = "{tiny_files["base"].parent}"\nmodel = "base"\nsteps = 2\n'
-                   'width = 64\nheight = 64\nsampler = "Euler a"\n')
+    cfg.write_text(
+        f'[generate]\nmodels_dir = "{tiny_files["base"].parent}"\nmodel = "base"\nsteps = 2\n'
+        'width = 64\nheight = 64\nsampler = "Euler a"\n'
+    )
     monkeypatch.setenv("SDXL_CONFIG", str(cfg))
     out = tmp_path / "c.png"
     res = runner.invoke(app, ["generate", "a cat", "--seed", "1", "--out", str(out), "--quiet"])
@@ -62,8 +85,26 @@ def test_data_shapes_command(tmp_path):
 
 
 def test_eval_shapes_command(tiny_files):
-    res = runner.invoke(app, ["eval", "shapes", "--model", str(tiny_files["base"]), "--n", "2", "--kinds", "single",
-                              "--steps", "2", "--size", "64", "--detector-check", "4", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "shapes",
+            "--model",
+            str(tiny_files["base"]),
+            "--n",
+            "2",
+            "--kinds",
+            "single",
+            "--steps",
+            "2",
+            "--size",
+            "64",
+            "--detector-check",
+            "4",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    data = json.loads(res.output[res.output.index("{"):])
+    data = json.loads(res.output[res.output.index("{") :])
     assert data["results"][0]["n"] == 2 and 0.0 <= data["results"][0]["all_ok"] <= 1.0

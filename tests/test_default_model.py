@@ -59,8 +59,20 @@ def test_default_generate_gives_a_valid_image(tmp_path):
     assert img.shape == (256, 256, 3)
     assert img.std() > 5, "a flat image"
     again = tmp_path / "y.png"
-    res = runner.invoke(app, ["generate", "a red circle above a blue square", "--out", str(again), "--seed", "1",
-                              "--steps", "12", "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "generate",
+            "a red circle above a blue square",
+            "--out",
+            str(again),
+            "--seed",
+            "1",
+            "--steps",
+            "12",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0
     assert np.array_equal(np.asarray(Image.open(again).convert("RGB")).astype(float), img)  # seeded
 

@@ -80,11 +80,11 @@ def config_path() -> Path:
 def user_defaults() -> dict:
     """The [generate] table of the user's config file: any request field, plus model and models_dir.
 
-        [generate]
-        model = "sd_xl_base_1.0"
-        models_dir = "~/models"
-        steps = 30
-        sampler = "DPM++ 2M Karras"
+    [generate]
+    model = "sd_xl_base_1.0"
+    models_dir = "~/models"
+    steps = 30
+    sampler = "DPM++ 2M Karras"
     """
     try:
         import tomllib
