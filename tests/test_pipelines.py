@@ -175,7 +175,8 @@ def test_tiled_vae_decode_is_seamless(base):
 
     Tolerance: mean abs difference <= 0.06 (images in [-1, 1]); GroupNorm statistics and the mid-block
     attention see one tile instead of the whole image, so tiles are not bit-identical, and the blend
-    ramps hide it: the largest jump across any tile border is no larger than the largest jump between neighbouring pixels inside the untiled image.
+    ramps hide it: the largest jump across any tile border is no larger than the largest jump between
+    neighbouring pixels inside the untiled image.
     """
     from sdxl.models import vae_utils
 

@@ -68,7 +68,8 @@ def _size(text: str | None, flag: str) -> tuple[int | None, int | None]:
 
 
 def config_path() -> Path:
-    """The user's defaults: $SDXL_CONFIG, else $XDG_CONFIG_HOME/sdxl/config.toml (~/.config/sdxl/config.toml)."""
+    """The user's defaults file: $SDXL_CONFIG, else $XDG_CONFIG_HOME/sdxl/config.toml
+    (~/.config/sdxl/config.toml)."""
     import os
 
     if os.environ.get("SDXL_CONFIG"):
