@@ -49,7 +49,8 @@ def collect(work: Path) -> dict:
 
 
 def table(res: dict) -> str:
-    lines = ["| model | seeds | FD single (sd) | accuracy single (95% CI) | FD pair (sd) | accuracy pair (95% CI) | "
+    lines = ["| model | seeds | FD single (sd) | accuracy single (95% CI) | FD pair (sd) | "
+             "accuracy pair (95% CI) | "
              "paper FID-5k / IS-5k |", "|---|---|---|---|---|---|---|"]
     for v, label in VARIANTS:
         if v not in res:

@@ -10,6 +10,7 @@ is sharpened here while the UNet trains on the frozen encoder's latents.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 
 import torch
@@ -55,7 +56,7 @@ def main() -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             for g in opt.param_groups:  # cosine decay to 10%
-                g["lr"] = a.lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(step / a.steps * 3.14159)).item()))
+                g["lr"] = a.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / a.steps)))
             opt.step()
             step += 1
             if step % 10 == 0:
