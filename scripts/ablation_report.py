@@ -42,8 +42,9 @@ def collect(work: Path) -> dict:
             k = sum(r["all_ok"] * r["n"] for r in rs)
             n = sum(r["n"] for r in rs)
             fds = [r["fd"] for r in rs]
-            row[kind] = {"acc": k / n, "ci": wilson(k, n), "fd": sum(fds) / len(fds),
-                         "fd_sd": (sum((f - sum(fds) / len(fds)) ** 2 for f in fds) / max(len(fds) - 1, 1)) ** 0.5}
+            mean = sum(fds) / len(fds)
+            sd = (sum((f - mean) ** 2 for f in fds) / max(len(fds) - 1, 1)) ** 0.5
+            row[kind] = {"acc": k / n, "ci": wilson(k, n), "fd": mean, "fd_sd": sd}
         out[v] = row
     return out
 
