@@ -254,6 +254,9 @@ class VAESection:
 
     reconstruction: str = _f("l1", "Pixel reconstruction loss: `l1` or `l2`.", ("l1", "l2"))
     kl_weight: float = _f(1e-06, "Weight of the KL term (sgm's SDXL autoencoder config: 1e-6).")
+    patch_size: int = _f(0, "Train on one random square patch of this side per image, cut from the image at "
+                            "its bucket size (sgm trains its autoencoder on 256 px crops). A multiple of the "
+                            "VAE's downscale factor; 0: whole images.")
     gan: bool = _f(False, "Add a PatchGAN discriminator (hinge loss) after `gan_start` steps.")
     gan_start: int = _f(1000, "Step from which the discriminator trains and its loss enters the generator "
                               "loss.")
@@ -362,6 +365,8 @@ class TrainConfig:
             raise ConfigError(f"optim.betas needs two numbers, got {self.optim.betas}")
         if self.lora.rank < 0:
             raise ConfigError("lora.rank must be >= 0")
+        if self.vae.patch_size < 0 or self.vae.patch_size % 8:
+            raise ConfigError(f"vae.patch_size must be 0 or a positive multiple of 8, got {self.vae.patch_size}")
         if not 0.0 <= self.ema.decay < 1.0:
             raise ConfigError(f"ema.decay must be in [0, 1), got {self.ema.decay}")
 

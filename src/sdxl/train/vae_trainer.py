@@ -138,13 +138,30 @@ class VAETrainer(TrainerBase):
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [p for p in self.module.parameters() if p.requires_grad], "lr": self.cfg.optim.lr}]
 
+    def patches(self, batch: dict[str, Any], step: int) -> Tensor:
+        """The batch's pixels, or one random `vae.patch_size` square per image (seeded per sample)."""
+        x = batch["pixels"]
+        p = self.cfg.vae.patch_size
+        if not p:
+            return x
+        h, w = x.shape[2], x.shape[3]
+        if p > min(h, w):
+            raise TrainingError(f"vae.patch_size {p} is larger than the bucket {h}x{w}")
+        out = []
+        for img, i in zip(x, batch["index"]):
+            g = sample_generator(self.cfg.train.seed + 1, step, batch["epoch"], int(i))
+            top = int(torch.randint(0, h - p + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - p + 1, (1,), generator=g))
+            out.append(img[:, top:top + p, left:left + p])
+        return torch.stack(out)
+
     def gan_active(self) -> bool:
         return self.disc is not None and self.step >= self.cfg.vae.gan_start
 
     def compute_loss(self, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         dev = self.info.device
-        x = batch["pixels"].to(dev)
+        x = self.patches(batch, step).to(dev)
         noise = None
         if cfg.loss.latent_sample:
             f = self.model_config.vae.downscale
