@@ -19,44 +19,74 @@ n_images=$(python3 -c "print(max(16, int(6000 * min(1.0, $scale * 20))))")
 
 common=(--data "$work/shapes" --seed 0 --set data.bucket_step=32 --set train.progress=false)
 
-# 2. VAE (f=8, 4 latent channels) on 64 px buckets (it is convolutional, so it runs at 256 px afterwards):
-#    100 steps of L1 + KL (stopped at 100 of a 250-step cosine schedule), then 300 steps of L2 + KL;
-#    at export scale_factor = 1/std(latents). Then the decoder alone is fine-tuned on the frozen encoder's
-#    posterior means (the latent space the UNet sees does not move), while the UNet trains.
+# 2. VAE (f=8, 4 latent channels, 1.25M params). The shipped VAE's lineage, exactly as it ran:
+#    a. 100 steps of L1 + KL on whole images at 64 px (stopped at 100 of a 250-step cosine schedule), then
+#       300 steps of L2 + KL;
+#    b. 1457 steps of L1 + KL on random 64 px patches cut from 256 px buckets (`vae.patch_size`: the VAE
+#       then sees objects at the scale it will decode them; stopped at 1457 of 2500 by SIGTERM);
+#    c. GroupNorm moved from 32 groups to 8 (scripts/regroup.py: with 32 channels and 32 groups every norm
+#       is an instance norm, which erases each channel's per-image mean, i.e. the flat colours of this
+#       data, and made the decoder's colours depend on the image size), then 1500 more patch steps.
+#    At export scale_factor = 1/std(latents).
 sdxl train --task vae "${common[@]}" --output "$work/vae1" --steps "$(steps 250)" --batch-size 16 \
-    --resolution 64 --lr 2e-3 --set model.config="$here/configs/mini/base.json" --set train.stop_at="$(steps 100)" \
+    --resolution 64 --lr 2e-3 --set model.config="$here/configs/mini/base32.json" --set train.stop_at="$(steps 100)" \
     --set optim.warmup_steps=20 --set optim.schedule=cosine --set optim.min_lr_ratio=0.1
-sdxl train --task vae "${common[@]}" --output "$work/vae" --steps "$(steps 300)" --batch-size 16 --seed 1 \
-    --resolution 64 --lr 1e-3 --set model.config="$here/configs/mini/base.json" \
+sdxl train --task vae "${common[@]}" --output "$work/vae2" --steps "$(steps 300)" --batch-size 16 --seed 1 \
+    --resolution 64 --lr 1e-3 --set model.config="$here/configs/mini/base32.json" \
     --set model.vae="$work/vae1/vae.safetensors" --set vae.reconstruction=l2 \
     --set optim.warmup_steps=10 --set optim.schedule=cosine --set optim.min_lr_ratio=0.2
-python3 "$here/scripts/finetune_vae_decoder.py" "$work/vae/vae.safetensors" "$work/shapes" \
-    "$work/vae-decoder.safetensors" --steps "$(steps 400)" --batch-size 16 --resolution 64 --lr 5e-4
+sdxl train --task vae "${common[@]}" --output "$work/vae3" --steps "$(steps 2500)" --batch-size 16 --seed 2 \
+    --resolution 256 --lr 1e-3 --set model.config="$here/configs/mini/base32.json" \
+    --set model.vae="$work/vae2/vae.safetensors" --set vae.patch_size=64 --set train.stop_at="$(steps 1457)" \
+    --set optim.warmup_steps=50 --set optim.schedule=cosine --set optim.min_lr_ratio=0.05 \
+    --set ema.enabled=true --set ema.decay=0.995
+python3 "$here/scripts/regroup.py" "$work/vae3/vae.safetensors" "$work/vae3-g8.safetensors" --vae 8
+sdxl train --task vae "${common[@]}" --output "$work/vae" --steps "$(steps 1500)" --batch-size 16 --seed 3 \
+    --resolution 256 --lr 5e-4 --set model.config="$here/configs/mini/base.json" \
+    --set model.vae="$work/vae3-g8.safetensors" --set vae.patch_size=64 \
+    --set optim.warmup_steps=20 --set optim.schedule=cosine --set optim.min_lr_ratio=0.05 \
+    --set ema.enabled=true --set ema.decay=0.99
+vae="$work/vae/vae.safetensors"
 
-# 3. base, two stages as in the paper (low resolution first, then multi-aspect at the target area):
-#    UNet + CLIP-L-style + bigG-style towers trained jointly from scratch on the encoder's posterior means,
-#    size/crop/target conditioning, 10% caption dropout, min-SNR-gamma 5, EMA;
-#    stage 2 adds offset noise 0.05 on 256 px multi-aspect buckets.
-base_common=(--set model.vae="$work/vae/vae.safetensors" --set train.train_text_encoders=true
-             --set loss.min_snr_gamma=5 --set loss.latent_sample=false --set ema.enabled=true)
-sdxl train "${common[@]}" "${base_common[@]}" --output "$work/base128" --steps "$(steps 600)" --batch-size 32 \
-    --resolution 128 --lr 1e-3 --set model.config="$here/configs/mini/base.json" --set checkpoint.every=100 \
+# 3. base UNet + CLIP-L-style + bigG-style towers trained jointly from scratch: size/crop/target conditioning,
+#    10% caption dropout, min-SNR-gamma 5, EMA. Lineage as it ran:
+#    a. two stages on the first VAE (32 groups): 400 of 600 steps at 128 px, then 120 steps at 256 px
+#       (their weights start the next stages; the latent space changes under them, so they are warm-up);
+#    b. regroup to 8 groups, then on the final VAE's latents (cached; centre crops so the cache hits):
+#       128 px buckets, then 256 px multi-aspect buckets with offset noise 0.05 (the paper's two stages).
+base_common=(--set train.train_text_encoders=true --set loss.min_snr_gamma=5 --set loss.latent_sample=false
+             --set ema.enabled=true)
+sdxl train "${common[@]}" "${base_common[@]}" --output "$work/base0" --steps "$(steps 600)" --batch-size 32 \
+    --resolution 128 --lr 1e-3 --set model.config="$here/configs/mini/base32.json" --set checkpoint.every=100 \
+    --set model.vae="$work/vae2/vae.safetensors" --set train.stop_at="$(steps 400)" \
     --set optim.warmup_steps=50 --set optim.schedule=cosine --set optim.min_lr_ratio=0.2 --set ema.decay=0.99
-sdxl train "${common[@]}" "${base_common[@]}" --output "$work/base" --steps "$(steps 120)" --batch-size 8 \
-    --resolution 256 --lr 2e-4 --init "$work/base128/model.safetensors" --set loss.offset_noise=0.05 \
-    --set ema.decay=0.98 --set checkpoint.every=100
+sdxl train "${common[@]}" "${base_common[@]}" --output "$work/base0b" --steps "$(steps 120)" --batch-size 8 \
+    --resolution 256 --lr 2e-4 --init "$work/base0/model.safetensors" --set loss.offset_noise=0.05 \
+    --set model.vae="$work/vae2/vae.safetensors" --set ema.decay=0.98 --set checkpoint.every=100
+python3 "$here/scripts/regroup.py" "$work/base0b/model.safetensors" "$work/base-g8.safetensors" --unet 8
+cached=(--set model.vae="$vae" --set data.cache_latents=true --set data.crop=center)
+sdxl train "${common[@]}" "${base_common[@]}" "${cached[@]}" --output "$work/base128" --steps "$(steps ${BASE1_STEPS:-3000})" \
+    --batch-size 32 --resolution 128 --lr 5e-4 --init "$work/base-g8.safetensors" --set checkpoint.every=250 \
+    --set optim.warmup_steps=100 --set optim.schedule=cosine --set optim.min_lr_ratio=0.1 --set ema.decay=0.995
+sdxl train "${common[@]}" "${base_common[@]}" "${cached[@]}" --output "$work/base" --steps "$(steps ${BASE2_STEPS:-600})" \
+    --batch-size 16 --resolution 256 --lr 2e-4 --init "$work/base128/model.safetensors" \
+    --set loss.offset_noise=0.05 --set checkpoint.every=100 --set optim.warmup_steps=20 --set ema.decay=0.99
 
-# 4. refiner: its own small bigG-style tower and UNet, trained on the 200 lowest noise levels
-sdxl train "${common[@]}" --output "$work/refiner" --steps "$(steps 250)" --batch-size 16 --resolution 128 \
-    --lr 1e-3 --set model.config="$here/configs/mini/refiner.json" --set model.vae="$work/vae/vae.safetensors" \
+# 4. refiner: its own small bigG-style tower and UNet, on the 200 lowest noise levels (first on the first VAE,
+#    then regrouped and trained on the final VAE's latents)
+sdxl train "${common[@]}" --output "$work/refiner0" --steps "$(steps 250)" --batch-size 16 --resolution 128 \
+    --lr 1e-3 --set model.config="$here/configs/mini/refiner32.json" --set model.vae="$work/vae2/vae.safetensors" \
+    --set train.train_text_encoders=true --set loss.latent_sample=false --set optim.warmup_steps=30 \
+    --set optim.schedule=cosine --set ema.enabled=true --set ema.decay=0.99 --set checkpoint.every=100
+python3 "$here/scripts/regroup.py" "$work/refiner0/model.safetensors" "$work/refiner-g8.safetensors" --unet 8
+sdxl train "${common[@]}" "${cached[@]}" --output "$work/refiner" --steps "$(steps ${REFINER_STEPS:-800})" \
+    --batch-size 16 --resolution 128 --lr 5e-4 --init "$work/refiner-g8.safetensors" \
     --set train.train_text_encoders=true --set loss.latent_sample=false --set optim.warmup_steps=30 \
     --set optim.schedule=cosine --set ema.enabled=true --set ema.decay=0.99 --set checkpoint.every=100
 
-# 5. put the fine-tuned decoder into both files (same encoder, so the same latent space)
-python3 "$here/scripts/swap_vae.py" "$work/base/model.safetensors" "$work/vae-decoder.safetensors" \
-    "$work/base-final.safetensors"
-python3 "$here/scripts/swap_vae.py" "$work/refiner/model.safetensors" "$work/vae-decoder.safetensors" \
-    "$work/refiner-final.safetensors"
+# 5. the final models carry the final VAE (the trainer writes the VAE it trained on into model.safetensors)
+cp "$work/base/model.safetensors" "$work/base-final.safetensors"
+cp "$work/refiner/model.safetensors" "$work/refiner-final.safetensors"
 
 # 6. ship: fp16, official single-file layout (sdxl inspect reads them like any SDXL file)
 mkdir -p "$work/ship"

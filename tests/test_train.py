@@ -437,3 +437,66 @@ def test_train_main_exit_codes(tmp_path, data, capsys):
     bad = {**opts, "sample.every": 1, "sample.prompts": '["a cat"]', "sample.sampler": "nope"}
     assert T.train_main(bad) == 2
     assert "[sample]: unknown sampler 'nope'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- logging, optimizers
+def test_tensorboard_scalars_match_the_log(tmp_path, data, monkeypatch):
+    """train.tensorboard = on: the event file holds the log's scalars at the log's step numbers (read back
+    with tensorboard's EventAccumulator). Without the package, `on` is a ConfigError raised before any model
+    is built (exit status 2 from the command) and `auto` trains without it."""
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_run(tmp_path / "on", data, 3, train={"tensorboard": "on", "batch_size": 2},
+                   optim={"warmup_steps": 3})
+    T.run(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "on" / "log.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(tmp_path / "on" / "tb"))
+    acc.Reload()
+    assert {"loss", "lr", "grad_norm", "images_per_s", "nan_steps"} <= set(acc.Tags()["scalars"])
+    for tag in ("loss", "lr", "grad_norm"):
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [r["step"] for r in rows] == [1, 2, 3]
+        # the event file stores float32: equal to the log's float64 to float32 precision
+        np.testing.assert_allclose([e.value for e in events], [r[tag] for r in rows], rtol=1e-6)
+    assert [e.value for e in acc.Scalars("lr")] == pytest.approx([2e-3 * 2 / 3, 2e-3, 2e-3])  # warm-up
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` now raises ImportError
+    with pytest.raises(ConfigError, match=r'train.tensorboard = "on" needs the tensorboard package'):
+        T.run(tiny_run(tmp_path / "missing", data, 1, train={"tensorboard": "on"}))
+    assert not (tmp_path / "missing").exists()  # failed before building anything
+    opts = {"preset": "tiny", "data": str(data), "output": str(tmp_path / "cli"), "steps": 1,
+            "resolution": 32, "data.bucket_step": 8, "train.progress": False, "train.tensorboard": "on"}
+    assert T.train_main(opts) == 2
+    T.run(tiny_run(tmp_path / "auto", data, 1))
+    assert (tmp_path / "auto" / "log.jsonl").is_file() and not (tmp_path / "auto" / "tb").exists()
+
+
+def test_adamw8bit_trains_on_cpu_and_resumes_exactly(tmp_path, data):
+    """optim.name = adamw8bit (bitsandbytes' AdamW8bit, which runs on the CPU): the loss falls, the moments of
+    every tensor with >= 4096 elements (bitsandbytes' min_8bit_size) are uint8 in memory and in the
+    checkpoint, and 8 steps + resume + 8 steps equal 16 straight steps bit for bit."""
+    import bitsandbytes as bnb
+
+    def cfg(out, **train):
+        return tiny_run(tmp_path / out, data, 16, optim={"name": "adamw8bit"}, checkpoint={"every": 8},
+                        train=train)
+
+    trainer = T.make_trainer(cfg("straight"))
+    trainer.setup()
+    assert isinstance(trainer.optimizer, bnb.optim.AdamW8bit)
+    straight = trainer.train()
+    assert fall_factor(straight.losses, k=5) > 1.25, straight.losses  # measured 1.51x
+    states = {p: trainer.optimizer.state[p] for g in trainer.optimizer.param_groups for p in g["params"]}
+    big = [s for p, s in states.items() if p.numel() >= 4096]
+    assert big and all(s["state1"].dtype == torch.uint8 and s["state2"].dtype == torch.uint8 for s in big)
+    saved = open_tensors(tmp_path / "straight" / "checkpoints" / "step-00000016" / "optimizer.safetensors")
+    assert sum(1 for k in saved.keys() if k.endswith("state1") and saved[k].dtype == torch.uint8) == len(big)
+
+    first = T.run(cfg("split", stop_at=8))
+    assert first.step == 8 and first.interrupted
+    second = T.run(dataclasses.replace(cfg("split"), checkpoint=TC.CheckpointSection(every=8, resume=True)))
+    assert second.losses == straight.losses[8:]
+    a, b = open_tensors(straight.exported), open_tensors(second.exported)
+    assert all(torch.equal(a[k], b[k]) for k in a.keys())

@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(str(resources.files("sdxl.serve") / "static"))
 OUTPUT_PREFIX = "output:"  # an init image given as the name of a previous result
 API_KEY_COOKIE = "sdxl_api_key"
+MAX_SQLITE_INT = 2**63 - 1  # a larger ?offset= made SQLite raise OverflowError: a 500 (found by schemathesis)
 
 
 # ------------------------------------------------------------------------------------------------ guard
@@ -423,7 +424,7 @@ def create_app(settings: ServeSettings | None = None, pipeline: Any = None) -> F
         return {"id": job.id, "status": job.status, "url": f"/jobs/{job.id}", "ws": f"/ws/jobs/{job.id}"}
 
     @app.get("/jobs", tags=["native"])
-    def list_jobs(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+    def list_jobs(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=MAX_SQLITE_INT),
                   status: str | None = Query(None, pattern="^(queued|running|done|failed|cancelled)$")):
         """Job history, newest first."""
         return {"jobs": [manager.public(j) for j in manager.list(limit, offset, status)]}

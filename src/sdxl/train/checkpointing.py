@@ -22,7 +22,9 @@ How "never half-written" is kept:
   3. the folder is renamed to `step-00000100` (one atomic rename) and the parent folder fsync'ed;
   4. `latest` is replaced atomically (write a temp file, rename);
   5. only then are old checkpoints beyond `keep` deleted.
-A crash at any point leaves either a `.tmp-*` folder (ignored and cleaned up) or a complete checkpoint.
+A crash at any point leaves either a `.tmp-*` folder (ignored and cleaned up) or a complete checkpoint. A
+write that fails (a full disk: ENOSPC, a quota: EDQUOT) removes the `.tmp-*` folder at once and raises
+`CheckpointWriteError`; the trainer then stops with that message (see docs/RELIABILITY.md).
 On resume, `find_checkpoint` tries `latest` first, then every `step-*` folder newest first, and accepts one
 only if state.json parses, says it is complete, and every listed file has its recorded size and a valid
 safetensors header. A truncated or missing file makes it fall back to the previous checkpoint.
@@ -30,6 +32,7 @@ safetensors header. A truncated or missing file makes it fall back to the previo
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -171,6 +174,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (disk full, quota, I/O error). Nothing of it is left that
+    `find_checkpoint` could pick, and older checkpoints are untouched. The message names the folder, the free
+    space and the newest complete checkpoint."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
 def step_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
 
@@ -185,6 +197,24 @@ def save_checkpoint(root: str | Path, state: TrainingState, keep: int = 2) -> Pa
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(state.step)
     tmp = root / f"{TMP_PREFIX}{step_name(state.step)}"
+    try:
+        return _write_checkpoint(root, tmp, final, state, keep)
+    except OSError as e:  # disk full, quota, I/O error: remove what was half-written, say where and why
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            free = f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        previous = find_checkpoint(root)
+        raise CheckpointWriteError(
+            e.errno or errno.EIO,
+            f"cannot write checkpoint {final.name} to {root} ({e.strerror or e}; the disk holding it has "
+            f"{free}); the unfinished checkpoint was removed and the newest complete one is "
+            f"{previous.name if previous else 'none'}: free space, then run again with --resume",
+        ) from e
+
+
+def _write_checkpoint(root: Path, tmp: Path, final: Path, state: TrainingState, keep: int) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()

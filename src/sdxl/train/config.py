@@ -142,6 +142,9 @@ class TrainSection:
     max_nan_steps: int = _f(5, "Stop with an error after this many CONSECUTIVE steps with a NaN/Inf loss or "
                                "gradient (each such step is skipped and counted).")
     log_every: int = _f(10, "Write a log line (loss, lr, images/s) every N steps.")
+    tensorboard: str = _f("auto", "Scalars to TensorBoard in `<output>/tb` as well: `auto` (when the "
+                                  "`tensorboard` package is installed), `on` (required: a configuration "
+                                  "error without it), `off`.", ("auto", "on", "off"))
     progress: bool = _f(True, "Show a progress bar (loss, it/s, ETA) on the first process.")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms(True): bitwise repeatable runs on "
                                     "one machine, slower on GPUs.")
@@ -246,6 +249,9 @@ class DistSection:
                               ("ddp", "fsdp"))
     backend: str = _f("auto", "Process-group backend: `auto` (nccl on GPUs, gloo on CPU), `nccl`, `gloo`.",
                               ("auto", "nccl", "gloo"))
+    timeout: float = _f(1800.0, "Seconds a collective waits for the other processes before this one stops "
+                                "with an error, so a hung process never blocks the others for ever (torch's "
+                                "default; it must outlast rank 0 writing a checkpoint).")
 
 
 @dataclass
@@ -369,6 +375,8 @@ class TrainConfig:
             raise ConfigError(f"vae.patch_size must be 0 or a positive multiple of 8, got {self.vae.patch_size}")
         if not 0.0 <= self.ema.decay < 1.0:
             raise ConfigError(f"ema.decay must be in [0, 1), got {self.ema.decay}")
+        if not self.dist.timeout > 0:
+            raise ConfigError(f"dist.timeout must be > 0 seconds, got {self.dist.timeout}")
 
     # ------------------------------------------------------------------ output
     def to_dict(self) -> dict[str, dict[str, Any]]:

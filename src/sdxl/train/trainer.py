@@ -33,6 +33,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import datetime
 import functools
 import hashlib
 import json
@@ -106,7 +107,8 @@ def setup_distributed(cfg: TrainConfig) -> DistInfo:
         backend = cfg.dist.backend
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=cfg.dist.timeout))
         info.owns_group = True
     return info
 
@@ -583,20 +585,30 @@ class EMA:
 
 
 # ============================================================================================== loop plumbing
-class MetricsLog:
-    """Scalars to `<output>/log.jsonl` (always) and to TensorBoard (`<output>/tb`) if it is installed."""
+def tensorboard_writer(mode: str):
+    """`torch.utils.tensorboard.SummaryWriter` for `train.tensorboard` = `auto` / `on`, or None (`off`, or
+    `auto` without the package). `on` without the package is a ConfigError."""
+    if mode == "off":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        if mode == "on":
+            raise ConfigError(f"train.tensorboard = \"on\" needs the tensorboard package ({e}): pip "
+                              "install tensorboard (or sdxl[train]), or set train.tensorboard to auto or "
+                              "off") from None
+        return None
+    return SummaryWriter
 
-    def __init__(self, folder: Path, enabled: bool):
+
+class MetricsLog:
+    """Scalars to `<output>/log.jsonl` (always) and to TensorBoard (`<output>/tb`) through `writer` (the
+    class `tensorboard_writer` returns; None: no TensorBoard)."""
+
+    def __init__(self, folder: Path, enabled: bool, writer=None):
         self.enabled = enabled
         self.path = folder / "log.jsonl"
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(folder / "tb"))
-            except ImportError:
-                self.tb = None
+        self.tb = writer(str(folder / "tb")) if enabled and writer is not None else None
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -832,6 +844,7 @@ class TrainerBase(abc.ABC):
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
+        tb_writer = tensorboard_writer(cfg.train.tensorboard)  # before the (slow) model build
         self.build()
         self.wrap()
         self.optimizer = build_optimizer(self.param_groups(), cfg)
@@ -840,7 +853,7 @@ class TrainerBase(abc.ABC):
             self.scaler = torch.amp.GradScaler(self.info.device.type)
         if cfg.ema.enabled:
             self.ema = EMA(self.trainable(), cfg.ema.decay)
-        self.log = MetricsLog(self.output, self.info.is_main)
+        self.log = MetricsLog(self.output, self.info.is_main, tb_writer)
         if self.info.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             (self.output / "config.toml").write_text(cfg.to_toml())
@@ -887,11 +900,16 @@ class TrainerBase(abc.ABC):
 
     def save(self) -> Path | None:
         state = self.gather_state()
-        path = None
+        path, error = None, None
         if self.info.is_main:
-            path = C.save_checkpoint(self.output / "checkpoints", state, keep=self.cfg.checkpoint.keep)
-            log.info("saved %s", path)
-        barrier(self.info)
+            try:
+                path = C.save_checkpoint(self.output / "checkpoints", state, keep=self.cfg.checkpoint.keep)
+                log.info("saved %s", path)
+            except C.CheckpointWriteError as e:  # a full disk: every rank stops; nothing half-written is left
+                error = e
+        if not all_true(error is None, self.info):  # the barrier, and every rank learns of a failed save
+            raise TrainingError(
+                str(error) if error else "rank 0 could not write the checkpoint (see its log)")
         return path
 
     def resume(self, path: Path) -> None:
@@ -1460,9 +1478,24 @@ def run(cfg: TrainConfig) -> TrainResult:
     try:
         trainer.setup()
         return trainer.train()
+    except RuntimeError as e:
+        if not info.distributed or isinstance(e, TrainingError) or not _lost_contact(e):
+            raise
+        detail = str(e).strip().splitlines()[0].split("] ", 1)[-1].split(". ")[0]
+        raise TrainingError(
+            f"rank {info.rank} of {info.world_size} lost contact with the other training processes "
+            f"({detail}); a process died or hung (see dist.timeout): restart all of them with --resume to "
+            "continue from the newest complete checkpoint") from e
     finally:
         if info.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _lost_contact(e: RuntimeError) -> bool:
+    """A collective that failed because another process died (connection reset) or hung (timeout)."""
+    text = str(e)
+    words = ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out")
+    return isinstance(e, dist.DistError) or any(w in text for w in words)
 
 
 def train_main(options: dict[str, Any]) -> int:
