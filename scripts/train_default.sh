@@ -65,9 +65,18 @@ sdxl train "${common[@]}" "${base_common[@]}" --output "$work/base0b" --steps "$
     --set model.vae="$work/vae2/vae.safetensors" --set ema.decay=0.98 --set checkpoint.every=100
 python3 "$here/scripts/regroup.py" "$work/base0b/model.safetensors" "$work/base-g8.safetensors" --unet 8
 cached=(--set model.vae="$vae" --set data.cache_latents=true --set data.crop=center)
-sdxl train "${common[@]}" "${base_common[@]}" "${cached[@]}" --output "$work/base128" --steps "$(steps ${BASE1_STEPS:-3000})" \
+sdxl train "${common[@]}" "${base_common[@]}" "${cached[@]}" --output "$work/base128-eps" --steps "$(steps 3000)" \
     --batch-size 32 --resolution 128 --lr 5e-4 --init "$work/base-g8.safetensors" --set checkpoint.every=250 \
-    --set optim.warmup_steps=100 --set optim.schedule=cosine --set optim.min_lr_ratio=0.1 --set ema.decay=0.995
+    --set optim.warmup_steps=100 --set optim.schedule=cosine --set optim.min_lr_ratio=0.1 --set ema.decay=0.995 \
+    --set train.stop_at="$(steps 614)"
+#    c. eps-prediction left the samples ruled by the seed, not the caption (at high noise the eps target is
+#       nearly the input itself, so the loss carries little about the image and less about its caption); the
+#       run switched to v-prediction (`model.prediction = v`, recorded in the file: samplers read it), with
+#       offset noise 0.05 from here on.
+sdxl train "${common[@]}" "${base_common[@]}" "${cached[@]}" --output "$work/base128" --steps "$(steps ${BASE1_STEPS:-3000})" \
+    --batch-size 32 --resolution 128 --lr 5e-4 --init "$work/base128-eps/model.safetensors" --seed 1 \
+    --set model.prediction=v --set loss.offset_noise=0.05 --set checkpoint.every=250 \
+    --set optim.warmup_steps=50 --set optim.schedule=cosine --set optim.min_lr_ratio=0.1 --set ema.decay=0.995
 sdxl train "${common[@]}" "${base_common[@]}" "${cached[@]}" --output "$work/base" --steps "$(steps ${BASE2_STEPS:-600})" \
     --batch-size 16 --resolution 256 --lr 2e-4 --init "$work/base128/model.safetensors" \
     --set loss.offset_noise=0.05 --set checkpoint.every=100 --set optim.warmup_steps=20 --set ema.decay=0.99

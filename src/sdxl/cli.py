@@ -573,6 +573,19 @@ def eval_shapes(
         ref = SDXL.load(resolve_model(refiner, None, "refiner"), device=_device(device)) if refiner else None
     except CheckpointError as e:
         fail(str(e))
+    ceiling = None
+    if detector_check and pipe.vae is not None:
+        from .pipeline import from_pil, to_pil
+
+        side = size or pipe.config.sample_size
+
+        def roundtrip(img):
+            x = from_pil(img, side, side).to(pipe.device, pipe.dtype)
+            return to_pil(pipe.decode(pipe.encode(x)))[0]
+
+        ceiling = detector_accuracy_on_renders(detector_check, seed + 999, side, roundtrip=roundtrip)
+        if not as_json:
+            con.print(f"detector accuracy on the same renders through the model's VAE: {ceiling}")
     results = evaluate_pipe(
         pipe,
         [k.strip() for k in kinds.split(",") if k.strip()],
@@ -588,7 +601,8 @@ def eval_shapes(
         progress=lambda k, i, t: con.print(f"{k}: {i}/{t}", end="\r"),
     )
     if as_json:
-        typer.echo(json.dumps({"detector": det, "results": [r.as_dict() for r in results]}, indent=2))
+        record = {"detector": det, "detector_after_vae": ceiling, "results": [r.as_dict() for r in results]}
+        typer.echo(json.dumps(record, indent=2))
     else:
         typer.echo(format_table(results))
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -367,17 +368,24 @@ def prompt_accuracy(image: Image.Image | np.ndarray, spec: dict[str, Any]) -> di
     }
 
 
-def detector_accuracy_on_renders(n: int = 100, seed: int = 0, size: int = 256) -> dict[str, float]:
+def detector_accuracy_on_renders(
+    n: int = 100,
+    seed: int = 0,
+    size: int = 256,
+    roundtrip: Callable[[Image.Image], Image.Image] | None = None,
+) -> dict[str, float]:
     """Accuracy of the detector on fresh renders of the evaluation specs (the best a model can score).
 
     Renders `eval_prompts("single", n, seed)` and `eval_prompts("pair", n, seed)` at size x size and
-    returns the mean of every `prompt_accuracy` field, prefixed "single_" / "pair_".
+    returns the mean of every `prompt_accuracy` field, prefixed "single_" / "pair_". With `roundtrip`
+    (e.g. a VAE's encode + decode) each render passes through it first: the ceiling that the model's
+    autoencoder puts on any diffusion model using it.
     """
     out: dict[str, float] = {}
+    through = roundtrip or (lambda im: im)
     for kind in ("single", "pair"):
-        scores = [
-            prompt_accuracy(render_scene(spec, size, size), spec) for _, spec in eval_prompts(kind, n, seed)
-        ]
+        specs = [spec for _, spec in eval_prompts(kind, n, seed)]
+        scores = [prompt_accuracy(through(render_scene(spec, size, size)), spec) for spec in specs]
         for key in scores[0]:
             out[f"{kind}_{key}"] = float(np.mean([s[key] for s in scores]))
     return out
