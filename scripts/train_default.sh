@@ -77,9 +77,13 @@ sdxl train "${common[@]}" "${base_common[@]}" "${cached[@]}" --output "$work/bas
     --batch-size 32 --resolution 128 --lr 5e-4 --init "$work/base128-eps/model.safetensors" --seed 1 \
     --set model.prediction=v --set loss.offset_noise=0.05 --set checkpoint.every=250 \
     --set optim.warmup_steps=50 --set optim.schedule=cosine --set optim.min_lr_ratio=0.1 --set ema.decay=0.995
-sdxl train "${common[@]}" "${base_common[@]}" "${cached[@]}" --output "$work/base" --steps "$(steps ${BASE2_STEPS:-1200})" \
+sdxl train "${common[@]}" "${base_common[@]}" "${cached[@]}" --output "$work/base256" --steps "$(steps ${BASE2_STEPS:-1200})" \
     --batch-size 16 --resolution 256 --lr 3e-4 --init "$work/base128/model.safetensors" --seed 0 \
     --set loss.offset_noise=0.05 --set checkpoint.every=100 --set optim.warmup_steps=20 \
+    --set optim.schedule=cosine --set optim.min_lr_ratio=0.1 --set ema.decay=0.995
+sdxl train "${common[@]}" "${base_common[@]}" "${cached[@]}" --output "$work/base" --steps "$(steps ${BASE3_STEPS:-1600})" \
+    --batch-size 16 --resolution 256 --lr 2e-4 --init "$work/base256/model.safetensors" --seed 5 \
+    --set loss.offset_noise=0.05 --set checkpoint.every=200 --set optim.warmup_steps=20 \
     --set optim.schedule=cosine --set optim.min_lr_ratio=0.1 --set ema.decay=0.995
 
 # 4. refiner: its own small bigG-style tower and UNet, on the 200 lowest noise levels (first on the first VAE,
