@@ -22,14 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from sdxl.train import checkpointing as C
 from sdxl.train.config import TrainConfig
 from sdxl.weights.io import open_tensors
+from trainsets import random_boxes
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -37,15 +36,7 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        a = np.full((32, 32, 3), 230, np.uint8)
-        top, left = rng.integers(0, 16, size=2)
-        a[top:top + 16, left:left + 16] = rng.integers(0, 255, size=3)
-        Image.fromarray(a).save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(f"picture {i}")
-    return folder
+    return random_boxes(tmp_path_factory.mktemp("data"))
 
 
 def write_config(tmp: Path, name: str, data: Path) -> Path:

@@ -26,16 +26,15 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import sdxl.weights.io as wio
 from sdxl.train import checkpointing as C
 from sdxl.train import trainer as T
 from sdxl.train.config import TrainConfig
 from sdxl.weights.io import open_tensors
+from trainsets import coloured_squares
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -79,14 +78,7 @@ class Disk:
         (setattr_ or setattr)(wio, "atomic_write", atomic_write)
 
 
-def make_data(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, colour in enumerate([(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30)]):
-        a = np.full((32, 32, 3), 235, np.uint8)
-        a[8 + i:24, 8:24] = colour
-        Image.fromarray(a).save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(f"square number {i}")
-    return folder
+
 
 
 def config(out: Path, data: Path, resume: bool = False) -> TrainConfig:
@@ -109,7 +101,7 @@ def same_tensors(a: Path, b: Path) -> bool:
 def reference(tmp_path_factory):
     """An uninterrupted run on an unlimited `Disk`: its exported model and the size of one checkpoint."""
     tmp = tmp_path_factory.mktemp("full_disk_ref")
-    data = make_data(tmp / "data")
+    data = coloured_squares(tmp / "data")
     disk = Disk()
     with pytest.MonkeyPatch.context() as mp:
         disk.install(mp.setattr)

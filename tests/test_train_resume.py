@@ -14,25 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from sdxl.train import checkpointing as C
 from sdxl.train import trainer as T
 from sdxl.train.config import TrainConfig
 from sdxl.weights.io import open_tensors
+from trainsets import coloured_squares
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    for i, colour in enumerate([(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30)]):
-        a = np.full((32, 32, 3), 235, np.uint8)
-        a[8 + i:24, 8:24] = colour
-        Image.fromarray(a).save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(f"square number {i}")
-    return folder
+    return coloured_squares(tmp_path_factory.mktemp("data"))
 
 
 def config_dict(out: Path, data: Path, steps: int, **sections) -> dict:
