@@ -78,9 +78,6 @@ class Disk:
         (setattr_ or setattr)(wio, "atomic_write", atomic_write)
 
 
-
-
-
 def config(out: Path, data: Path, resume: bool = False) -> TrainConfig:
     return TrainConfig.from_dict({
         "model": {"preset": "tiny"},
