@@ -167,6 +167,41 @@ def test_euler_v_prediction(schedule):
     assert_same_run(ours, theirs, integer_timesteps=True)
 
 
+def test_zero_terminal_snr_schedule_matches_diffusers():
+    """DiscreteSchedule(zero_terminal_snr=True) == diffusers' rescale_zero_terminal_snr (alphabar, rtol 1e-5,
+    last entry exactly 0) and EulerDiscreteScheduler(rescale_betas_zero_snr=True)'s sigma table (its last
+    alphabar is 2^-24, so sigma_max = 4096; rtol 5e-5: diffusers goes from the rescaled alphabar back to betas
+    and takes a float32 cumulative product of them again, which moves the smallest sigmas by up to 2.2e-5)."""
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+    ours = DiscreteSchedule(dtype=torch.float32, zero_terminal_snr=True)
+    plain = DiscreteSchedule(dtype=torch.float32)
+    betas = rescale_zero_terminal_snr(plain.betas.clone())
+    theirs = torch.cumprod(1.0 - betas, dim=0)
+    assert ours.alphas_cumprod[-1] == 0 and theirs[-1] == 0
+    torch.testing.assert_close(ours.alphas_cumprod, theirs, rtol=1e-5, atol=1e-9)
+    assert abs(float(ours.alphas_cumprod[0]) - float(plain.alphas_cumprod[0])) < 1e-7  # first level kept
+    ref = diffusers.EulerDiscreteScheduler(**{**SDXL_CONFIG, "rescale_betas_zero_snr": True})
+    torch.testing.assert_close(ours.sigmas, ref.sigmas[:-1].flip(0), rtol=5e-5, atol=0)
+    assert abs(ours.sigma_max - 4096.0) < 1e-2 and ours.sigma_min == plain.sigma_min
+
+
+def test_euler_trailing_zero_terminal_snr_v():
+    """A v-prediction, zero-terminal-SNR model: Euler + trailing == EulerDiscreteScheduler(
+    rescale_betas_zero_snr=True, timestep_spacing="trailing") (the configuration Lin et al. recommend). The
+    first call is at t = 999, pure noise."""
+    schedule = DiscreteSchedule(dtype=torch.float32, zero_terminal_snr=True)
+    ref = diffusers.EulerDiscreteScheduler(**{**SDXL_CONFIG, "timestep_spacing": "trailing",
+                                              "rescale_betas_zero_snr": True,
+                                              "prediction_type": "v_prediction"})
+    noise = _noise()
+    theirs = run_diffusers(ref, 12, noise)
+    sigmas = sch.trailing(12, schedule)
+    ours = run_ours("euler", sigmas, noise * sigmas[0], schedule, prediction="v")
+    assert ours[1][0][1] == 999.0
+    assert_same_run(ours, theirs, integer_timesteps=True)
+
+
 def test_euler_trailing(schedule):
     """Euler + trailing == EulerDiscreteScheduler(timestep_spacing="trailing"); its init noise is
     sigma_max."""

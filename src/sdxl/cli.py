@@ -183,6 +183,9 @@ def generate(
     ),
     eta: float | None = typer.Option(None, help="Noise multiplier for ancestral/SDE samplers."),
     prediction: str | None = typer.Option(None, help="Force eps or v prediction."),
+    zsnr: bool | None = typer.Option(
+        None, "--zsnr/--no-zsnr", help="Force the zero-terminal-SNR schedule on or off (default: the file's)."
+    ),
     from_image: Path | None = typer.Option(None, "--from", help="Repeat the request stored in this PNG."),
     dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16 for the UNet and text encoders."),
     vae_dtype: str | None = typer.Option(None, help="VAE dtype (default: same as --dtype)."),
@@ -261,6 +264,7 @@ def generate(
         negative_aesthetic_score=negative_aesthetic_score,
         eta=eta,
         prediction=prediction,
+        zero_terminal_snr=zsnr,
         vae_tiling=vae_tiling,
         watermark=watermark,
         loras=loras or None,
@@ -456,7 +460,7 @@ def inspect(
     con = Console()
     con.print(
         f"[bold]{path}[/bold]  layout: {ck.layout}  kind: [bold]{ck.config.kind}[/bold]  "
-        f"prediction: {ck.config.prediction}"
+        f"prediction: {ck.config.prediction}" + ("  schedule: zero terminal SNR" if ck.config.zero_terminal_snr else "")
     )
     t = Table("component", "tensors", "parameters", "dtypes")
     for name, c in comps.items():

@@ -108,7 +108,7 @@ class SDXL:
         self.path = Path(path) if path is not None else None
         self.tok_l = CLIPTokenizer.clip_l() if config.text_l is not None else None
         self.tok_g = CLIPTokenizer.bigg() if config.text_g is not None else None
-        self.schedule = DiscreteSchedule()
+        self.schedule = DiscreteSchedule(zero_terminal_snr=config.zero_terminal_snr)
         self.lora_dirs: list[Path] = []  # where LoRA names are looked up
         self.allow_lora_paths = True  # the server turns this off: names only, inside lora_dirs
 
@@ -287,7 +287,7 @@ class SDXL:
         cfg, unet = req.cfg, self.unet
         prediction = req.prediction or self.config.prediction
         den = ModelDenoiser(
-            None, self.schedule, prediction=prediction, quantize=quantizes_timesteps(req.sampler)
+            None, self.schedule_for(req), prediction=prediction, quantize=quantizes_timesteps(req.sampler)
         )
         n = max(len(sigmas) - 1, 1)
         t_steps = den.timestep(sigmas[:-1].float().cpu()).tolist()
@@ -325,8 +325,13 @@ class SDXL:
         den.model_fn = model_fn
         return den
 
+    def schedule_for(self, req: GenerationRequest) -> DiscreteSchedule:
+        """The training schedule, rescaled to zero terminal SNR when the checkpoint or the request says so."""
+        zsnr = self.config.zero_terminal_snr if req.zero_terminal_snr is None else req.zero_terminal_snr
+        return self.schedule if zsnr == self.schedule.zero_terminal_snr else DiscreteSchedule(zero_terminal_snr=zsnr)
+
     def sigmas_for(self, req: GenerationRequest, steps: int | None = None) -> torch.Tensor:
-        return get_sigmas(req.schedule, steps or req.steps, self.schedule)
+        return get_sigmas(req.schedule, steps or req.steps, self.schedule_for(req))
 
     # ---------------------------------------------------------------- the whole job
     @torch.no_grad()

@@ -59,6 +59,7 @@ class GenerationRequest:
     seed: int | None = None  # None: a random seed, written back into the result
     batch: int = 1  # images per forward pass; image i uses seed + i
     prediction: str | None = None  # "eps" / "v"; None = what the checkpoint says
+    zero_terminal_snr: bool | None = None  # zero-terminal-SNR schedule; None = what the checkpoint says
     # --- img2img / inpaint ---
     init_image: Any = None  # a path or a PIL image
     strength: float = 0.75
@@ -142,6 +143,8 @@ class GenerationRequest:
             raise RequestError(f"seed: {self.seed} is outside 0..2^64-1")
         if self.prediction not in (None, "eps", "v"):
             raise RequestError(f"prediction: {self.prediction!r} is not 'eps' or 'v'")
+        if self.zero_terminal_snr is not None and not isinstance(self.zero_terminal_snr, bool):
+            raise RequestError(f"zero_terminal_snr: {self.zero_terminal_snr!r} is not true, false or null")
         if self.mask_image is not None and self.init_image is None:
             raise RequestError("mask_image: inpainting needs init_image too")
         from .sampling.samplers import resolve_sampler, resolve_schedule  # local: keeps import light

@@ -191,6 +191,7 @@ class ModelConfig:
     text_l: TextConfig | None = field(default_factory=TextConfig.clip_l)
     text_g: TextConfig | None = field(default_factory=TextConfig.bigg)
     prediction: str = "eps"  # "eps" or "v"
+    zero_terminal_snr: bool = False  # trained on the schedule rescaled to pure noise at t=999 (needs v)
     fourier_dim: int = 256  # features per micro-conditioning number
     sample_size: int = 1024  # the native image side, used when a request gives no size
 
@@ -226,6 +227,7 @@ class ModelConfig:
             text_l=sub(TextConfig, d.get("text_l")),
             text_g=sub(TextConfig, d.get("text_g")),
             prediction=d.get("prediction", "eps"),
+            zero_terminal_snr=d.get("zero_terminal_snr", False),
             fourier_dim=d.get("fourier_dim", 256),
             sample_size=d.get("sample_size", 1024),
         )

@@ -32,6 +32,13 @@ import torch
 Tensor = torch.Tensor
 
 
+def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
+    """alphabar rescaled so that sqrt(alphabar) keeps its first value and ends at exactly 0 (Lin et al. 2024)."""
+    s = alphas_cumprod.sqrt()
+    first, last = s[0].clone(), s[-1].clone()
+    return ((s - last) * first / (first - last)) ** 2
+
+
 class DiscreteSchedule:
     """The DDPM training schedule of SDXL: 1000 "scaled linear" betas from 0.00085 to 0.012.
 
@@ -42,6 +49,16 @@ class DiscreteSchedule:
     ComfyUI compute; diffusers computes in float32, which moves the small sigmas by up to 1.3e-5 (relative).
     Pass `dtype=torch.float32` to reproduce diffusers' numbers exactly. Either way the table `sigmas` is
     stored as float32, the precision schedules hand out.
+
+    `zero_terminal_snr=True` rescales the schedule so that the last timestep is pure noise (Lin et al. 2024,
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1): sqrt(alphabar) is shifted
+    and scaled so that its first value is kept and its last becomes 0. The standard schedule leaves
+    sqrt(alphabar_999) = 0.068 of the image in the last training step, so a model learns to read the image's
+    layout out of the "noise"; at sampling time pure noise has no layout, and the model then invents one
+    from the noise's own low frequencies (e.g. several objects where the prompt asks for one). Training
+    uses alphabar_999 = 0 exactly (x_t is pure noise, v = -x0: needs v-prediction); for sampling the last
+    sigma must be finite, so the sigma table uses alphabar_999 = 2^-24 (sigma_max = 4096), as diffusers'
+    `rescale_betas_zero_snr` and ComfyUI's `zsnr` do.
     """
 
     def __init__(
@@ -50,15 +67,24 @@ class DiscreteSchedule:
         beta_end: float = 0.012,
         num_timesteps: int = 1000,
         dtype: torch.dtype = torch.float64,
+        zero_terminal_snr: bool = False,
     ):
         self.beta_start = beta_start
         self.beta_end = beta_end
         self.num_timesteps = num_timesteps
         self.dtype = dtype
+        self.zero_terminal_snr = zero_terminal_snr
         self.betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=dtype) ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        if zero_terminal_snr:
+            self.alphas_cumprod = rescale_zero_terminal_snr(self.alphas_cumprod)
+            self.betas = 1.0 - self.alphas_cumprod / torch.cat([self.alphas_cumprod.new_ones(1),
+                                                                self.alphas_cumprod[:-1]])
+        abar = self.alphas_cumprod.clone()
+        if zero_terminal_snr:
+            abar[-1] = 2.0**-24
         # sigmas[t] for t = 0..N-1, ascending.
-        self.sigmas = (((1.0 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).to(torch.float32)
+        self.sigmas = (((1.0 - abar) / abar) ** 0.5).to(torch.float32)
         # Logs of the float32 table, in float64: a float32 sigma equal to a table entry then has exactly the
         # same log as that entry, so it maps back to its integer timestep with no rounding error.
         self.log_sigmas = self.sigmas.to(torch.float64).log()
@@ -66,7 +92,8 @@ class DiscreteSchedule:
     def __repr__(self) -> str:
         return (
             f"DiscreteSchedule(beta_start={self.beta_start}, beta_end={self.beta_end}, "
-            f"num_timesteps={self.num_timesteps}, dtype={self.dtype})"
+            f"num_timesteps={self.num_timesteps}, dtype={self.dtype}, "
+            f"zero_terminal_snr={self.zero_terminal_snr})"
         )
 
     @property

@@ -70,6 +70,11 @@ class ModelSection:
                       "config.")
     prediction: str = _f("", "Override what the UNet predicts: `eps` or `v`. Empty: keep the model's own "
                              "(recorded in the output file's metadata).", ("", "eps", "v"))
+    zero_terminal_snr: bool = _f(False, "Train on the noise schedule rescaled to zero terminal SNR (the "
+                                        "last timestep is pure noise; Lin et al. 2024; kohya's "
+                                        "`--zero_terminal_snr`); needs v-prediction. Recorded in the output "
+                                        "file, so samplers use the same schedule. A model trained with it "
+                                        "keeps it.")
     allow_pickle: bool = _f(False, "Allow a pickle `.ckpt` as `init` (loaded with "
                                    "torch.load(weights_only=True)).")
 
@@ -166,6 +171,12 @@ class LossSection:
                                            "([B,1,1,1], sgm at the SDXL release).", ("channel", "sample"))
     min_snr_gamma: float = _f(0.0, "Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the usual value; 0"
                                    " off.")
+    min_snr_floor: float = _f(0.0, "With min_snr_gamma: also clamp the SNR from below, so the weight of the "
+                                   "x0 error is clamp(SNR, floor, gamma) instead of min(SNR, gamma). Plain "
+                                   "min-SNR gives the noisiest steps a weight of about SNR (below 0.06 for "
+                                   "t >= 700, 0 at t = 999 under zero terminal SNR), so the steps that decide "
+                                   "a picture's layout are barely trained; 1 gives them the weight of plain "
+                                   "x0 loss. 0 off.")
     latent_sample: bool = _f(True, "Sample latents from the VAE posterior (sgm) instead of using its mean.")
 
 
@@ -272,6 +283,11 @@ class VAESection:
     disc_layers: int = _f(3, "Strided conv layers of the discriminator.")
     update_scale_factor: bool = _f(True, "At export, set the latent scale_factor to 1 / std of the latents "
                                          "of a few training batches (how SD chose 0.18215).")
+    decoder_only: bool = _f(False, "Train only the decoder (and post_quant_conv) on the frozen encoder's "
+                                   "latents of whole images (with `patch_size`, a random patch of them is "
+                                   "decoded): the latent space stays, so diffusion models trained on it keep "
+                                   "working with the new decoder (how SD's ft-MSE / ft-EMA decoders were made). "
+                                   "The scale_factor is kept.")
 
 
 SECTIONS: dict[str, type] = {
@@ -362,6 +378,9 @@ class TrainConfig:
                            ("train.max_nan_steps", t.max_nan_steps)):
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
+        if lo.min_snr_floor < 0 or (lo.min_snr_floor > 0 and lo.min_snr_floor > lo.min_snr_gamma):
+            raise ConfigError(f"loss.min_snr_floor = {lo.min_snr_floor} must lie in [0, loss.min_snr_gamma = "
+                              f"{lo.min_snr_gamma}]")
         if not 0 <= lo.timestep_min < (lo.timestep_max or 1000) <= 1000:
             raise ConfigError(f"loss.timestep_min/max must satisfy 0 <= min < max <= 1000, got "
                               f"[{lo.timestep_min}, {lo.timestep_max})")

@@ -266,6 +266,11 @@ def load_models(cfg: TrainConfig, device: torch.device,
         parts = {}
     if m.prediction:
         mc = dataclasses.replace(mc, prediction=m.prediction)
+    if m.zero_terminal_snr:
+        mc = dataclasses.replace(mc, zero_terminal_snr=True)
+    if mc.zero_terminal_snr and mc.prediction != "v":
+        raise ConfigError("model.zero_terminal_snr needs v-prediction (set model.prediction = \"v\"): at pure "
+                          "noise an eps-prediction says nothing about the image")
     vae_parts = parts.get("vae")
     if m.vae:
         try:
@@ -449,14 +454,21 @@ def prediction_target(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tens
     return abar.sqrt() * noise - (1 - abar).sqrt() * x0  # v (Salimans & Ho 2022)
 
 
-def loss_weights(t: Tensor, alphas_cumprod: Tensor, prediction: str, min_snr_gamma: float) -> Tensor:
-    """Per-sample weights [B]: 1, or min-SNR-gamma (Hang et al. 2023) with SNR = abar / (1 - abar)."""
+def loss_weights(t: Tensor, alphas_cumprod: Tensor, prediction: str, min_snr_gamma: float,
+                 floor: float = 0.0) -> Tensor:
+    """Per-sample weights [B]: 1, or min-SNR-gamma (Hang et al. 2023) with SNR = abar / (1 - abar).
+
+    The weight of the x0 error is min(SNR, gamma) (clamp(SNR, floor, gamma) with a floor); the eps and v
+    losses already weigh it by SNR and SNR + 1, so those are divided out.
+    """
     if min_snr_gamma <= 0:
         return torch.ones(t.shape[0], device=t.device)
     abar = alphas_cumprod.to(t.device)[t].to(torch.float32)
     snr = abar / (1 - abar)
-    clipped = snr.clamp(max=min_snr_gamma)
-    return clipped / snr if prediction == "eps" else clipped / (snr + 1)
+    clipped = snr.clamp(min=floor, max=min_snr_gamma) if floor > 0 else snr.clamp(max=min_snr_gamma)
+    if prediction == "eps":  # min(snr, g) / snr, which tends to 1 as snr -> 0 (zero terminal SNR)
+        return torch.where(snr > 0, clipped / snr.clamp(min=1e-30), torch.ones_like(snr))
+    return clipped / (snr + 1)
 
 
 # =============================================================================================== caching
@@ -1111,8 +1123,8 @@ class Trainer(TrainerBase):
         if mc.kind == "inpaint":
             raise TrainingError("training inpainting models (9-channel UNet) is not supported")
         self.kind = mc.kind
-        self.schedule = DiscreteSchedule()
-        self.alphas_cumprod = self.schedule.alphas_cumprod  # float64, as sgm
+        self.schedule = DiscreteSchedule(zero_terminal_snr=mc.zero_terminal_snr)
+        self.alphas_cumprod = self.schedule.alphas_cumprod  # float64, as sgm (last entry 0 with zero SNR)
         self.t_max = cfg.loss.timestep_max or (200 if mc.kind == "refiner" else 1000)
         if cfg.loss.timestep_min >= self.t_max:
             raise ConfigError(f"loss.timestep_min = {cfg.loss.timestep_min} leaves no timestep below "
@@ -1354,7 +1366,8 @@ class Trainer(TrainerBase):
                 context, pooled = self.frozen_text(batch["caption"])
                 pred = self.wrapped(x_t, t, numbers, keep, context=context, pooled=pooled)
         per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
-        w = loss_weights(t, self.alphas_cumprod, self.models.config.prediction, cfg.loss.min_snr_gamma)
+        w = loss_weights(t, self.alphas_cumprod, self.models.config.prediction, cfg.loss.min_snr_gamma,
+                         cfg.loss.min_snr_floor)
         loss = (per_sample * w).mean()
         return loss, {}
 

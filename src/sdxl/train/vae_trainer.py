@@ -76,15 +76,23 @@ class PatchDiscriminator(nn.Module):
 
 
 class VAEModule(nn.Module):
-    """What DDP wraps: encode, sample the posterior with the given standard-normal noise, decode."""
+    """What DDP wraps: encode, sample the posterior with the given standard-normal noise, decode.
+
+    With `boxes` (decoder-only training) the encoder runs without gradients on the whole image and only the
+    latent squares `(top, left, side)` (latent pixels, one per image) are decoded.
+    """
 
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        mean, logvar = self.vae.encode(x)
+    def forward(self, x: Tensor, noise: Tensor | None,
+                boxes: list[tuple[int, int, int]] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and boxes is None):
+            mean, logvar = self.vae.encode(x)
         z = mean if noise is None else mean + (0.5 * logvar).exp() * noise
+        if boxes is not None:
+            z = torch.stack([zi[:, t:t + s, left:left + s] for zi, (t, left, s) in zip(z, boxes)])
         return self.vae.decode(z), mean, logvar
 
 
@@ -97,6 +105,9 @@ class VAETrainer(TrainerBase):
         models = load_models(cfg, device, need=("vae",))
         self.model_config = models.config
         self.vae = models.vae.requires_grad_(True).train()
+        if cfg.vae.decoder_only:  # the latent space (and every diffusion model trained on it) stays as it is
+            self.vae.encoder.requires_grad_(False)
+            self.vae.quant_conv.requires_grad_(False)
         self.module = VAEModule(self.vae)
         self.disc = None
         self.disc_wrapped = None
@@ -138,22 +149,31 @@ class VAETrainer(TrainerBase):
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [p for p in self.module.parameters() if p.requires_grad], "lr": self.cfg.optim.lr}]
 
-    def patches(self, batch: dict[str, Any], step: int) -> Tensor:
-        """The batch's pixels, or one random `vae.patch_size` square per image (seeded per sample)."""
+    def patch_boxes(self, batch: dict[str, Any], step: int, grid: int = 1) -> list[tuple[int, int, int]] | None:
+        """One random `vae.patch_size` square (top, left, side) per image, seeded per sample, with its corner
+        on multiples of `grid` pixels; None without patches."""
         x = batch["pixels"]
         p = self.cfg.vae.patch_size
         if not p:
-            return x
+            return None
         h, w = x.shape[2], x.shape[3]
         if p > min(h, w):
             raise TrainingError(f"vae.patch_size {p} is larger than the bucket {h}x{w}")
-        out = []
-        for img, i in zip(x, batch["index"]):
+        boxes = []
+        for i in batch["index"]:
             g = sample_generator(self.cfg.train.seed + 1, step, batch["epoch"], int(i))
-            top = int(torch.randint(0, h - p + 1, (1,), generator=g))
-            left = int(torch.randint(0, w - p + 1, (1,), generator=g))
-            out.append(img[:, top:top + p, left:left + p])
-        return torch.stack(out)
+            top = int(torch.randint(0, (h - p) // grid + 1, (1,), generator=g)) * grid
+            left = int(torch.randint(0, (w - p) // grid + 1, (1,), generator=g)) * grid
+            boxes.append((top, left, p))
+        return boxes
+
+    def patches(self, batch: dict[str, Any], step: int, grid: int = 1) -> Tensor:
+        """The batch's pixels, or the `patch_boxes` squares of them."""
+        x = batch["pixels"]
+        boxes = self.patch_boxes(batch, step, grid)
+        if boxes is None:
+            return x
+        return torch.stack([img[:, t:t + p, left:left + p] for img, (t, left, p) in zip(x, boxes)])
 
     def gan_active(self) -> bool:
         return self.disc is not None and self.step >= self.cfg.vae.gan_start
@@ -161,15 +181,24 @@ class VAETrainer(TrainerBase):
     def compute_loss(self, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         dev = self.info.device
-        x = self.patches(batch, step).to(dev)
+        f = self.model_config.vae.downscale
+        boxes = None
+        if cfg.vae.decoder_only:
+            # encode the whole image (as the latents a diffusion model makes), decode a patch of its latents
+            x_in = batch["pixels"].to(dev)
+            x = self.patches(batch, step, grid=f).to(dev)
+            pix = self.patch_boxes(batch, step, grid=f)
+            if pix is not None:
+                boxes = [(t // f, left // f, p // f) for t, left, p in pix]
+        else:
+            x = x_in = self.patches(batch, step).to(dev)
         noise = None
         if cfg.loss.latent_sample:
-            f = self.model_config.vae.downscale
-            shape = (self.model_config.vae.embed_dim, x.shape[2] // f, x.shape[3] // f)
+            shape = (self.model_config.vae.embed_dim, x_in.shape[2] // f, x_in.shape[3] // f)
             gens = [sample_generator(cfg.train.seed, step, batch["epoch"], int(i)) for i in batch["index"]]
             noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)
         with autocast_context(dev, cfg.train.mixed_precision):
-            recon, mean, logvar = self.wrapped(x, noise)
+            recon, mean, logvar = self.wrapped(x_in, noise, boxes)
         recon, mean, logvar = recon.float(), mean.float(), logvar.float()
         diff = recon - x
         rec = diff.abs().mean() if cfg.vae.reconstruction == "l1" else diff.pow(2).mean()
@@ -243,7 +272,7 @@ class VAETrainer(TrainerBase):
         path = self.output / "vae.safetensors"
         if self.info.is_main:
             vae_cfg = self.model_config.vae
-            if self.cfg.vae.update_scale_factor:
+            if self.cfg.vae.update_scale_factor and not self.cfg.vae.decoder_only:
                 probe = AutoencoderKL(vae_cfg).to(self.info.device)
                 probe.load_state_dict(sd)
                 std = self.latent_std(probe.eval())

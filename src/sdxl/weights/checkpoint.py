@@ -194,9 +194,13 @@ def read_diffusers(folder: Path) -> Checkpoint:
             kind = "inpaint"
     prediction = "eps"
     sched = folder / "scheduler" / "scheduler_config.json"
-    if sched.is_file() and _json(sched).get("prediction_type") == "v_prediction":
-        prediction = "v"
-    cfg = ModelConfig(kind=kind, unet=unet, vae=vae, text_l=text_l, text_g=text_g, prediction=prediction)
+    zsnr = False
+    if sched.is_file():
+        sc = _json(sched)
+        prediction = "v" if sc.get("prediction_type") == "v_prediction" else "eps"
+        zsnr = sc.get("rescale_betas_zero_snr") is True
+    cfg = ModelConfig(kind=kind, unet=unet, vae=vae, text_l=text_l, text_g=text_g, prediction=prediction,
+                      zero_terminal_snr=zsnr)
     return Checkpoint(path=folder, config=cfg, parts=parts, layout="diffusers")
 
 
@@ -351,6 +355,7 @@ def write_diffusers(ckpt: Checkpoint, dst: str | Path, dtype=None) -> Path:
                 "interpolation_type": "linear",
                 "use_karras_sigmas": False,
                 "prediction_type": "v_prediction" if cfg.prediction == "v" else "epsilon",
+                "rescale_betas_zero_snr": cfg.zero_terminal_snr,
             },
             indent=2,
         )

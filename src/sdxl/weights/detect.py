@@ -215,6 +215,8 @@ def check_config(config: ModelConfig, widths: bool = True) -> ModelConfig:
         raise ValueError(f"kind {config.kind!r} is not base, refiner or inpaint")
     if config.prediction not in ("eps", "v"):
         raise ValueError(f"prediction {config.prediction!r} is not eps or v")
+    if not isinstance(config.zero_terminal_snr, bool):
+        raise ValueError(f"zero_terminal_snr {config.zero_terminal_snr!r} is not true or false")
     parts = {"": config, "unet.": config.unet, "vae.": config.vae}
     parts.update({"text_l.": config.text_l, "text_g.": config.text_g})
     for prefix, part in parts.items():
@@ -222,7 +224,7 @@ def check_config(config: ModelConfig, widths: bool = True) -> ModelConfig:
             continue
         for fld in dataclasses.fields(part):
             value = getattr(part, fld.name)
-            if fld.name in ("unet", "vae", "text_l", "text_g", "kind", "prediction"):
+            if fld.name in ("unet", "vae", "text_l", "text_g", "kind", "prediction", "zero_terminal_snr"):
                 continue
             where = prefix + fld.name
             low = -1 if fld.name in _MAY_BE_MINUS_ONE else 0 if fld.name in _MAY_BE_ZERO else 1
@@ -336,7 +338,11 @@ def detect(f: Mapping, metadata: dict[str, str] | None = None, name: str = "chec
     prediction = "eps"
     if "v_pred" in f or str(metadata.get("modelspec.prediction_type", "")).lower() in ("v", "v_prediction"):
         prediction = "v"
-    config = ModelConfig(kind=kind, unet=unet, vae=vae, text_l=text_l, text_g=text_g, prediction=prediction)
+    # community zero-terminal-SNR files (e.g. v-prediction anime fine-tunes) carry an empty "ztsnr" tensor as
+    # a marker, as they carry "v_pred"; ComfyUI reads both the same way
+    zsnr = "ztsnr" in f
+    config = ModelConfig(kind=kind, unet=unet, vae=vae, text_l=text_l, text_g=text_g, prediction=prediction,
+                         zero_terminal_snr=zsnr)
     try:  # sizes only: head widths are an assumption here (64), which the modules check when built
         return check_config(config, widths=False)
     except ValueError as e:  # e.g. a zero-size dimension

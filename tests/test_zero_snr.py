@@ -1,0 +1,169 @@
+"""Zero terminal SNR (Lin et al. 2024) end to end: the trainer's noising and loss weights, sampling with an
+oracle model, the flag in every file layout and in requests, and decoder-only VAE training (which keeps a
+latent space, hence the diffusion models trained on it). The schedule's and Euler's parity with diffusers are
+in test_samplers_diffusers.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from sdxl.models.config import tiny_config
+from sdxl.request import GenerationRequest, RequestError
+from sdxl.sampling.denoiser import DiscreteSchedule
+from sdxl.train import trainer as T
+from sdxl.train.config import ConfigError, TrainConfig
+
+from test_train import make_images, tiny_run
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("data"))
+
+
+def test_last_training_step_is_pure_noise_and_v_is_minus_x0():
+    zs = DiscreteSchedule(zero_terminal_snr=True)
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([999, 999])
+    assert torch.equal(T.add_noise(x0, eps, t, zs.alphas_cumprod), eps)
+    torch.testing.assert_close(T.prediction_target(x0, eps, t, zs.alphas_cumprod, "v"), -x0)
+    # the standard schedule leaves 6.8% of the image in its last step: what the rescaling removes
+    plain = DiscreteSchedule()
+    assert 0.06 < float(plain.alphas_cumprod[-1].sqrt()) < 0.07
+    # the SNR falls monotonically to exactly 0 and the betas stay valid probabilities
+    assert bool((zs.alphas_cumprod[1:] < zs.alphas_cumprod[:-1]).all())
+    assert bool(((zs.betas > 0) & (zs.betas <= 1)).all()) and float(zs.betas[-1]) == 1.0
+
+
+def test_min_snr_floor_weights():
+    """clamp(SNR, floor, gamma) in x0 units: the noisiest steps get weight `floor` instead of ~SNR (0 at
+    t = 999 under zero terminal SNR); eps weights stay finite at SNR = 0."""
+    ac = DiscreteSchedule(zero_terminal_snr=True).alphas_cumprod
+    t = torch.tensor([0, 300, 800, 999])
+    snr = (ac[t] / (1 - ac[t])).float()
+    plain = T.loss_weights(t, ac, "v", 5.0)
+    floored = T.loss_weights(t, ac, "v", 5.0, floor=1.0)
+    torch.testing.assert_close(floored, snr.clamp(1.0, 5.0) / (snr + 1))
+    assert plain[3] == 0 and plain[2] < 0.02 and floored[3] == 1.0 and floored[2] > 0.98
+    assert floored[0] == plain[0]  # low noise: gamma rules either way
+    eps = T.loss_weights(t, ac, "eps", 5.0)
+    assert torch.isfinite(eps).all() and eps[3] == 1.0
+    with pytest.raises(ConfigError, match="min_snr_floor"):
+        TrainConfig.from_dict({"loss": {"min_snr_gamma": 5.0, "min_snr_floor": 6.0}})
+
+
+def test_oracle_samples_its_target_under_zero_terminal_snr():
+    """A UNet that outputs the exact v target of a one-point data set (trainer's alphabar, 0 at t = 999) makes
+    the pipeline, which reads the flag from the config, return that point: the first step at sigma = 4096
+    is handled, and training and sampling agree on the rescaled schedule. With the flag off the sampler
+    walks the other schedule and misses."""
+    from sdxl.models.text import TextEncoders
+    from sdxl.models.vae import AutoencoderKL
+    from sdxl.pipeline import SDXL
+
+    mc = dataclasses.replace(tiny_config(), prediction="v", zero_terminal_snr=True)
+    ac = DiscreteSchedule(zero_terminal_snr=True).alphas_cumprod
+    x0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    seen: list[float] = []
+
+    class Oracle(nn.Module):
+        dtype = torch.float32
+
+        def forward(self, x, t, context, y):
+            ti = torch.as_tensor(t).reshape(-1).round().long().expand(x.shape[0])
+            seen.append(float(ti[0]))
+            abar = ac[ti].float().reshape(-1, 1, 1, 1)
+            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+            return T.prediction_target(x0.expand_as(x), eps, ti, ac, "v")
+
+    pipe = SDXL(mc, unet=Oracle(), vae=AutoencoderKL(mc.vae), text=TextEncoders(mc.text_l, mc.text_g))
+    assert pipe.schedule.zero_terminal_snr
+    for sampler, schedule in (("euler", "trailing"), ("dpmpp_2m", "karras")):
+        seen.clear()
+        req = GenerationRequest(prompt="x", width=32, height=32, steps=8, cfg=1.0, sampler=sampler,
+                                schedule=schedule, seed=1)
+        out = pipe.generate(req)
+        assert seen[0] == 999.0
+        assert (out.latents - x0).abs().max() < 1e-4
+    off = pipe.generate(GenerationRequest(prompt="x", width=32, height=32, steps=8, cfg=1.0, sampler="euler",
+                                          schedule="trailing", seed=1, zero_terminal_snr=False))
+    assert (off.latents - x0).abs().max() > 1e-2
+
+
+def test_flag_survives_every_file_layout(tmp_path):
+    from sdxl.models.factory import random_checkpoint
+    from sdxl.weights.checkpoint import read_checkpoint, write_diffusers, write_single_file
+    from sdxl.weights.detect import detect
+
+    mc = dataclasses.replace(tiny_config(), prediction="v", zero_terminal_snr=True)
+    ck = random_checkpoint(mc, seed=0)
+    single = write_single_file(ck, tmp_path / "m.safetensors")
+    assert read_checkpoint(single).config.zero_terminal_snr
+    folder = write_diffusers(ck, tmp_path / "diffusers")
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["rescale_betas_zero_snr"] is True and sched["prediction_type"] == "v_prediction"
+    back = read_checkpoint(folder).config
+    assert back.zero_terminal_snr and back.prediction == "v"
+    # a community file without our metadata: the empty "v_pred" / "ztsnr" marker tensors (ComfyUI's rule)
+    plain = write_single_file(ck, tmp_path / "plain.safetensors", record_config=False)
+    from sdxl.weights.io import open_tensors
+
+    assert not detect(open_tensors(plain), {}).zero_terminal_snr
+    tensors = {k: open_tensors(plain).get(k) for k in open_tensors(plain).keys()}
+    save_file({**tensors, "v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}, tmp_path / "zsnr.safetensors")
+    cfg = read_checkpoint(tmp_path / "zsnr.safetensors").config
+    assert cfg.zero_terminal_snr and cfg.prediction == "v"
+
+
+def test_request_field_is_checked():
+    assert GenerationRequest(prompt="x", zero_terminal_snr=True).validate().zero_terminal_snr is True
+    with pytest.raises(RequestError, match="zero_terminal_snr"):
+        GenerationRequest(prompt="x", zero_terminal_snr="yes").validate()
+    with pytest.raises(RequestError, match="zero_terminal_snr"):
+        GenerationRequest(prompt="x", zero_terminal_snr=1).validate()
+
+
+def test_training_with_zero_terminal_snr_records_it(tmp_path, data):
+    """model.zero_terminal_snr trains on the rescaled schedule (the trainer's alphabar ends at 0) and the
+    exported file says so; eps-prediction is refused before anything is built."""
+    from sdxl.weights.checkpoint import read_checkpoint
+
+    with pytest.raises(ConfigError, match="v-prediction"):
+        T.run(tiny_run(tmp_path / "eps", data, 1, model={"preset": "tiny", "zero_terminal_snr": True}))
+    cfg = tiny_run(tmp_path / "out", data, 3, model={"preset": "tiny", "zero_terminal_snr": True,
+                                                      "prediction": "v"},
+                   loss={"min_snr_gamma": 5.0, "min_snr_floor": 1.0, "timestep_min": 990})
+    result = T.run(cfg)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    mc = read_checkpoint(result.exported).config
+    assert mc.zero_terminal_snr and mc.prediction == "v"
+
+
+def test_decoder_only_vae_training_keeps_the_latent_space(tmp_path, data):
+    """vae.decoder_only: the encoder (hence every latent) and the scale factor are unchanged, the decoder
+    learns (loss falls), and the patch path decodes a crop of the whole image's latents."""
+    from sdxl.weights.checkpoint import read_checkpoint
+    from sdxl.weights.io import open_tensors
+
+    first = T.run(tiny_run(tmp_path / "vae", data, 4, train={"task": "vae"}))
+    start = open_tensors(first.exported)
+    cfg = tiny_run(tmp_path / "dec", data, 30, train={"task": "vae"}, model={"preset": "tiny",
+                   "vae": str(first.exported)}, vae={"decoder_only": True, "patch_size": 16})
+    result = T.run(cfg)
+    end = open_tensors(result.exported)
+    enc = [k for k in start.keys() if ".encoder." in k or k.endswith(("quant_conv.weight", "quant_conv.bias"))
+           and "post_quant" not in k]
+    dec = [k for k in start.keys() if ".decoder." in k]
+    assert enc and dec
+    assert all(torch.equal(start.get(k), end.get(k)) for k in enc)
+    assert sum(not torch.equal(start.get(k), end.get(k)) for k in dec) > len(dec) // 2
+    assert sum(result.losses[:5]) > 1.2 * sum(result.losses[-5:]), result.losses
+    sf = read_checkpoint(first.exported).config.vae.scale_factor
+    assert read_checkpoint(result.exported).config.vae.scale_factor == sf
