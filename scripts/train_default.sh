@@ -47,6 +47,13 @@ sdxl train --task vae "${common[@]}" --output "$work/vae" --steps "$(steps 1500)
     --set optim.warmup_steps=20 --set optim.schedule=cosine --set optim.min_lr_ratio=0.05 \
     --set ema.enabled=true --set ema.decay=0.99
 vae="$work/vae/vae.safetensors"
+#    d. the decoder alone, on the frozen encoder's latents of whole 256 px images (a random 8 x 8 latent patch
+#       decoded per image, `vae.decoder_only`): the latent space, hence every UNet stage below, is unchanged;
+#       it fixes colour shifts inside objects and on textured backgrounds. Used only at export (step 5).
+sdxl train --task vae "${common[@]}" --output "$work/vae-dec" --steps "$(steps 1200)" --batch-size 16 --seed 11 \
+    --resolution 256 --lr 3e-4 --set model.config="$here/configs/mini/base.json" --set model.vae="$vae" \
+    --set vae.patch_size=64 --set vae.decoder_only=true --set optim.warmup_steps=20 --set optim.schedule=cosine \
+    --set optim.min_lr_ratio=0.05 --set ema.enabled=true --set ema.decay=0.99 --set checkpoint.every=200
 
 # 3. base UNet + CLIP-L-style + bigG-style towers trained jointly from scratch: size/crop/target conditioning,
 #    10% caption dropout, min-SNR-gamma 5, EMA. Lineage as it ran:
@@ -85,6 +92,15 @@ sdxl train "${common[@]}" "${base_common[@]}" "${cached[@]}" --output "$work/bas
     --batch-size 16 --resolution 256 --lr 2e-4 --init "$work/base256/model.safetensors" --seed 5 \
     --set loss.offset_noise=0.05 --set checkpoint.every=200 --set optim.warmup_steps=20 \
     --set optim.schedule=cosine --set optim.min_lr_ratio=0.1 --set ema.decay=0.995
+#    d. zero terminal SNR: the standard schedule leaves 6.8% of the image in its last step, so the model read the
+#       layout out of the noise's low frequencies and drew several blobs where one object was asked for. The
+#       schedule is rescaled so t = 999 is pure noise (`model.zero_terminal_snr`, recorded in the file), and
+#       min-SNR weights are clamped to [1, 5] (`loss.min_snr_floor`) so the noisy steps that decide the layout
+#       train at all; no offset noise (pure noise at t = 999 already covers what it was for).
+sdxl train "${common[@]}" "${base_common[@]}" "${cached[@]}" --output "$work/base-z" --steps "$(steps ${BASE4_STEPS:-4000})" \
+    --batch-size 16 --resolution 256 --lr 2e-4 --init "$work/base/model.safetensors" --seed 7 \
+    --set model.zero_terminal_snr=true --set loss.min_snr_floor=1 --set checkpoint.every=250 \
+    --set optim.warmup_steps=50 --set optim.schedule=cosine --set optim.min_lr_ratio=0.1 --set ema.decay=0.995
 
 # 4. refiner: its own small bigG-style tower and UNet, on the 200 lowest noise levels (first on the first VAE,
 #    then regrouped and trained on the final VAE's latents)
@@ -98,9 +114,11 @@ sdxl train "${common[@]}" "${cached[@]}" --output "$work/refiner" --steps "$(ste
     --set train.train_text_encoders=true --set loss.latent_sample=false --set optim.warmup_steps=30 \
     --set optim.schedule=cosine --set ema.enabled=true --set ema.decay=0.99 --set checkpoint.every=100
 
-# 5. the final models carry the final VAE (the trainer writes the VAE it trained on into model.safetensors)
-cp "$work/base/model.safetensors" "$work/base-final.safetensors"
-cp "$work/refiner/model.safetensors" "$work/refiner-final.safetensors"
+# 5. the final models carry the fine-tuned decoder (same encoder, same latent space as they trained on)
+python3 "$here/scripts/swap_vae.py" "$work/base-z/model.safetensors" "$work/vae-dec/vae.safetensors" \
+    "$work/base-final.safetensors"
+python3 "$here/scripts/swap_vae.py" "$work/refiner/model.safetensors" "$work/vae-dec/vae.safetensors" \
+    "$work/refiner-final.safetensors"
 
 # 6. ship: fp16, official single-file layout (sdxl inspect reads them like any SDXL file)
 mkdir -p "$work/ship"

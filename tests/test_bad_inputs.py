@@ -495,3 +495,14 @@ def test_dataset_skips_and_counts_every_bad_image(tmp_path, caplog):
     assert all(torch.isfinite(it["pixels"]).all() for it in items)
     assert {Path(it["path"]).stem for it in items}.isdisjoint({"truncated_png", "truncated_jpeg"})
     assert sum("skipped image" in r.getMessage() for r in caplog.records) == len(bad_at_scan)
+
+
+def test_convert_to_diffusers_refuses_a_unet_diffusers_cannot_express(tmp_path):
+    """The shipped miniature has a middle block shallower than its last level, which diffusers' UNet config
+    cannot say: one line, and no half-written folder."""
+    from sdxl.cli import default_model_path
+
+    dst = tmp_path / "out"
+    line = one_line_error(runner.invoke(app, ["convert", str(default_model_path()), str(dst), "--to", "diffusers"]))
+    assert "no diffusers equivalent" in line and "middle depth" in line
+    assert not dst.exists()

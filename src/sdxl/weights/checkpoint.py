@@ -297,8 +297,13 @@ def write_diffusers(ckpt: Checkpoint, dst: str | Path, dtype=None) -> Path:
     from .text_layout import ours_to_hf_clip
 
     dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
     cfg = ckpt.config
+    if cfg.unet is not None:  # a UNet diffusers cannot express fails here, before anything is written
+        try:
+            unet_diffusers_config(cfg.unet)
+        except ValueError as e:
+            raise CheckpointError(f"{dst}: this model has no diffusers equivalent ({e})") from None
+    dst.mkdir(parents=True, exist_ok=True)
 
     def cast(sd):
         return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
