@@ -44,15 +44,17 @@ def collect(work: Path) -> dict:
             fds = [r["fd"] for r in rs]
             mean = sum(fds) / len(fds)
             sd = (sum((f - mean) ** 2 for f in fds) / max(len(fds) - 1, 1)) ** 0.5
-            row[kind] = {"acc": k / n, "ci": wilson(k, n), "fd": mean, "fd_sd": sd}
+            kc = sum(r["colour_ok"] * r["n"] for r in rs)
+            row[kind] = {"acc": k / n, "ci": wilson(k, n), "fd": mean, "fd_sd": sd, "fds": fds,
+                         "colour": kc / n, "colour_ci": wilson(kc, n)}
         out[v] = row
     return out
 
 
 def table(res: dict) -> str:
-    lines = ["| model | seeds | FD single (sd) | accuracy single (95% CI) | FD pair (sd) | "
-             "accuracy pair (95% CI) | "
-             "paper FID-5k / IS-5k |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | seeds | FD single (sd) | all correct single (95% CI) | colour single (95% CI) | "
+             "FD pair (sd) | all correct pair (95% CI) | colour pair (95% CI) | "
+             "paper FID-5k / IS-5k |", "|---|---|---|---|---|---|---|---|---|"]
     for v, label in VARIANTS:
         if v not in res:
             continue
@@ -62,9 +64,10 @@ def table(res: dict) -> str:
             if kind in r:
                 x = r[kind]
                 cells += [f"{x['fd']:.2f} ({x['fd_sd']:.2f})",
-                          f"{x['acc']:.0%} ({x['ci'][0]:.0%}-{x['ci'][1]:.0%})"]
+                          f"{x['acc']:.0%} ({x['ci'][0]:.0%}-{x['ci'][1]:.0%})",
+                          f"{x['colour']:.0%} ({x['colour_ci'][0]:.0%}-{x['colour_ci'][1]:.0%})"]
             else:
-                cells += ["-", "-"]
+                cells += ["-", "-", "-"]
         lines.append(f"| {label} | {r['seeds']} | " + " | ".join(cells) + f" | {PAPER[v]} |")
     return "\n".join(lines)
 
@@ -75,14 +78,18 @@ def plot(res: dict, path: Path) -> None:
     d = ImageDraw.Draw(img)
     names = [v for v, _ in VARIANTS if v in res and "single" in res[v]]
     fds = [res[v]["single"]["fd"] for v in names]
-    top = max(fds + [1e-9]) * 1.15
+    top = max(fds + [f for v in names for f in res[v]["single"].get("fds", [])] + [1e-9]) * 1.15
     bw = (W - 2 * pad) // max(1, 2 * len(names))
     colours = [(200, 80, 80), (90, 120, 200), (80, 170, 100)]
-    d.text((pad, 10), "Frechet distance on held-out single-object prompts (lower is better)", fill="black")
+    d.text((pad, 10), "Frechet distance on held-out single-object prompts (lower is better); bar = mean, "
+           "ticks = training seeds", fill="black")
     for i, (v, fd) in enumerate(zip(names, fds)):
         x0 = pad + (2 * i + 0.5) * bw
         h = (H - 2 * pad) * fd / top
         d.rectangle([x0, H - pad - h, x0 + bw, H - pad], fill=colours[i % 3])
+        for f in res[v]["single"].get("fds", []):  # one tick per training seed
+            y = H - pad - (H - 2 * pad) * f / top
+            d.line([x0 + bw * 0.3, y, x0 + bw * 0.7, y], fill="black", width=2)
         d.text((x0, H - pad - h - 14), f"{fd:.2f}", fill="black")
         d.text((x0 - 10, H - pad + 6), v, fill="black")
     d.line([pad, H - pad, W - pad, H - pad], fill="black")
