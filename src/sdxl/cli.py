@@ -559,6 +559,7 @@ def eval_shapes(
     device: str | None = typer.Option(None, help="Device."),
     size: int | None = typer.Option(None, help="Image side (default: the model's native size)."),
     original_size: int | None = typer.Option(None, help="Micro-conditioning original size (square)."),
+    guidance_rescale: float = typer.Option(0.0, help="CFG rescale (Lin et al. 2024), 0..1."),
 ):
     """Prompt accuracy (detector) and Frechet distance of a shapes model on held-out prompts."""
     from rich.console import Console
@@ -602,6 +603,7 @@ def eval_shapes(
         refiner=ref,
         size=size,
         original_size=original_size,
+        guidance_rescale=guidance_rescale,
         progress=lambda k, i, t: con.print(f"{k}: {i}/{t}", end="\r"),
     )
     if as_json:

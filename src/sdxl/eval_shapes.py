@@ -60,6 +60,7 @@ def evaluate_pipe(
     refiner=None,
     progress=None,
     original_size: int | None = None,
+    guidance_rescale: float = 0.0,
 ) -> list[KindResult]:
     from .data.evaluate import frechet_distance, image_features, prompt_accuracy
     from .data.shapes import eval_prompts, render_scene
@@ -81,6 +82,7 @@ def evaluate_pipe(
                 sampler=sampler,
                 schedule=schedule,
                 seed=seed * 100_003 + i,
+                guidance_rescale=guidance_rescale,
             )
             if original_size:
                 req.original_width = req.original_height = original_size
