@@ -167,13 +167,6 @@ class VAETrainer(TrainerBase):
             boxes.append((top, left, p))
         return boxes
 
-    def patches(self, batch: dict[str, Any], step: int, grid: int = 1) -> Tensor:
-        """The batch's pixels, or the `patch_boxes` squares of them."""
-        x = batch["pixels"]
-        boxes = self.patch_boxes(batch, step, grid)
-        if boxes is None:
-            return x
-        return torch.stack([img[:, t:t + p, left:left + p] for img, (t, left, p) in zip(x, boxes)])
 
     def gan_active(self) -> bool:
         return self.disc is not None and self.step >= self.cfg.vae.gan_start
@@ -182,16 +175,16 @@ class VAETrainer(TrainerBase):
         cfg = self.cfg
         dev = self.info.device
         f = self.model_config.vae.downscale
-        boxes = None
+        pixels = batch["pixels"].to(dev)
+        # decoder-only: the whole image is encoded (as the latents a diffusion model makes) and a patch of its
+        # latents decoded, so patch corners sit on the latent grid
+        pix = self.patch_boxes(batch, step, grid=f if cfg.vae.decoder_only else 1)
+        x = pixels if pix is None else torch.stack([img[:, t:t + p, left:left + p]
+                                                    for img, (t, left, p) in zip(pixels, pix)])
+        x_in, boxes = x, None
         if cfg.vae.decoder_only:
-            # encode the whole image (as the latents a diffusion model makes), decode a patch of its latents
-            x_in = batch["pixels"].to(dev)
-            x = self.patches(batch, step, grid=f).to(dev)
-            pix = self.patch_boxes(batch, step, grid=f)
-            if pix is not None:
-                boxes = [(t // f, left // f, p // f) for t, left, p in pix]
-        else:
-            x = x_in = self.patches(batch, step).to(dev)
+            x_in = pixels
+            boxes = None if pix is None else [(t // f, left // f, p // f) for t, left, p in pix]
         noise = None
         if cfg.loss.latent_sample:
             shape = (self.model_config.vae.embed_dim, x_in.shape[2] // f, x_in.shape[3] // f)
