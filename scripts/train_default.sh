@@ -47,13 +47,6 @@ sdxl train --task vae "${common[@]}" --output "$work/vae" --steps "$(steps 1500)
     --set optim.warmup_steps=20 --set optim.schedule=cosine --set optim.min_lr_ratio=0.05 \
     --set ema.enabled=true --set ema.decay=0.99
 vae="$work/vae/vae.safetensors"
-#    d. the decoder alone, on the frozen encoder's latents of whole 256 px images (a random 8 x 8 latent patch
-#       decoded per image, `vae.decoder_only`): the latent space, hence every UNet stage below, is unchanged;
-#       it fixes colour shifts inside objects and on textured backgrounds. Used only at export (step 5).
-sdxl train --task vae "${common[@]}" --output "$work/vae-dec" --steps "$(steps 1200)" --batch-size 16 --seed 11 \
-    --resolution 256 --lr 3e-4 --set model.config="$here/configs/mini/base.json" --set model.vae="$vae" \
-    --set vae.patch_size=64 --set vae.decoder_only=true --set optim.warmup_steps=20 --set optim.schedule=cosine \
-    --set optim.min_lr_ratio=0.05 --set ema.enabled=true --set ema.decay=0.99 --set checkpoint.every=200
 
 # 3. base UNet + CLIP-L-style + bigG-style towers trained jointly from scratch: size/crop/target conditioning,
 #    10% caption dropout, min-SNR-gamma 5, EMA. Lineage as it ran:
@@ -114,11 +107,9 @@ sdxl train "${common[@]}" "${cached[@]}" --output "$work/refiner" --steps "$(ste
     --set train.train_text_encoders=true --set loss.latent_sample=false --set optim.warmup_steps=30 \
     --set optim.schedule=cosine --set ema.enabled=true --set ema.decay=0.99 --set checkpoint.every=100
 
-# 5. the final models carry the fine-tuned decoder (same encoder, same latent space as they trained on)
-python3 "$here/scripts/swap_vae.py" "$work/base-z/model.safetensors" "$work/vae-dec/vae.safetensors" \
-    "$work/base-final.safetensors"
-python3 "$here/scripts/swap_vae.py" "$work/refiner/model.safetensors" "$work/vae-dec/vae.safetensors" \
-    "$work/refiner-final.safetensors"
+# 5. the final models carry the final VAE (the trainer writes the VAE it trained on into model.safetensors)
+cp "$work/base-z/model.safetensors" "$work/base-final.safetensors"
+cp "$work/refiner/model.safetensors" "$work/refiner-final.safetensors"
 
 # 6. ship: fp16, official single-file layout (sdxl inspect reads them like any SDXL file)
 mkdir -p "$work/ship"

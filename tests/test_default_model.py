@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -103,14 +104,22 @@ def test_training_recipe_smoke(tmp_path):
     """scripts/train_default.sh at 1/200 of its step counts: every stage runs and the result loads."""
     assert shutil.which("sdxl"), "the `sdxl` command must be installed (pip install -e .)"
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run(
+    # its own process group, so a timeout also stops the `sdxl train` the script is running
+    proc = subprocess.Popen(
         ["bash", str(ROOT / "scripts" / "train_default.sh"), str(tmp_path / "w"), "0.005"],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        timeout=900,
+        start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    try:
+        out, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail("train_default.sh took over 900 s: " + err[-2000:])
+    assert proc.returncode == 0, out[-2000:] + err[-4000:]
     for kind in ("base", "refiner"):
         res = runner.invoke(app, ["inspect", str(tmp_path / "w" / "ship" / f"{kind}.safetensors"), "--json"])
         assert res.exit_code == 0 and f'"kind": "{kind}"' in res.output
