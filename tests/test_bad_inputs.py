@@ -503,6 +503,7 @@ def test_convert_to_diffusers_refuses_a_unet_diffusers_cannot_express(tmp_path):
     from sdxl.cli import default_model_path
 
     dst = tmp_path / "out"
-    line = one_line_error(runner.invoke(app, ["convert", str(default_model_path()), str(dst), "--to", "diffusers"]))
+    args = ["convert", str(default_model_path()), str(dst), "--to", "diffusers"]
+    line = one_line_error(runner.invoke(app, args))
     assert "no diffusers equivalent" in line and "middle depth" in line
     assert not dst.exists()

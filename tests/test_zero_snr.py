@@ -19,7 +19,6 @@ from sdxl.request import GenerationRequest, RequestError
 from sdxl.sampling.denoiser import DiscreteSchedule
 from sdxl.train import trainer as T
 from sdxl.train.config import ConfigError, TrainConfig
-
 from test_train import make_images, tiny_run
 
 

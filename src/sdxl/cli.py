@@ -460,7 +460,8 @@ def inspect(
     con = Console()
     con.print(
         f"[bold]{path}[/bold]  layout: {ck.layout}  kind: [bold]{ck.config.kind}[/bold]  "
-        f"prediction: {ck.config.prediction}" + ("  schedule: zero terminal SNR" if ck.config.zero_terminal_snr else "")
+        f"prediction: {ck.config.prediction}"
+        + ("  schedule: zero terminal SNR" if ck.config.zero_terminal_snr else "")
     )
     t = Table("component", "tensors", "parameters", "dtypes")
     for name, c in comps.items():

@@ -328,7 +328,9 @@ class SDXL:
     def schedule_for(self, req: GenerationRequest) -> DiscreteSchedule:
         """The training schedule, rescaled to zero terminal SNR when the checkpoint or the request says so."""
         zsnr = self.config.zero_terminal_snr if req.zero_terminal_snr is None else req.zero_terminal_snr
-        return self.schedule if zsnr == self.schedule.zero_terminal_snr else DiscreteSchedule(zero_terminal_snr=zsnr)
+        if zsnr == self.schedule.zero_terminal_snr:
+            return self.schedule
+        return DiscreteSchedule(zero_terminal_snr=zsnr)
 
     def sigmas_for(self, req: GenerationRequest, steps: int | None = None) -> torch.Tensor:
         return get_sigmas(req.schedule, steps or req.steps, self.schedule_for(req))

@@ -33,7 +33,7 @@ Tensor = torch.Tensor
 
 
 def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
-    """alphabar rescaled so that sqrt(alphabar) keeps its first value and ends at exactly 0 (Lin et al. 2024)."""
+    """alphabar rescaled so sqrt(alphabar) keeps its first value and ends at exactly 0 (Lin et al. 2024)."""
     s = alphas_cumprod.sqrt()
     first, last = s[0].clone(), s[-1].clone()
     return ((s - last) * first / (first - last)) ** 2

@@ -173,10 +173,10 @@ class LossSection:
                                    " off.")
     min_snr_floor: float = _f(0.0, "With min_snr_gamma: also clamp the SNR from below, so the weight of the "
                                    "x0 error is clamp(SNR, floor, gamma) instead of min(SNR, gamma). Plain "
-                                   "min-SNR gives the noisiest steps a weight of about SNR (below 0.06 for "
-                                   "t >= 700, 0 at t = 999 under zero terminal SNR), so the steps that decide "
-                                   "a picture's layout are barely trained; 1 gives them the weight of plain "
-                                   "x0 loss. 0 off.")
+                                   "min-SNR gives the noisiest steps a weight of about SNR (below 0.06 "
+                                   "for t >= 700, 0 at t = 999 under zero terminal SNR), so the steps that "
+                                   "decide a picture's layout are barely trained; 1 gives them the weight "
+                                   "of plain x0 loss. 0 off.")
     latent_sample: bool = _f(True, "Sample latents from the VAE posterior (sgm) instead of using its mean.")
 
 
@@ -286,8 +286,8 @@ class VAESection:
     decoder_only: bool = _f(False, "Train only the decoder (and post_quant_conv) on the frozen encoder's "
                                    "latents of whole images (with `patch_size`, a random patch of them is "
                                    "decoded): the latent space stays, so diffusion models trained on it keep "
-                                   "working with the new decoder (how SD's ft-MSE / ft-EMA decoders were made). "
-                                   "The scale_factor is kept.")
+                                   "working with the new decoder (how SD's ft-MSE / ft-EMA decoders were "
+                                   "made). The scale_factor is kept.")
 
 
 SECTIONS: dict[str, type] = {

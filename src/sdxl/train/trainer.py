@@ -269,8 +269,8 @@ def load_models(cfg: TrainConfig, device: torch.device,
     if m.zero_terminal_snr:
         mc = dataclasses.replace(mc, zero_terminal_snr=True)
     if mc.zero_terminal_snr and mc.prediction != "v":
-        raise ConfigError("model.zero_terminal_snr needs v-prediction (set model.prediction = \"v\"): at pure "
-                          "noise an eps-prediction says nothing about the image")
+        raise ConfigError("model.zero_terminal_snr needs v-prediction (set model.prediction = \"v\"): at "
+                          "pure noise an eps-prediction says nothing about the image")
     vae_parts = parts.get("vae")
     if m.vae:
         try:

@@ -149,7 +149,8 @@ class VAETrainer(TrainerBase):
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [p for p in self.module.parameters() if p.requires_grad], "lr": self.cfg.optim.lr}]
 
-    def patch_boxes(self, batch: dict[str, Any], step: int, grid: int = 1) -> list[tuple[int, int, int]] | None:
+    def patch_boxes(self, batch: dict[str, Any], step: int,
+                    grid: int = 1) -> list[tuple[int, int, int]] | None:
         """One random `vae.patch_size` square (top, left, side) per image, seeded per sample, with its corner
         on multiples of `grid` pixels; None without patches."""
         x = batch["pixels"]
