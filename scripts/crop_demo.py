@@ -33,7 +33,8 @@ def main(model: str | None = None, out: str = "docs/crop_demo.png") -> None:
         variants = [dict(crop_top=t, crop_left=left) for t, left in CROPS]
         variants += [dict(original_width=o, original_height=o) for o in ORIGINAL]
         for j, kw in enumerate(variants):
-            req = GenerationRequest(prompt=prompt, width=side, height=side, steps=20, seed=7, **kw)
+            req = GenerationRequest(prompt=prompt, width=side, height=side, steps=20, seed=7,
+                                    schedule="trailing", **kw)
             grid.paste(pipe.generate(req).images[0], (j * side, 16 + i * (side + 16)))
         draw.text((4, 16 + i * (side + 16) + side + 2), prompt, fill="black")
     grid.save(out)
