@@ -76,13 +76,13 @@ class DiscreteSchedule:
         self.zero_terminal_snr = zero_terminal_snr
         self.betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=dtype) ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        abar = self.alphas_cumprod
         if zero_terminal_snr:
             self.alphas_cumprod = rescale_zero_terminal_snr(self.alphas_cumprod)
             self.betas = 1.0 - self.alphas_cumprod / torch.cat([self.alphas_cumprod.new_ones(1),
                                                                 self.alphas_cumprod[:-1]])
-        abar = self.alphas_cumprod.clone()
-        if zero_terminal_snr:
-            abar[-1] = 2.0**-24
+            abar = self.alphas_cumprod.clone()
+            abar[-1] = 2.0**-24  # a finite sigma_max (4096) for the samplers
         # sigmas[t] for t = 0..N-1, ascending.
         self.sigmas = (((1.0 - abar) / abar) ** 0.5).to(torch.float32)
         # Logs of the float32 table, in float64: a float32 sigma equal to a table entry then has exactly the

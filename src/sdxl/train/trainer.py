@@ -465,7 +465,7 @@ def loss_weights(t: Tensor, alphas_cumprod: Tensor, prediction: str, min_snr_gam
         return torch.ones(t.shape[0], device=t.device)
     abar = alphas_cumprod.to(t.device)[t].to(torch.float32)
     snr = abar / (1 - abar)
-    clipped = snr.clamp(min=floor, max=min_snr_gamma) if floor > 0 else snr.clamp(max=min_snr_gamma)
+    clipped = snr.clamp(min=floor, max=min_snr_gamma)
     if prediction == "eps":  # min(snr, g) / snr, which tends to 1 as snr -> 0 (zero terminal SNR)
         return torch.where(snr > 0, clipped / snr.clamp(min=1e-30), torch.ones_like(snr))
     return clipped / (snr + 1)

@@ -78,8 +78,8 @@ class PatchDiscriminator(nn.Module):
 class VAEModule(nn.Module):
     """What DDP wraps: encode, sample the posterior with the given standard-normal noise, decode.
 
-    With `boxes` (decoder-only training) the encoder runs without gradients on the whole image and only the
-    latent squares `(top, left, side)` (latent pixels, one per image) are decoded.
+    With `boxes` (decoder-only training, encoder frozen) the whole image is encoded and only the latent
+    squares `(top, left, side)` (latent pixels, one per image) are decoded.
     """
 
     def __init__(self, vae: nn.Module):
@@ -88,8 +88,7 @@ class VAEModule(nn.Module):
 
     def forward(self, x: Tensor, noise: Tensor | None,
                 boxes: list[tuple[int, int, int]] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and boxes is None):
-            mean, logvar = self.vae.encode(x)
+        mean, logvar = self.vae.encode(x)
         z = mean if noise is None else mean + (0.5 * logvar).exp() * noise
         if boxes is not None:
             z = torch.stack([zi[:, t:t + s, left:left + s] for zi, (t, left, s) in zip(z, boxes)])
