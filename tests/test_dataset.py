@@ -373,3 +373,49 @@ def test_collate_refuses_mixed_shapes(tmp_path):
     ds = ImageCaptionDataset(tmp_path, resolution=RES, step=STEP)
     with pytest.raises(ValueError, match="one bucket"):
         collate([ds[0], ds[1]])
+
+
+# ------------------------------------------------------------------------------------------- loss masks
+def test_masks_get_the_images_own_crop_and_flip(tmp_path):
+    """A mask equal to its image's red channel stays equal to it through the random crop, the flip and a
+    resize (up to the two resamplers' difference), so the weights land on the pixels they were drawn for."""
+    for i, hw in enumerate([(64, 200), (300, 96), (70, 90)]):
+        img = _noise(*hw, seed=i)
+        img.save(tmp_path / f"im{i}.png")
+        Image.fromarray(np.asarray(img)[..., 0]).save(tmp_path / f"im{i}.mask.png")
+        (tmp_path / f"im{i}.txt").write_text("x")
+    buckets = [(64, 128), (192, 96), (64, 64)]
+    for flip in (0.0, 1.0):
+        ds = ImageCaptionDataset(tmp_path, buckets=buckets, ucg=0.0, flip_prob=flip, masks=True, seed=3)
+        assert len(ds) == 3  # the .mask.png files are not training images
+        for k in range(3):
+            it = ds[k]
+            red = (it["pixels"][0] + 1) / 2
+            assert it["mask"].shape == (1, *it["pixels"].shape[1:]) and it["flipped"] == bool(flip)
+            err = (it["mask"][0] - red).abs()
+            if it["path"].endswith("im2.png"):  # 70x90 -> 64x82: resized (Lanczos vs bilinear)
+                assert float(err.mean()) < 0.06
+            else:  # no resize: exact up to 8-bit rounding
+                assert float(err.max()) < 1 / 255 + 1e-6
+        batch = collate([ds[0]])
+        assert batch["mask"].shape == (1, 1, *batch["pixels"].shape[2:])
+
+
+def test_missing_manifest_and_mismatched_masks(tmp_path):
+    """No mask: all ones, counted. A manifest's "mask" path is used. A mask of the wrong size makes the
+    item unusable like a corrupt image (replaced by the next of its bucket), never a silent misfit."""
+    for name in ("a", "b", "c", "d"):
+        _noise(64, 64, seed=ord(name)).save(tmp_path / f"{name}.png")
+    Image.new("L", (64, 64), 0).save(tmp_path / "masks_a.png")
+    Image.new("L", (32, 64), 255).save(tmp_path / "b.mask.png")  # wrong size
+    rows = [{"path": "a.png", "caption": "a", "mask": "masks_a.png"}, {"path": "b.png", "caption": "b"},
+            {"path": "c.png", "caption": "c"}, {"path": "d.png", "caption": "d"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = ImageCaptionDataset(tmp_path, resolution=RES, step=STEP, ucg=0.0, masks=True)
+    assert ds.stats["missing_masks"] == 2
+    a = ds[0]
+    assert a["caption"] == "a" and float(a["mask"].max()) == 0.0
+    b = ds[1]
+    assert b["caption"] == "c" and ds.stats["load_failures"] == 1 and float(b["mask"].min()) == 1.0
+    plain = ImageCaptionDataset(tmp_path, resolution=RES, step=STEP, ucg=0.0)
+    assert "mask" not in plain[0] and "mask" not in collate([plain[0]])

@@ -316,6 +316,56 @@ def test_lora_overfit_save_and_load(tmp_path, data):
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_masked_loss_is_the_mask_weighted_mean(tmp_path, data, monkeypatch):
+    """loss.masked: each sample's loss is sum(w * err) / sum(w) over the latent grid, w = floor + (1 - floor)
+    * mask area-averaged to the latents (checked against the per-element error the trainer computed);
+    white masks, or floor 1, give exactly the unmasked loss; a mask that is missing everywhere is an error."""
+    masked = tmp_path / "masked"
+    make_images(masked)
+    for i in range(4):  # top half white, bottom black; one image without a mask
+        if i != 3:
+            m = np.zeros((32, 32), np.uint8)
+            m[:16] = 255
+            Image.fromarray(m).save(masked / f"img{i}.mask.png")
+    seen = {}
+    real_mse = T.F.mse_loss
+
+    def spy(a, b, reduction="mean"):
+        out = real_mse(a, b, reduction=reduction)
+        seen["err"] = out.detach()
+        return out
+
+    monkeypatch.setattr(T.F, "mse_loss", spy)
+
+    def run(folder, **loss):
+        tr = T.make_trainer(tiny_run(tmp_path / f"o{len(seen)}{sorted(loss)}", folder, 1,
+                                     data={"crop": "center", "shuffle": False}, loss=loss))
+        tr.setup()
+        batch = tr.stream.next()
+        value, _ = tr.compute_loss(batch, 0)
+        return batch, float(value.detach()), seen["err"]
+
+    batch, value, err = run(masked, masked=True, mask_floor=0.25)
+    assert batch["mask"].shape == (4, 1, 32, 32)
+    w = 0.25 + 0.75 * T.F.adaptive_avg_pool2d(batch["mask"], err.shape[-2:])
+    expected = ((err * w).sum((1, 2, 3)) / (w.sum((1, 2, 3)) * err.shape[1])).mean()
+    assert value == pytest.approx(float(expected), rel=1e-5)
+    assert value != pytest.approx(float(err.mean()), rel=1e-3)  # the mask does change it
+    _, plain, _ = run(data)
+    _, floor1, _ = run(masked, masked=True, mask_floor=1.0)
+    assert floor1 == pytest.approx(plain, rel=1e-6)
+    white = tmp_path / "white"
+    make_images(white)
+    for i in range(4):
+        Image.new("L", (32, 32), 255).save(white / f"img{i}.mask.png")
+    _, all_white, _ = run(white, masked=True)
+    assert all_white == pytest.approx(plain, rel=1e-6)
+    with pytest.raises(T.TrainingError, match="no image .* has a loss mask"):
+        run(data, masked=True)
+    with pytest.raises(ConfigError, match="mask_floor"):
+        tiny_run(tmp_path / "bad", data, 1, loss={"mask_floor": 1.5}).validate()
+
+
 def test_text_encoders_train_jointly(tmp_path, data):
     """train_text_encoders: both towers change (at text_lr), except CLIP-L's layers after the used hidden
     state, which never reach the loss; the exported file carries the trained towers."""

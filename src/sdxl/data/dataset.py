@@ -47,13 +47,28 @@ import torch
 from torch.utils.data import Dataset
 
 from sdxl.data.buckets import nearest_bucket, scaled_buckets
-from sdxl.data.images import DEFAULT_MAX_PIXELS, ImageError, cover_size, image_size, load_image, prepare
+from sdxl.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    cover_size,
+    image_size,
+    load_image,
+    load_mask,
+    prepare,
+    prepare_mask,
+)
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_EXTENSIONS = (".txt", ".caption")
 MANIFEST_NAME = "metadata.jsonl"
+MASK_SUFFIX = ".mask.png"  # `cat.png` -> `cat.mask.png`; such files are never scanned as images
+
+
+def mask_path_for(image_path: str) -> str:
+    """Where the loss mask of an image is looked for when its manifest line names none."""
+    return os.path.splitext(image_path)[0] + MASK_SUFFIX
 
 
 @dataclass
@@ -66,6 +81,7 @@ class Record:
     original_size: tuple[int, int]  # (h, w) to record as size conditioning
     aesthetic_score: float | None
     bucket: int
+    mask: str | None = None  # loss-mask file (only looked up with masks=True)
 
 
 def read_caption_file(path: str | os.PathLike) -> tuple[str, bool]:
@@ -123,6 +139,9 @@ class ImageCaptionDataset(Dataset):
         max_pixels: images declaring more pixels are rejected unread (decompression bombs).
         caption_extensions: sidecar caption extensions, tried in order.
         default_caption: caption for images without one.
+        masks: also return each image's loss mask as "mask" [1, H, W] in [0, 1] (kohya's `masked_loss`):
+            the manifest's "mask" path, else `cat.mask.png` beside `cat.png`; an image without one gets
+            an all-ones mask (counted in `stats["missing_masks"]`).
     """
 
     def __init__(
@@ -145,6 +164,7 @@ class ImageCaptionDataset(Dataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         caption_extensions: Sequence[str] = CAPTION_EXTENSIONS,
         default_caption: str = "",
+        masks: bool = False,
     ):
         if crop not in ("random", "center"):
             raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
@@ -170,6 +190,7 @@ class ImageCaptionDataset(Dataset):
         self.max_pixels = int(max_pixels)
         self.caption_extensions = tuple(caption_extensions)
         self.default_caption = default_caption
+        self.masks = bool(masks)
         self.stats: Counter[str] = Counter()
         self._bad: set[int] = set()
         self.records: list[Record] = self._scan()
@@ -191,7 +212,13 @@ class ImageCaptionDataset(Dataset):
             return self._manifest_entries(manifest)
         if not src.is_dir():
             raise FileNotFoundError(f"{src} is neither a folder nor a .jsonl manifest")
-        files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(
+            p
+            for p in src.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_EXTENSIONS
+            and not p.name.lower().endswith(MASK_SUFFIX)
+        )
         return [{"path": str(p)} for p in files]
 
     def _manifest_entries(self, manifest: Path) -> list[dict[str, Any]]:
@@ -218,6 +245,9 @@ class ImageCaptionDataset(Dataset):
                     entry["original_size"] = (int(row["original_size"][0]), int(row["original_size"][1]))
                 if row.get("aesthetic_score") is not None:
                     entry["aesthetic_score"] = float(row["aesthetic_score"])
+                if isinstance(row.get("mask"), str):
+                    m = Path(row["mask"])
+                    entry["mask"] = str(m if m.is_absolute() else manifest.parent / m)
                 out.append(entry)
         return out
 
@@ -256,6 +286,12 @@ class ImageCaptionDataset(Dataset):
                     self.stats["skipped_upscale"] += 1
                     continue
             caption = entry["caption"] if "caption" in entry else self._sidecar_caption(path)
+            mask = None
+            if self.masks:
+                mask = entry.get("mask") or mask_path_for(path)
+                if not os.path.isfile(mask):
+                    self.stats["missing_masks"] += 1
+                    mask = None
             records.append(
                 Record(
                     path=path,
@@ -264,9 +300,14 @@ class ImageCaptionDataset(Dataset):
                     original_size=original,
                     aesthetic_score=entry.get("aesthetic_score"),
                     bucket=bucket,
+                    mask=mask,
                 )
             )
         self.stats["usable"] = len(records)
+        if self.stats["missing_masks"]:
+            log.warning(
+                "%d of %d images have no loss mask (all-ones used)", self.stats["missing_masks"], len(records)
+            )
         return records
 
     # ---------------------------------------------------------------- access
@@ -308,7 +349,14 @@ class ImageCaptionDataset(Dataset):
         )
         original_size = cond["original_size"] if self.size_conditioning else cond["target_size"]
         crop_top_left = cond["crop_top_left"] if self.crop_conditioning else (0, 0)
+        extra = {}
+        if self.masks:
+            if rec.mask is None:
+                extra["mask"] = torch.ones(1, *pixels.shape[1:])
+            else:
+                extra["mask"] = prepare_mask(load_mask(rec.mask, image.size[::-1], self.max_pixels), cond)
         return {
+            **extra,
             "pixels": pixels,
             "caption": caption,
             "drop_caption": drop,
@@ -377,4 +425,5 @@ def collate(items: Sequence[dict[str, Any]], default_aesthetic_score: float = 6.
         "flipped": torch.tensor([bool(it.get("flipped", False)) for it in items]),
         "path": [it["path"] for it in items],
         "index": torch.tensor([int(it["index"]) for it in items], dtype=torch.long),
+        **({"mask": torch.stack([it["mask"] for it in items])} if all("mask" in it for it in items) else {}),
     }

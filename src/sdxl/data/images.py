@@ -19,6 +19,9 @@ sd-scripts do the same mirror in their own frame: with `crop_ltrb = (left, top, 
 record `left' = target_w - right` when flipped (their `crop_ltrb` is computed in bucket coordinates by
 `get_crop_ltrb`, the window of a fit-inside resize, not the random crop actually taken). sgm's reference
 loaders do not flip. Vertical coordinates are unchanged by a horizontal flip.
+
+Loss masks (kohya's `masked_loss`): a greyscale image beside a training image (white = full weight) is
+read with `load_mask` and given the image's own resize / crop / flip by `prepare_mask`.
 """
 
 from __future__ import annotations
@@ -156,6 +159,29 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise ImageError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
 
 
+def load_mask(
+    path: str | os.PathLike, size_hw: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Decode a loss-mask file (any mode; read as 8-bit greyscale, upright) that must have the size
+    (h, w) of its image. Raises `ImageError` like `load_image`, and for a size mismatch."""
+    image_size(path, max_pixels)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:
+                pass
+            mask = img.convert("L").copy()
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise ImageError(path, f"cannot decode mask ({type(e).__name__}: {e})") from e
+    if mask.size != (size_hw[1], size_hw[0]):
+        raise ImageError(
+            path, f"mask is {mask.size[1]}x{mask.size[0]}, its image is {size_hw[0]}x{size_hw[1]}"
+        )
+    return mask
+
+
 def cover_size(h: int, w: int, bucket_hw: tuple[int, int]) -> tuple[int, int]:
     """Size (rh, rw) of the image resized, aspect kept, to cover the bucket: rh >= H and rw >= W, with
     one of them equal (up to rounding, which never goes below the bucket)."""
@@ -235,3 +261,20 @@ def prepare(
         "flipped": bool(flip),
     }
     return pil_to_tensor(image), cond
+
+
+def prepare_mask(mask: Image.Image, cond: dict[str, Any]) -> torch.Tensor:
+    """Apply the resize, crop and flip that `prepare` gave an image (its returned `cond`) to that image's
+    loss mask (a greyscale image of the same size). Returns [1, H, W] float in [0, 1]."""
+    rh, rw = cond["resized_size"]
+    bh, bw = cond["target_size"]
+    top, left = cond["crop_top_left"]
+    if cond["flipped"]:  # `prepare` records the mirrored crop coordinate; undo that to cut the same box
+        left = rw - bw - left
+    mask = mask.convert("L")
+    if mask.size != (rw, rh):
+        mask = mask.resize((rw, rh), Image.Resampling.BILINEAR)
+    mask = mask.crop((left, top, left + bw, top + bh))
+    if cond["flipped"]:
+        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]

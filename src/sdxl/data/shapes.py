@@ -203,6 +203,23 @@ def render_scene(scene: dict[str, Any], h: int, w: int, supersample: int = 4) ->
     return img
 
 
+def render_mask(
+    scene: dict[str, Any], h: int, w: int, supersample: int = 4, margin: float = 1.25
+) -> Image.Image:
+    """Where the objects are, as a greyscale h x w image (255 = object): a disc of `margin` times each
+    object's radius around its centre, so a mask also covers the outline's both sides and a ring's hole.
+    The training loss mask of `generate_shapes_dataset` (see `loss.masked`)."""
+    S = int(supersample)
+    H, W = h * S, w * S
+    short = min(H, W)
+    mask = Image.new("L", (W, H), 0)
+    draw = ImageDraw.Draw(mask)
+    for obj in scene["objects"]:
+        cx, cy, R = obj["x"] * W, obj["y"] * H, margin * obj["r"] * short
+        draw.ellipse((cx - R, cy - R, cx + R, cy + R), fill=255)
+    return mask.resize((w, h), Image.Resampling.BOX) if S > 1 else mask
+
+
 # ---------------------------------------------------------------------------------------------- scenes
 def relation_between(a: dict[str, Any], b: dict[str, Any], aspect: float) -> str:
     """Where object a is relative to object b, by the larger centre offset in pixel units."""
@@ -408,7 +425,8 @@ def generate_shapes_dataset(
 ) -> dict[str, Any]:
     """Write n images with captions and metadata to out_dir (the `sdxl data shapes` command).
 
-    Files: `NNNNNN.png`, `NNNNNN.txt` (caption), `metadata.jsonl` (one line per image: path, caption,
+    Files: `NNNNNN.png`, `NNNNNN.txt` (caption), `NNNNNN.mask.png` (where the objects are, `render_mask`:
+    the loss mask for `loss.masked`), `metadata.jsonl` (one line per image: path, mask, caption,
     original_size [h, w] = the TRUE size before the upscale, size [h, w] of the file, scene) and
     `scenes.jsonl` (path, scene). Image i depends only on (seed, i), so the output is identical for the
     same seed whatever n is.
@@ -438,18 +456,22 @@ def generate_shapes_dataset(
                 scale = short / min(h, w)
                 sh, sw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
                 img = render_scene(scene, sh, sw, supersample).resize((w, h), Image.Resampling.BICUBIC)
+                mask = render_mask(scene, sh, sw, supersample).resize((w, h), Image.Resampling.BILINEAR)
                 original = (sh, sw)
                 n_small += 1
             else:
                 img = render_scene(scene, h, w, supersample)
+                mask = render_mask(scene, h, w, supersample)
                 original = (h, w)
             n_cropped += int(scene["cropped"])
             name = f"{i:06d}"
             text = caption(scene)
             img.save(out / f"{name}.png", optimize=False)
+            mask.save(out / f"{name}.mask.png", optimize=False)
             (out / f"{name}.txt").write_text(text + "\n", encoding="utf-8")
             row = {
                 "path": f"{name}.png",
+                "mask": f"{name}.mask.png",
                 "caption": text,
                 "original_size": list(original),
                 "size": [h, w],

@@ -178,6 +178,13 @@ class LossSection:
                                    "decide a picture's layout are barely trained; 1 gives them the weight "
                                    "of plain x0 loss. 0 off.")
     latent_sample: bool = _f(True, "Sample latents from the VAE posterior (sgm) instead of using its mean.")
+    masked: bool = _f(False, "Weight the loss by a per-image mask (kohya's `masked_loss`): `NAME.mask.png` "
+                             "beside `NAME.png` (or a \"mask\" path in metadata.jsonl), greyscale, white = "
+                             "full weight, area-averaged to the latent grid; each sample's loss is the "
+                             "mask-weighted mean. Images without a mask get weight 1 everywhere.")
+    mask_floor: float = _f(0.0, "With `masked`: the weight of a black mask pixel, so the weight is floor + "
+                                "(1 - floor) * mask. 0 = kohya (unmasked pixels do not train); e.g. 0.2 "
+                                "trains the whole image and the masked part 5x as much.")
 
 
 @dataclass
@@ -381,6 +388,8 @@ class TrainConfig:
         if lo.min_snr_floor < 0 or (lo.min_snr_floor > 0 and lo.min_snr_floor > lo.min_snr_gamma):
             raise ConfigError(f"loss.min_snr_floor = {lo.min_snr_floor} must lie in [0, loss.min_snr_gamma = "
                               f"{lo.min_snr_gamma}]")
+        if not 0.0 <= lo.mask_floor <= 1.0:
+            raise ConfigError(f"loss.mask_floor must be in [0, 1], got {lo.mask_floor}")
         if not 0 <= lo.timestep_min < (lo.timestep_max or 1000) <= 1000:
             raise ConfigError(f"loss.timestep_min/max must satisfy 0 <= min < max <= 1000, got "
                               f"[{lo.timestep_min}, {lo.timestep_max})")

@@ -1191,11 +1191,15 @@ class Trainer(TrainerBase):
                 flip_prob=d.flip_prob, ucg=d.ucg, shuffle_caption=d.shuffle_caption,
                 keep_tokens=d.keep_tokens, caption_separator=d.caption_separator,
                 size_conditioning=d.size_conditioning,
-                crop_conditioning=d.crop_conditioning, min_size=d.min_size, upscale=d.upscale)
+                crop_conditioning=d.crop_conditioning, min_size=d.min_size, upscale=d.upscale,
+                masks=self.cfg.loss.masked)
         except FileNotFoundError as e:
             raise TrainingError(f"data.path: {e}") from None
         if len(self.dataset) == 0:
             raise TrainingError(f"data.path: no usable images in {d.path} ({dict(self.dataset.stats)})")
+        if self.cfg.loss.masked and self.dataset.stats["missing_masks"] == len(self.dataset):
+            raise TrainingError(f"loss.masked: no image in {d.path} has a loss mask (`NAME.mask.png` beside "
+                                "`NAME.png`, or a \"mask\" path in metadata.jsonl)")
         self.sampler = BucketBatchSampler(self.dataset.bucket_of, self.cfg.train.batch_size,
                                           seed=self.cfg.train.seed, drop_last=d.drop_last, shuffle=d.shuffle,
                                           rank=self.info.rank, world_size=self.info.world_size)
@@ -1365,7 +1369,13 @@ class Trainer(TrainerBase):
             else:
                 context, pooled = self.frozen_text(batch["caption"])
                 pred = self.wrapped(x_t, t, numbers, keep, context=context, pooled=pooled)
-        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        err = F.mse_loss(pred.float(), target, reduction="none")
+        if "mask" in batch:  # kohya's masked loss: the mask, at latent resolution, weights the error
+            m = F.adaptive_avg_pool2d(batch["mask"].to(dev, torch.float32), err.shape[-2:])
+            m = cfg.loss.mask_floor + (1.0 - cfg.loss.mask_floor) * m
+            per_sample = (err * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * err.shape[1]).clamp_min(1e-8)
+        else:
+            per_sample = err.mean(dim=(1, 2, 3))
         w = loss_weights(t, self.alphas_cumprod, self.models.config.prediction, cfg.loss.min_snr_gamma,
                          cfg.loss.min_snr_floor)
         loss = (per_sample * w).mean()
