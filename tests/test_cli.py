@@ -86,7 +86,8 @@ def test_user_config_defaults(tiny_files, tmp_path, monkeypatch):
 def test_data_shapes_command(tmp_path):
     res = runner.invoke(app, ["data", "shapes", "--n", "6", "--out", str(tmp_path / "d"), "--seed", "3"])
     assert res.exit_code == 0, res.output
-    assert len(list((tmp_path / "d").glob("*.png"))) == 6
+    assert len(list((tmp_path / "d").glob("*[0-9].png"))) == 6
+    assert len(list((tmp_path / "d").glob("*.mask.png"))) == 6  # the loss masks (loss.masked)
     assert (tmp_path / "d" / "metadata.jsonl").is_file()
 
 

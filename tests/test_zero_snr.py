@@ -17,6 +17,7 @@ from torch import nn
 from sdxl.models.config import tiny_config
 from sdxl.request import GenerationRequest, RequestError
 from sdxl.sampling.denoiser import DiscreteSchedule
+from sdxl.sampling.samplers import A1111_SCHEDULE_NAMES, automatic_schedule
 from sdxl.train import trainer as T
 from sdxl.train.config import ConfigError, TrainConfig
 from test_train import make_images, tiny_run
@@ -127,6 +128,37 @@ def test_request_field_is_checked():
         GenerationRequest(prompt="x", zero_terminal_snr="yes").validate()
     with pytest.raises(RequestError, match="zero_terminal_snr"):
         GenerationRequest(prompt="x", zero_terminal_snr=1).validate()
+
+
+def test_automatic_schedule_is_trailing_on_a_zero_terminal_snr_model(tmp_path, tiny_files):
+    """The request's default schedule, "automatic", is the sampler's own (Karras for DPM++ 2M) on a standard
+    model and "trailing" on a zero-terminal-SNR one (the file's flag or the request's); a named schedule, or
+    one implied by an A1111 sampler name, is kept. The resolved name is what the image records."""
+    from sdxl.models.factory import random_checkpoint
+    from sdxl.pipeline import SDXL
+    from sdxl.weights.checkpoint import write_single_file
+
+    assert GenerationRequest().schedule == "automatic"
+    zs = write_single_file(random_checkpoint(dataclasses.replace(tiny_config(), prediction="v",
+                                                                 zero_terminal_snr=True), seed=0),
+                           tmp_path / "zs.safetensors")
+    plain, zpipe = SDXL.load(tiny_files["base"]), SDXL.load(zs)
+
+    def run(pipe, **kw):
+        req = GenerationRequest(prompt="x", width=32, height=32, steps=2, seed=1, **kw)
+        info = pipe.generate(req).infos[0]
+        return req.schedule, info
+
+    schedule, info = run(zpipe)
+    assert schedule == "trailing"
+    assert f"Schedule type: {A1111_SCHEDULE_NAMES.get('trailing', 'trailing')}," in info
+    assert run(plain)[0] == "karras"
+    assert run(plain, zero_terminal_snr=True)[0] == "trailing"
+    assert run(zpipe, zero_terminal_snr=False)[0] == "karras"
+    assert run(zpipe, schedule="exponential")[0] == "exponential"
+    assert run(zpipe, sampler="DPM++ 2M Karras")[0] == "karras"
+    assert run(zpipe, sampler="euler")[0] == "trailing"
+    assert run(plain, sampler="euler")[0] == automatic_schedule("euler")
 
 
 def test_training_with_zero_terminal_snr_records_it(tmp_path, data):

@@ -554,7 +554,9 @@ def eval_shapes(
     steps: int = typer.Option(20, help="Sampler steps."),
     cfg: float = typer.Option(5.0, help="CFG scale."),
     sampler: str = typer.Option("dpmpp_2m", help="Sampler."),
-    schedule: str = typer.Option("karras", help="Schedule."),
+    schedule: str = typer.Option(
+        "automatic", help="Schedule (automatic: the sampler's, trailing on a zero-terminal-SNR model)."
+    ),
     detector_check: int = typer.Option(50, help="First report the detector's accuracy on this many renders."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     device: str | None = typer.Option(None, help="Device."),

@@ -56,7 +56,7 @@ def evaluate_pipe(
     steps: int = 20,
     cfg: float = 5.0,
     sampler: str = "dpmpp_2m",
-    schedule: str = "karras",
+    schedule: str = "automatic",
     refiner=None,
     progress=None,
     original_size: int | None = None,

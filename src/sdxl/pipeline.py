@@ -475,7 +475,8 @@ def _apply_loras(pipe: SDXL, req: GenerationRequest, inline: list):
 def run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: SDXL | None = None):
     from .prompts import extract_loras
 
-    req.validate()
+    zsnr = req.zero_terminal_snr if isinstance(req.zero_terminal_snr, bool) else pipe.config.zero_terminal_snr
+    req.validate(zero_terminal_snr=zsnr)
     prompt, inline = extract_loras(req.prompt)
     patch = _apply_loras(pipe, req, inline)
     try:

@@ -54,7 +54,7 @@ class GenerationRequest:
     cfg_start: float = 0.0  # CFG only on this fraction range of the steps; the rest uses the cond branch only
     cfg_end: float = 1.0
     sampler: str = "dpmpp_2m"
-    schedule: str = "karras"
+    schedule: str = "automatic"  # the sampler's preferred one (A1111); trailing on a zero-terminal-SNR model
     eta: float | None = None  # noise multiplier for ancestral/SDE samplers (None: each sampler's default)
     seed: int | None = None  # None: a random seed, written back into the result
     batch: int = 1  # images per forward pass; image i uses seed + i
@@ -101,8 +101,11 @@ class GenerationRequest:
             cl = cl if self.negative_crop_left is None else self.negative_crop_left
         return {"original_size": (oh, ow), "crop_top_left": (ct, cl), "target_size": (th, tw)}
 
-    def validate(self, limits: Limits | None = None) -> GenerationRequest:
-        """Raise RequestError naming the first bad field. Returns self for chaining."""
+    def validate(self, limits: Limits | None = None, zero_terminal_snr: bool = False) -> GenerationRequest:
+        """Raise RequestError naming the first bad field; resolve the sampler and schedule names to ours.
+        Returns self for chaining. `zero_terminal_snr`: the model samples on the zero-terminal-SNR schedule,
+        so "automatic" means "trailing" (Lin et al. 2024: the Karras ramp from sigma_max = 4096 would spend
+        half the steps on pure noise)."""
         lim = limits or Limits()
         if not isinstance(self.prompt, str):
             raise RequestError("prompt: must be a string")
@@ -151,8 +154,11 @@ class GenerationRequest:
 
         try:
             self.sampler, implied = resolve_sampler(self.sampler)
-            if implied is not None and (self.schedule or "automatic").lower() == "automatic":
+            automatic = (self.schedule or "automatic").strip().lower() in ("automatic", "auto")
+            if implied is not None and automatic:
                 self.schedule = implied
+            elif automatic and zero_terminal_snr:
+                self.schedule = "trailing"
             self.schedule = resolve_schedule(self.schedule, sampler=self.sampler)
         except ValueError as e:
             raise RequestError(str(e)) from None

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import dataclasses
 import hmac
 import io
@@ -282,7 +283,8 @@ class Service:
     def submit(self, req: GenerationRequest, n_iter: int = 1, source: str = "api") -> Job:
         """Validate a request against the limits and the folders, store its images, queue it.
         `req.init_image` / `req.mask_image` are decoded PIL images here (see `request_from_body`)."""
-        req.validate(self.settings.limits)
+        # checked on a copy: "automatic" names stay for the worker, which resolves them for the model it runs
+        copy.copy(req).validate(self.settings.limits)
         if n_iter < 1:
             raise RequestError(f"n_iter: {n_iter} must be at least 1")
         if req.batch * n_iter > self.settings.max_images_per_job:
@@ -349,7 +351,8 @@ class Service:
             "models": [str(p) for p in self.models.list_models()],
             "loras": [str(p.with_suffix("")) for p in self.models.list_loras()],
             "samplers": [{"id": n, "label": i.label} for n, i in SAMPLER_INFO.items()],
-            "schedules": [{"id": n, "label": A1111_SCHEDULE_NAMES.get(n, n)} for n in SCHEDULES],
+            "schedules": [{"id": "automatic", "label": "Automatic"}]
+            + [{"id": n, "label": A1111_SCHEDULE_NAMES.get(n, n)} for n in SCHEDULES],
             "sizes": self.size_presets(sample_size),
             "limits": {"max_pixels": lim.max_pixels, "max_steps": lim.max_steps, "max_batch": lim.max_batch,
                        "max_prompt_chars": lim.max_prompt_chars, "queue_size": self.settings.queue_size},
