@@ -6,8 +6,8 @@
    colour of "a large red circle on a blue background" changes (variance across the words over the mean
    square, per token position, and for the pooled vector). A word the towers do not pass on cannot steer
    the UNet.
-2. swap: the same seed with each shape word in turn; the fraction of pairs of shapes whose images the
-   detector reads as different shapes, and whether it reads the asked one (--grid saves the first four seeds' images).
+2. swap: the same seed with each shape word in turn: how often the detector reads the asked shape, and how
+   many different shapes it reads per seed (--grid saves the first four seeds' images).
 3. sdedit: prompt accuracy of img2img from a real render of the prompt at strengths 0.3 / 0.5 / 0.7 / 0.9:
    where in the noise range the model stops keeping a shape it is given.
 """
@@ -30,10 +30,11 @@ TEMPLATE = "a large {colour} {shape} on a {background} background"
 
 def text_variation(pipe: SDXL) -> dict[str, dict[str, object]]:
     out = {}
+    fmt = TEMPLATE.format
     variants = {
-        "shape": [TEMPLATE.format(colour="red", shape=s, background="blue") for s in SHAPES],
-        "colour": [TEMPLATE.format(colour=c, shape="circle", background="blue") for c in COLORS if c != "blue"],
-        "background": [TEMPLATE.format(colour="red", shape="circle", background=c) for c in COLORS if c != "red"],
+        "shape": [fmt(colour="red", shape=s, background="blue") for s in SHAPES],
+        "colour": [fmt(colour=c, shape="circle", background="blue") for c in COLORS if c != "blue"],
+        "background": [fmt(colour="red", shape="circle", background=c) for c in COLORS if c != "red"],
     }
     for name, prompts in variants.items():
         ctx, pooled = pipe.encode_prompt(prompts)
