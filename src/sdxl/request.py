@@ -150,11 +150,11 @@ class GenerationRequest:
             raise RequestError(f"zero_terminal_snr: {self.zero_terminal_snr!r} is not true, false or null")
         if self.mask_image is not None and self.init_image is None:
             raise RequestError("mask_image: inpainting needs init_image too")
-        from .sampling.samplers import resolve_sampler, resolve_schedule  # local: keeps import light
+        from .sampling.samplers import is_automatic, resolve_sampler, resolve_schedule  # local: light import
 
         try:
             self.sampler, implied = resolve_sampler(self.sampler)
-            automatic = (self.schedule or "automatic").strip().lower() in ("automatic", "auto")
+            automatic = is_automatic(self.schedule)
             if implied is not None and automatic:
                 self.schedule = implied
             elif automatic and zero_terminal_snr:

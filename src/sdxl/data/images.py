@@ -135,14 +135,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode an image file to an 8-bit RGB PIL image, upright (EXIF orientation applied).
-
-    Raises `ImageError` (a ValueError that names the path) for: files PIL cannot identify, sizes above
-    `max_pixels` (checked on the header, before decoding, so decompression bombs cost nothing), truncated
-    or otherwise corrupt pixel data. PIL's global `LOAD_TRUNCATED_IMAGES` switch is left alone: a truncated
-    file is an error, not a half-grey image.
-    """
+def _decode_upright(path: str | os.PathLike, max_pixels: int, what: str) -> Image.Image:
+    """Header checks, then the decoded image with its EXIF orientation applied; `ImageError` otherwise."""
     image_size(path, max_pixels)  # header checks (readable, not a bomb) before any decoding
     try:
         with warnings.catch_warnings():
@@ -153,10 +147,21 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
                     img = ImageOps.exif_transpose(img)
                 except Exception:  # a malformed orientation tag: keep the stored orientation
                     pass
-                return to_rgb(img).copy()
+                return img.copy()
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as e:  # fmt: skip
-        raise ImageError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
+        raise ImageError(path, f"cannot decode {what} ({type(e).__name__}: {e})") from e
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image file to an 8-bit RGB PIL image, upright (EXIF orientation applied).
+
+    Raises `ImageError` (a ValueError that names the path) for: files PIL cannot identify, sizes above
+    `max_pixels` (checked on the header, before decoding, so decompression bombs cost nothing), truncated
+    or otherwise corrupt pixel data. PIL's global `LOAD_TRUNCATED_IMAGES` switch is left alone: a truncated
+    file is an error, not a half-grey image.
+    """
+    return to_rgb(_decode_upright(path, max_pixels, "image"))
 
 
 def load_mask(
@@ -164,17 +169,7 @@ def load_mask(
 ) -> Image.Image:
     """Decode a loss-mask file (any mode; read as 8-bit greyscale, upright) that must have the size
     (h, w) of its image. Raises `ImageError` like `load_image`, and for a size mismatch."""
-    image_size(path, max_pixels)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            try:
-                img = ImageOps.exif_transpose(img)
-            except Exception:
-                pass
-            mask = img.convert("L").copy()
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise ImageError(path, f"cannot decode mask ({type(e).__name__}: {e})") from e
+    mask = _decode_upright(path, max_pixels, "mask").convert("L")
     if mask.size != (size_hw[1], size_hw[0]):
         raise ImageError(
             path, f"mask is {mask.size[1]}x{mask.size[0]}, its image is {size_hw[0]}x{size_hw[1]}"

@@ -782,13 +782,18 @@ def automatic_schedule(sampler: str | None) -> str:
     return SAMPLER_INFO[resolve_sampler(sampler)[0]].automatic_schedule
 
 
+def is_automatic(schedule: str | None) -> bool:
+    """Whether a schedule name leaves the choice to the sampler (None, "", "Automatic", "auto")."""
+    return schedule is None or _norm(schedule) in ("", "automatic", "auto")
+
+
 def resolve_schedule(name: str | None, sampler: str | None = None) -> str:
     """A schedule name in our, A1111's ("Karras", "SGM Uniform", "Automatic", ...) or ComfyUI's spelling ->
     canonical name. None, "" and "Automatic" resolve through `automatic_schedule(sampler)`.
     Raises ValueError listing the valid names."""
-    key = _norm(name) if name is not None else ""
-    if key in ("", "automatic", "auto"):
+    if is_automatic(name):
         return automatic_schedule(sampler)
+    key = _norm(name)
     if key in _SCHEDULE_ALIASES:
         return _SCHEDULE_ALIASES[key]
     labels = sorted(set(A1111_SCHEDULE_NAMES.values()))

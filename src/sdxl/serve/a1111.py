@@ -234,15 +234,14 @@ class A1111:
 
     # ---------------------------------------------------------- requests
     def to_request(self, body: _A1111Body, width_height: tuple[int, int] | None = None) -> GenerationRequest:
-        from ..sampling.samplers import resolve_sampler, resolve_schedule
+        from ..sampling.samplers import is_automatic, resolve_sampler, resolve_schedule
 
         _refuse_unsupported(body)
         opts = {**self.options, **(body.override_settings or {})}
         label = body.sampler_name or body.sampler_index or "Euler"
         try:
             sampler, implied = resolve_sampler(label)
-            if implied is not None and (body.scheduler is None or body.scheduler.strip().lower()
-                                        in ("", "automatic", "auto")):
+            if implied is not None and is_automatic(body.scheduler):
                 schedule = implied
             else:
                 schedule = resolve_schedule(body.scheduler, sampler)
