@@ -26,9 +26,11 @@ from sdxl.data.shapes import (
     SHAPES,
     caption,
     eval_prompts,
+    OUTLINE_BODY,
     generate_shapes_dataset,
     random_scene,
     relation_between,
+    render_mask,
     render_scene,
 )
 
@@ -99,6 +101,39 @@ def test_masks_cover_the_objects_and_train_through_the_dataset(tmp_path):
     item = ds[0]
     assert item["mask"].shape == (1, *item["pixels"].shape[1:])
     assert 0.0 <= float(item["mask"].min()) < 0.5 < float(item["mask"].max()) <= 1.0
+
+
+def test_outline_masks_weigh_the_edges_most(tmp_path):
+    """style "outline": the band across each edge (also a ring's inner edge) is white, the disc around the
+    object grey (OUTLINE_BODY), the background black; a dataset written with it keeps the same images."""
+    def scene(shape):
+        return {"aspect": 1.0, "background": {"color": "black", "texture": "plain"}, "relations": [],
+                "cropped": False, "objects": [{"shape": shape, "color": "red", "size": "large", "x": 0.5,
+                                               "y": 0.5, "r": 0.2, "rotation": 0.0}]}
+
+    r = 0.2 * 200  # pixels
+    at = lambda m, d: int(m[100, round(100 + d * r)])  # noqa: E731  (along the row through the centre)
+    circle = np.asarray(render_mask(scene("circle"), 200, 200, style="outline"))
+    assert at(circle, 1.0) == 255 and at(circle, 0.9) == 255 and at(circle, 1.1) == 255
+    assert abs(at(circle, 0.0) - OUTLINE_BODY) <= 1 and abs(at(circle, 0.5) - OUTLINE_BODY) <= 1
+    assert at(circle, 1.6) == 0 and int(circle[0, 0]) == 0
+    ring = np.asarray(render_mask(scene("ring"), 200, 200, style="outline"))
+    assert at(ring, 0.55) == 255 and at(ring, 1.0) == 255 and abs(at(ring, 0.0) - OUTLINE_BODY) <= 1
+    disc = np.asarray(render_mask(scene("ring"), 200, 200))
+    assert at(disc, 0.0) == 255 and at(disc, 0.55) == 255  # the default style: one white disc
+    square = np.asarray(render_mask(scene("square"), 200, 200, style="outline"))
+    assert at(square, 0.82) == 255 and abs(at(square, 0.3) - OUTLINE_BODY) <= 1
+    with pytest.raises(ValueError, match="mask style"):
+        render_mask(scene("circle"), 32, 32, style="blob")
+
+    a, b = tmp_path / "disc", tmp_path / "outline"
+    generate_shapes_dataset(3, a, seed=4, small_fraction=0.0)
+    generate_shapes_dataset(3, b, seed=4, small_fraction=0.0, mask_style="outline")
+    for i in range(3):
+        assert (a / f"{i:06d}.png").read_bytes() == (b / f"{i:06d}.png").read_bytes()
+        ma, mb = (np.asarray(Image.open(d / f"{i:06d}.mask.png")) for d in (a, b))
+        assert ma.shape == mb.shape and (mb == 255).any() and ((mb > 80) & (mb < 110)).any()
+        assert ((mb > 0) | (ma == 0)).all()  # everything the disc mask weighs, the outline mask weighs too
 
 
 def test_caption_wording():

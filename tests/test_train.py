@@ -147,6 +147,29 @@ def test_offset_noise_variants_and_per_sample_determinism():
     assert int(ranged.t.max()) < 200 and int(ranged.t.min()) >= 0
 
 
+def test_logit_normal_timesteps_train_the_middle_more():
+    """`loss.timestep_sampling = logit_normal` (SD3): t stays in [t_min, t_max), is reproducible per sample,
+    puts about half the draws in the middle third of the range for loc 0, scale 1 (P(|N| < ln 2) = 0.51;
+    uniform: 1/3), and a positive loc moves the draws to the noisy end."""
+    gens = lambda: [T.sample_generator(0, k, 0, 0) for k in range(4000)]  # noqa: E731
+    uni = T.draw_noise(gens(), (1, 1, 1), 0, 1000).t.double()
+    ln = T.draw_noise(gens(), (1, 1, 1), 0, 1000, t_sampling=("logit_normal", 0.0, 1.0)).t
+    again = T.draw_noise(gens(), (1, 1, 1), 0, 1000, t_sampling=("logit_normal", 0.0, 1.0)).t
+    assert torch.equal(ln, again) and ln.dtype == torch.long
+    assert 0 <= int(ln.min()) and int(ln.max()) < 1000
+    middle = lambda t: float(((t >= 1000 / 3) & (t < 2000 / 3)).double().mean())  # noqa: E731
+    assert abs(middle(uni) - 1 / 3) < 0.03 and abs(middle(ln) - 0.51) < 0.03
+    assert abs(float(ln.double().mean()) - 499.5) < 10
+    noisy = T.draw_noise(gens(), (1, 1, 1), 0, 1000, t_sampling=("logit_normal", 1.0, 1.0)).t.double()
+    assert float(noisy.mean()) > 650  # E[sigmoid(1 + N)] = 0.69
+    refiner = T.draw_noise(gens(), (1, 1, 1), 0, 200, t_sampling=("logit_normal", 0.0, 1.0)).t
+    assert 0 <= int(refiner.min()) and int(refiner.max()) < 200
+    with pytest.raises(ConfigError, match="timestep_scale"):
+        TrainConfig.from_dict({"loss": {"timestep_sampling": "logit_normal", "timestep_scale": 0.0}})
+    with pytest.raises(ConfigError, match="timestep_sampling"):
+        TrainConfig.from_dict({"loss": {"timestep_sampling": "cosmap"}})
+
+
 def test_conditioning_numbers_and_caption_dropout():
     batch = {"original_size": torch.tensor([[64, 48], [32, 32]]),
              "crop_top_left": torch.tensor([[0, 8], [4, 0]]),

@@ -534,13 +534,17 @@ def data_shapes(
     seed: int = typer.Option(0, help="Seed: the same seed gives the same dataset."),
     base: int = typer.Option(256, help="Base resolution of the aspect buckets."),
     step: int = typer.Option(32, help="Bucket sides are multiples of this."),
+    mask: str = typer.Option("disc", "--mask", help="Loss masks (NNNNNN.mask.png): `disc` (a disc around "
+                             "each object) or `outline` (the object's edges weigh most, then its disc)."),
 ):
     """Render the procedural shapes dataset (captioned scenes of 1-3 objects, many aspect ratios)."""
-    from .data.shapes import generate_shapes_dataset
+    from .data.shapes import MASK_STYLES, generate_shapes_dataset
 
     if n < 1:
         fail("--n must be at least 1")
-    summary = generate_shapes_dataset(n, out, seed=seed, base=base, step=step)
+    if mask not in MASK_STYLES:
+        fail(f"--mask must be one of {', '.join(MASK_STYLES)}, got {mask!r}")
+    summary = generate_shapes_dataset(n, out, seed=seed, base=base, step=step, mask_style=mask)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 

@@ -136,27 +136,46 @@ def _cross(cx: float, cy: float, arm: float, half_w: float, rot: float) -> list[
     return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: dict[str, Any], cx: float, cy: float, R: float) -> None:
-    """Draw one object's silhouette (fill 255) on a mask. R is the radius in pixels."""
+def _outlines(obj: dict[str, Any], cx: float, cy: float, R: float) -> list[tuple[str, Any, int]]:
+    """One object's silhouette as drawing parts, in order: ("circle", radius, fill) or ("polygon", points,
+    fill); fill 255 adds to the silhouette, 0 cuts a hole (the ring's). R is the radius in pixels."""
     shape, rot = obj["shape"], float(obj.get("rotation", 0.0))
     if shape == "circle":
-        draw.ellipse((cx - R, cy - R, cx + R, cy + R), fill=255)
-    elif shape == "ring":
-        draw.ellipse((cx - R, cy - R, cx + R, cy + R), fill=255)
-        ri = 0.55 * R
-        draw.ellipse((cx - ri, cy - ri, cx + ri, cy + ri), fill=0)
-    elif shape == "square":  # half-side 0.82 R, corners at 45 degrees
-        draw.polygon(_regular(cx, cy, 0.82 * R * math.sqrt(2), 4, rot, 45.0), fill=255)
-    elif shape == "diamond":  # a square standing on a corner, half-diagonal 1.1 R
-        draw.polygon(_regular(cx, cy, 1.1 * R, 4, rot, 0.0), fill=255)
-    elif shape == "triangle":  # equilateral, pointing up, circumradius 1.15 R (centroid at the centre)
-        draw.polygon(_regular(cx, cy, 1.15 * R, 3, rot, -90.0), fill=255)
-    elif shape == "star":
-        draw.polygon(_star(cx, cy, 1.15 * R, 0.45 * 1.15 * R, rot), fill=255)
-    elif shape == "cross":
-        draw.polygon(_cross(cx, cy, R, 0.36 * R, rot), fill=255)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
+        return [("circle", R, 255)]
+    if shape == "ring":
+        return [("circle", R, 255), ("circle", 0.55 * R, 0)]
+    if shape == "square":  # half-side 0.82 R, corners at 45 degrees
+        return [("polygon", _regular(cx, cy, 0.82 * R * math.sqrt(2), 4, rot, 45.0), 255)]
+    if shape == "diamond":  # a square standing on a corner, half-diagonal 1.1 R
+        return [("polygon", _regular(cx, cy, 1.1 * R, 4, rot, 0.0), 255)]
+    if shape == "triangle":  # equilateral, pointing up, circumradius 1.15 R (centroid at the centre)
+        return [("polygon", _regular(cx, cy, 1.15 * R, 3, rot, -90.0), 255)]
+    if shape == "star":
+        return [("polygon", _star(cx, cy, 1.15 * R, 0.45 * 1.15 * R, rot), 255)]
+    if shape == "cross":
+        return [("polygon", _cross(cx, cy, R, 0.36 * R, rot), 255)]
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: dict[str, Any], cx: float, cy: float, R: float) -> None:
+    """Draw one object's silhouette (fill 255) on a mask. R is the radius in pixels."""
+    for kind, geom, fill in _outlines(obj, cx, cy, R):
+        if kind == "circle":
+            draw.ellipse((cx - geom, cy - geom, cx + geom, cy + geom), fill=fill)
+        else:
+            draw.polygon(geom, fill=fill)
+
+
+def _draw_outline(draw: ImageDraw.ImageDraw, obj: dict[str, Any], cx: float, cy: float, R: float,
+                  width: float) -> None:
+    """Draw a band `width` pixels wide centred on every edge of one object's silhouette (fill 255)."""
+    wd = max(1, int(round(width)))
+    for kind, geom, _ in _outlines(obj, cx, cy, R):
+        if kind == "circle":
+            r = geom + wd / 2
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=255, width=wd)
+        else:
+            draw.line(list(geom) + [geom[0], geom[1]], fill=255, width=wd, joint="curve")
 
 
 def _background(bg: dict[str, Any], H: int, W: int, short: int) -> np.ndarray:
@@ -203,20 +222,36 @@ def render_scene(scene: dict[str, Any], h: int, w: int, supersample: int = 4) ->
     return img
 
 
+MASK_STYLES = ("disc", "outline")
+OUTLINE_BODY = 96  # "outline" masks: the grey level of the disc around an object, under its outline band
+OUTLINE_WIDTH = 0.5  # "outline" masks: the band's width, as a fraction of the object's radius
+
+
 def render_mask(
-    scene: dict[str, Any], h: int, w: int, supersample: int = 4, margin: float = 1.25
+    scene: dict[str, Any], h: int, w: int, supersample: int = 4, margin: float = 1.25, style: str = "disc"
 ) -> Image.Image:
-    """Where the objects are, as a greyscale h x w image (255 = object): a disc of `margin` times each
-    object's radius around its centre, so a mask also covers the outline's both sides and a ring's hole.
-    The training loss mask of `generate_shapes_dataset` (see `loss.masked`)."""
+    """Where the objects are, as a greyscale h x w image: the training loss mask of `generate_shapes_dataset`
+    (see `loss.masked`).
+
+    style "disc": a disc of `margin` times each object's radius around its centre, at 255, so a mask also
+    covers the outline's both sides and a ring's hole. style "outline": the same disc at OUTLINE_BODY, with
+    a band of OUTLINE_WIDTH times the radius centred on the object's edges at 255: the pixels in which one
+    shape differs from another weigh most, the object's flat inside less, the background least."""
+    if style not in MASK_STYLES:
+        raise ValueError(f"mask style must be one of {MASK_STYLES}, got {style!r}")
     S = int(supersample)
     H, W = h * S, w * S
     short = min(H, W)
     mask = Image.new("L", (W, H), 0)
     draw = ImageDraw.Draw(mask)
+    disc = 255 if style == "disc" else OUTLINE_BODY
     for obj in scene["objects"]:
         cx, cy, R = obj["x"] * W, obj["y"] * H, margin * obj["r"] * short
-        draw.ellipse((cx - R, cy - R, cx + R, cy + R), fill=255)
+        draw.ellipse((cx - R, cy - R, cx + R, cy + R), fill=disc)
+    if style == "outline":
+        for obj in scene["objects"]:
+            r = obj["r"] * short
+            _draw_outline(draw, obj, obj["x"] * W, obj["y"] * H, r, OUTLINE_WIDTH * r)
     return mask.resize((w, h), Image.Resampling.BOX) if S > 1 else mask
 
 
@@ -422,12 +457,13 @@ def generate_shapes_dataset(
     crop_fraction: float = 0.15,
     hold_out: bool = True,
     supersample: int = 4,
+    mask_style: str = "disc",
 ) -> dict[str, Any]:
     """Write n images with captions and metadata to out_dir (the `sdxl data shapes` command).
 
-    Files: `NNNNNN.png`, `NNNNNN.txt` (caption), `NNNNNN.mask.png` (where the objects are, `render_mask`:
-    the loss mask for `loss.masked`), `metadata.jsonl` (one line per image: path, mask, caption,
-    original_size [h, w] = the TRUE size before the upscale, size [h, w] of the file, scene) and
+    Files: `NNNNNN.png`, `NNNNNN.txt` (caption), `NNNNNN.mask.png` (where the objects are, `render_mask`
+    in `mask_style`: the loss mask for `loss.masked`), `metadata.jsonl` (one line per image: path, mask,
+    caption, original_size [h, w] = the TRUE size before the upscale, size [h, w] of the file, scene) and
     `scenes.jsonl` (path, scene). Image i depends only on (seed, i), so the output is identical for the
     same seed whatever n is.
 
@@ -456,12 +492,13 @@ def generate_shapes_dataset(
                 scale = short / min(h, w)
                 sh, sw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
                 img = render_scene(scene, sh, sw, supersample).resize((w, h), Image.Resampling.BICUBIC)
-                mask = render_mask(scene, sh, sw, supersample).resize((w, h), Image.Resampling.BILINEAR)
+                mask = render_mask(scene, sh, sw, supersample, style=mask_style)
+                mask = mask.resize((w, h), Image.Resampling.BILINEAR)
                 original = (sh, sw)
                 n_small += 1
             else:
                 img = render_scene(scene, h, w, supersample)
-                mask = render_mask(scene, h, w, supersample)
+                mask = render_mask(scene, h, w, supersample, style=mask_style)
                 original = (h, w)
             n_cropped += int(scene["cropped"])
             name = f"{i:06d}"

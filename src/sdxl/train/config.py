@@ -164,6 +164,15 @@ class LossSection:
     timestep_min: int = _f(0, "Timesteps are drawn uniformly from [timestep_min, timestep_max).")
     timestep_max: int = _f(0, "Exclusive upper bound; 0 = automatic: 200 for a refiner (the paper's 200 "
                               "lowest noise levels), 1000 otherwise.")
+    timestep_sampling: str = _f("uniform", "How t is drawn in [timestep_min, timestep_max): `uniform` (SDXL), "
+                                           "or `logit_normal` (SD3; kohya's `--timestep_sampling "
+                                           "logit_normal`): the fraction of the range is sigmoid(loc + scale "
+                                           "* N(0, 1)), which trains the middle noise levels, where layouts "
+                                           "and shapes are decided, more than the ends.",
+                                ("uniform", "logit_normal"))
+    timestep_loc: float = _f(0.0, "logit_normal: mean of the normal (0 = centred on the middle of the range; "
+                                  "positive = noisier).")
+    timestep_scale: float = _f(1.0, "logit_normal: standard deviation of the normal (SD3: 1).")
     offset_noise: float = _f(0.0, "Offset-noise level (the paper's 1024^2 stage: 0.05; keep 0 when fine-"
                                   "tuning a model trained without it).")
     offset_noise_mode: str = _f("channel", "`channel`: one offset per sample AND channel ([B,C,1,1], sgm "
@@ -385,6 +394,8 @@ class TrainConfig:
                            ("train.max_nan_steps", t.max_nan_steps)):
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
+        if lo.timestep_scale <= 0:
+            raise ConfigError(f"loss.timestep_scale = {lo.timestep_scale} must be > 0")
         if lo.min_snr_floor < 0 or (lo.min_snr_floor > 0 and lo.min_snr_floor > lo.min_snr_gamma):
             raise ConfigError(f"loss.min_snr_floor = {lo.min_snr_floor} must lie in [0, loss.min_snr_gamma = "
                               f"{lo.min_snr_gamma}]")

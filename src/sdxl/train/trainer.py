@@ -7,6 +7,8 @@ loop machinery shared with the VAE trainer (`TrainerBase`), then the diffusion t
 The objective (SDXL paper section 2.5 and appendix C; sgm `StandardDiffusionLoss` with `EpsWeighting`):
 
     t     ~ U{timestep_min, ..., timestep_max - 1}         (1000 discrete DDPM levels; [0, 200) for a refiner)
+            or, with `loss.timestep_sampling = "logit_normal"` (SD3, Esser et al. 2024), t = t_min + floor(
+            (t_max - t_min) * sigmoid(loc + scale * N(0, 1))): more of the steps where the picture takes shape
     eps   ~ N(0, I)  (+ offset_noise * N(0, 1) per sample[, channel], broadcast over the pixels)
     x_t   = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps       (variance preserving)
     loss  = w_t * || UNet(x_t, t, context, y) - target ||^2
@@ -422,13 +424,23 @@ class NoiseDraw:
     noise: Tensor  # [B, C, h, w], offset noise included
 
 
+def draw_timestep(g: torch.Generator, t_min: int, t_max: int, sampling: str = "uniform", loc: float = 0.0,
+                  scale: float = 1.0) -> Tensor:
+    """One training timestep in [t_min, t_max): uniform, or logit-normal (SD3's density over the range)."""
+    if sampling == "uniform":
+        return torch.randint(t_min, t_max, (1,), generator=g)
+    u = torch.sigmoid(loc + scale * torch.randn((1,), generator=g, dtype=torch.float64))
+    return (t_min + torch.floor(u * (t_max - t_min))).long().clamp(t_min, t_max - 1)
+
+
 def draw_noise(gens: list[torch.Generator], shape: tuple[int, ...], t_min: int, t_max: int,
-               offset_level: float = 0.0, offset_mode: str = "channel") -> NoiseDraw:
+               offset_level: float = 0.0, offset_mode: str = "channel",
+               t_sampling: tuple[str, float, float] = ("uniform", 0.0, 1.0)) -> NoiseDraw:
     posterior, ts, noises = [], [], []
     c = shape[0]
     for g in gens:
         posterior.append(torch.randn(shape, generator=g))
-        ts.append(torch.randint(t_min, t_max, (1,), generator=g))
+        ts.append(draw_timestep(g, t_min, t_max, *t_sampling))
         eps = torch.randn(shape, generator=g)
         if offset_level > 0:
             # sgm StandardDiffusionLoss: noise + level * N(0, 1) broadcast over the pixels; "sample" shares
@@ -1352,8 +1364,9 @@ class Trainer(TrainerBase):
         vae_cfg = self.models.config.vae
         mean, logvar = self.latent_moments(batch["pixels"])
         gens = [sample_generator(cfg.train.seed, step, batch["epoch"], int(i)) for i in batch["index"]]
-        draw = draw_noise(gens, tuple(mean.shape[1:]), cfg.loss.timestep_min, self.t_max,
-                          cfg.loss.offset_noise, cfg.loss.offset_noise_mode)
+        lo = cfg.loss
+        draw = draw_noise(gens, tuple(mean.shape[1:]), lo.timestep_min, self.t_max, lo.offset_noise,
+                          lo.offset_noise_mode, (lo.timestep_sampling, lo.timestep_loc, lo.timestep_scale))
         z = mean + (0.5 * logvar).exp() * draw.posterior.to(dev) if cfg.loss.latent_sample else mean
         x0 = (z - vae_cfg.shift_factor) * vae_cfg.scale_factor
         t = draw.t.to(dev)
