@@ -21,12 +21,12 @@ from sdxl.data.evaluate import (
 from sdxl.data.shapes import (
     COLORS,
     HELD_OUT,
+    OUTLINE_BODY,
     PALETTE,
     SHADES,
     SHAPES,
     caption,
     eval_prompts,
-    OUTLINE_BODY,
     generate_shapes_dataset,
     random_scene,
     relation_between,

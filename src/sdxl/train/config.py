@@ -164,8 +164,8 @@ class LossSection:
     timestep_min: int = _f(0, "Timesteps are drawn uniformly from [timestep_min, timestep_max).")
     timestep_max: int = _f(0, "Exclusive upper bound; 0 = automatic: 200 for a refiner (the paper's 200 "
                               "lowest noise levels), 1000 otherwise.")
-    timestep_sampling: str = _f("uniform", "How t is drawn in [timestep_min, timestep_max): `uniform` (SDXL), "
-                                           "or `logit_normal` (SD3; kohya's `--timestep_sampling "
+    timestep_sampling: str = _f("uniform", "How t is drawn in [timestep_min, timestep_max): `uniform` "
+                                           "(SDXL), or `logit_normal` (SD3; kohya's `--timestep_sampling "
                                            "logit_normal`): the fraction of the range is sigmoid(loc + scale "
                                            "* N(0, 1)), which trains the middle noise levels, where layouts "
                                            "and shapes are decided, more than the ends.",
@@ -411,7 +411,8 @@ class TrainConfig:
         if self.lora.rank < 0:
             raise ConfigError("lora.rank must be >= 0")
         if self.vae.patch_size < 0 or self.vae.patch_size % 8:
-            raise ConfigError(f"vae.patch_size must be 0 or a positive multiple of 8, got {self.vae.patch_size}")
+            raise ConfigError(
+                f"vae.patch_size must be 0 or a positive multiple of 8, got {self.vae.patch_size}")
         if not 0.0 <= self.ema.decay < 1.0:
             raise ConfigError(f"ema.decay must be in [0, 1), got {self.ema.decay}")
         if not self.dist.timeout > 0:
