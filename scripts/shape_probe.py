@@ -1,6 +1,6 @@
 """Where a shapes model loses the shape: three probes, printed as JSON (docs/ABLATION.md, fourth session).
 
-    python scripts/shape_probe.py MODEL.safetensors [--n 16] [--grid OUT.png]
+    python scripts/shape_probe.py MODEL.safetensors [--n 16] [--grid OUT.png] [--probes text,swap,sdedit,x0]
 
 1. text: how much of the text context varies when only the shape word, the object colour or the background
    colour of "a large red circle on a blue background" changes (variance across the words over the mean
@@ -10,6 +10,9 @@
    many different shapes it reads per seed (--grid saves the first four seeds' images).
 3. sdedit: prompt accuracy of img2img from a real render of the prompt at strengths 0.3 / 0.5 / 0.7 / 0.9:
    where in the noise range the model stops keeping a shape it is given.
+4. x0 (fifth session; not run by default): a real render's latents noised to level t, one UNet call (CFG 5),
+   decoded and scored: down to which noise level the UNet recovers the shape it is shown; with the VAE alone
+   and the VAE on latents plus noise of std 0.1 / 0.2 / 0.4 for reference.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from PIL import Image
 
 from sdxl.data.evaluate import detect_objects, prompt_accuracy
 from sdxl.data.shapes import COLORS, SHAPES, eval_prompts, render_scene
-from sdxl.pipeline import SDXL
+from sdxl.pipeline import SDXL, from_pil, to_pil
 from sdxl.request import GenerationRequest
 
 TEMPLATE = "a large {colour} {shape} on a {background} background"
@@ -95,20 +98,55 @@ def sdedit(pipe: SDXL, n: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def one_step_x0(pipe: SDXL, n: int, levels=(50, 150, 300, 450, 600, 800)) -> dict[str, dict[str, float]]:
+    totals: dict[str, dict[str, int]] = {}
+
+    def score(key: str, latents: torch.Tensor, spec) -> None:
+        got = prompt_accuracy(to_pil(pipe.decode(latents))[0], spec)
+        row = totals.setdefault(key, {})
+        for k in ("colour_ok", "shape_ok", "count_ok"):
+            row[k] = row.get(k, 0) + int(got[k])
+
+    abar = pipe.schedule.alphas_cumprod
+    for i, (prompt, spec) in enumerate(eval_prompts("single", n, 0)):
+        x0 = pipe.encode(from_pil(render_scene(spec, 256, 256), 256, 256))
+        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(i))
+        score("vae", x0, spec)
+        for std in (0.1, 0.2, 0.4):
+            score(f"vae+noise{std}", x0 + std * eps, spec)
+        req = GenerationRequest(prompt=prompt, width=256, height=256, steps=20, cfg=5.0, seed=i,
+                                schedule="trailing")
+        cond, uncond = pipe.text_conditioning(req, 1)
+        denoiser = pipe.make_denoiser(cond, uncond, req, pipe.sigmas_for(req))
+        for t in levels:
+            sigma = float((1 - abar[t]) / abar[t]) ** 0.5  # the sampler's sigma for training level t
+            score(f"t{t}", denoiser(x0 + sigma * eps, torch.tensor([sigma])), spec)
+    return {key: {k: round(v / n, 3) for k, v in row.items()} for key, row in totals.items()}
+
+
+PROBES = {
+    "text": lambda pipe, a: text_variation(pipe),
+    "swap": lambda pipe, a: shape_swap(pipe, range(a.n), a.grid),
+    "sdedit": lambda pipe, a: sdedit(pipe, a.n),
+    "x0": lambda pipe, a: one_step_x0(pipe, a.n),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--n", type=int, default=16, help="prompts for the sdedit probe, seeds for the swap")
     ap.add_argument("--grid", default=None, help="save the shape-swap images here (rows: seeds)")
+    ap.add_argument("--probes", default="text,swap,sdedit", help=f"comma-separated, of {', '.join(PROBES)}")
     a = ap.parse_args()
+    names = [p.strip() for p in a.probes.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PROBES]
+    if unknown:
+        ap.error(f"unknown probe(s) {unknown}; known: {', '.join(PROBES)}")
     torch.manual_seed(0)
     pipe = SDXL.load(a.model)
     with torch.no_grad():
-        result = {
-            "text": text_variation(pipe),
-            "swap": shape_swap(pipe, range(a.n), a.grid),
-            "sdedit": sdedit(pipe, a.n),
-        }
+        result = {name: PROBES[name](pipe, a) for name in names}
     print(json.dumps(result, indent=1))
 
 
