@@ -107,7 +107,6 @@ def one_step_x0(pipe: SDXL, n: int, levels=(50, 150, 300, 450, 600, 800)) -> dic
         for k in ("colour_ok", "shape_ok", "count_ok"):
             row[k] = row.get(k, 0) + int(got[k])
 
-    abar = pipe.schedule.alphas_cumprod
     for i, (prompt, spec) in enumerate(eval_prompts("single", n, 0)):
         x0 = pipe.encode(from_pil(render_scene(spec, 256, 256), 256, 256))
         eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(i))
@@ -119,8 +118,8 @@ def one_step_x0(pipe: SDXL, n: int, levels=(50, 150, 300, 450, 600, 800)) -> dic
         cond, uncond = pipe.text_conditioning(req, 1)
         denoiser = pipe.make_denoiser(cond, uncond, req, pipe.sigmas_for(req))
         for t in levels:
-            sigma = float((1 - abar[t]) / abar[t]) ** 0.5  # the sampler's sigma for training level t
-            score(f"t{t}", denoiser(x0 + sigma * eps, torch.tensor([sigma])), spec)
+            sigma = pipe.schedule.t_to_sigma(torch.tensor([t]))  # the sampler's sigma for training level t
+            score(f"t{t}", denoiser(x0 + sigma * eps, sigma), spec)
     return {key: {k: round(v / n, 3) for k, v in row.items()} for key, row in totals.items()}
 
 
