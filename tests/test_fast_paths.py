@@ -193,7 +193,9 @@ def test_unet_traces_as_one_graph_with_every_switch():
         # without code generation: fast, and it checks the traced graph's numbers.
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
         out = compiled(*args)
-    assert rel_err(out, ref) <= 1e-5
+    # fp32 with a different summation order (decomposed ops, channels_last, fused QKV): ~1e-5 seen, and it
+    # moves with the thread count; a wrong op would be O(1)
+    assert rel_err(out, ref) <= 1e-4
     torch._dynamo.reset()
 
 

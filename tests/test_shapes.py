@@ -10,6 +10,7 @@ from sdxl.data.buckets import scaled_buckets
 from sdxl.data.dataset import ImageCaptionDataset
 from sdxl.data.evaluate import (
     _hull_area,
+    background_colours,
     connected_components,
     detect_objects,
     detector_accuracy_on_renders,
@@ -268,6 +269,31 @@ def test_detector_accuracy_on_fresh_renders():
     )
     assert acc["single_all_ok"] >= 0.95
     assert acc["pair_relation_ok"] >= 0.9 and acc["pair_all_ok"] >= 0.9
+
+
+def test_detector_measures_the_background_it_is_given():
+    """An autoencoder shifts the light shade of red stripes towards orange: those stripes are background
+    (the detector measures the border's two colours), while an orange object on them is still found."""
+    rng = np.random.default_rng(5)
+    spec = random_scene(rng, n_objects=2, combos=[("purple", "circle"), ("orange", "square")], hold_out=False)
+    spec["background"] = {"color": "red", "texture": "stripes", "period": 0.15, "angle": 0.0, "noise_seed": 1}
+    arr = np.asarray(render_scene(spec, 192, 192)).copy()
+    assert sorted((d.color, d.shape) for d in detect_objects(arr)) == [("orange", "square"), ("purple", "circle")]
+    shade = np.array(SHADES["red"], dtype=np.float32)
+    near_shade = ((arr.astype(np.float32) - shade) ** 2).sum(-1) < 30**2
+    assert near_shade.mean() > 0.2
+    arr[near_shade] = (232, 118, 70)  # nearer to orange (245, 135, 30) than to red (220, 40, 40)
+    assert COLORS[nearest_palette(np.array([[[232, 118, 70]]], dtype=np.uint8))[0, 0]] == "orange"
+    assert sorted((d.color, d.shape) for d in detect_objects(arr)) == [("orange", "square"), ("purple", "circle")]
+    # an object cut by the border is not taken for a background colour, on plain or striped ground, even
+    # when it covers more of the border than the largest object of the dataset can (r = 0.3 at the edge)
+    for texture in ("plain", "stripes"):
+        edge = {**spec, "objects": [{**spec["objects"][0], "x": 0.04, "y": 0.5, "r": 0.3}], "relations": []}
+        edge["background"] = {**spec["background"], "texture": texture}
+        img = np.asarray(render_scene(edge, 192, 192))
+        assert [d.color for d in detect_objects(img)] == ["purple"]
+        if texture == "plain":
+            assert np.abs(background_colours(img) - np.array(PALETTE["red"])).max() < 2  # red only
 
 
 def test_prompt_accuracy_catches_wrong_images():

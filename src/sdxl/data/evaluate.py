@@ -4,6 +4,10 @@ Detector (`detect_objects`), step by step:
   1. colour segmentation: every pixel gets the nearest palette colour (RGB distance);
   2. background: the most common colour on the image border. Textured backgrounds are drawn with a
      shade of their colour that maps to the same palette entry, so stripes/checkers/noise vanish here;
+     and since an autoencoder or a model may move that shade across a palette boundary (light red
+     stripes come back orange), the background's own one or two colours are also measured on a ring
+     just inside the border (`background_colours`), and every pixel nearer to one of them than to any
+     palette colour is background too;
   3. every other colour is cleaned with a 3 x 3 morphological opening, which removes the one-pixel
      fringes that anti-aliased edges leave in "in-between" colours;
   4. 8-connected components; components smaller than `min_area` (a fraction of the shorter side
@@ -69,6 +73,44 @@ def border_mode(labels: np.ndarray) -> int:
     """Most common label on the outermost rows and columns."""
     border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
     return int(np.bincount(border, minlength=len(COLORS)).argmax())
+
+
+def _border_band(a: np.ndarray, inset: int) -> np.ndarray:
+    """The ring of pixels `inset` rows/columns inside the image's edge (the edge itself where too small)."""
+    h, w = a.shape[:2]
+    i = inset if min(h, w) > 4 * inset else 0
+    return np.concatenate([a[i, i : w - i], a[h - 1 - i, i : w - i], a[i : h - i, i], a[i : h - i, w - 1 - i]])
+
+
+def background_colours(
+    arr: np.ndarray, min_share: float = 0.12, inset: int = 4, pure: float = 20.0
+) -> np.ndarray:
+    """The background's own colours, measured near the image border: [k, 3] RGB, k = 1 or 2.
+
+    The pixels of a ring `inset` pixels inside the edge (autoencoders draw a frame on the outermost ones)
+    are split in two by k-means, started from a split across their principal axis; a cluster holding at
+    least `min_share` of the ring is a background colour, unless it lies within `pure` of a palette
+    colour other than the background's (then it is an object touching the border). A textured
+    background's second shade is one of them even where an autoencoder or a model has shifted it across
+    a palette boundary (the light shade of red stripes read as orange, a grey checker read as green).
+    """
+    ring = _border_band(arr, inset).astype(np.float32)
+    centred = ring - ring.mean(0)
+    axis = np.linalg.eigh(centred.T @ centred)[1][:, -1]
+    assign = (centred @ axis > 0).astype(np.int64)
+    centres = np.zeros((2, 3), dtype=np.float32)
+    for _ in range(10):
+        for k in range(2):
+            centres[k] = ring[assign == k].mean(0) if (assign == k).any() else ring.mean(0)
+        assign = ((ring[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+    share = np.bincount(assign, minlength=2) / len(assign)
+    major = int(share.argmax())
+    d = ((centres[:, None, :] - _PALETTE_RGB[None]) ** 2).sum(-1)
+    d[:, d[major].argmin()] = np.inf  # the background's own palette colour
+    # the minor cluster counts if it is large, and is not simply a palette colour (an object on the border)
+    keep = (share >= min_share) & (d.min(1) >= pure**2)
+    keep[major] = True
+    return centres[keep]
 
 
 def _shift_all(mask: np.ndarray, fill: bool, combine) -> np.ndarray:
@@ -279,6 +321,12 @@ def _components(arr: np.ndarray, min_area: float = 0.003) -> list[tuple[dict[str
     """Foreground blobs of an RGB array: (info, features) each, steps 1-5 of the module docstring."""
     labels = nearest_palette(arr)
     bg = border_mode(labels)
+    # pixels nearer to one of the background's measured colours than to any palette colour are background
+    flat = arr.reshape(-1, 3).astype(np.float32)
+    d_palette = ((flat[:, None, :] - _PALETTE_RGB[None]) ** 2).sum(-1).min(1)
+    centres = background_colours(arr)
+    d_bg = ((flat[:, None, :] - centres[None]) ** 2).sum(-1).min(1)
+    labels = np.where((d_bg < d_palette).reshape(labels.shape), bg, labels)
     short = min(arr.shape[:2])
     min_px = max(4, int(min_area * short * short))
     found = []
