@@ -278,13 +278,14 @@ def test_detector_measures_the_background_it_is_given():
     spec = random_scene(rng, n_objects=2, combos=[("purple", "circle"), ("orange", "square")], hold_out=False)
     spec["background"] = {"color": "red", "texture": "stripes", "period": 0.15, "angle": 0.0, "noise_seed": 1}
     arr = np.asarray(render_scene(spec, 192, 192)).copy()
-    assert sorted((d.color, d.shape) for d in detect_objects(arr)) == [("orange", "square"), ("purple", "circle")]
+    expected = [("orange", "square"), ("purple", "circle")]
+    assert sorted((d.color, d.shape) for d in detect_objects(arr)) == expected
     shade = np.array(SHADES["red"], dtype=np.float32)
     near_shade = ((arr.astype(np.float32) - shade) ** 2).sum(-1) < 30**2
     assert near_shade.mean() > 0.2
     arr[near_shade] = (232, 118, 70)  # nearer to orange (245, 135, 30) than to red (220, 40, 40)
     assert COLORS[nearest_palette(np.array([[[232, 118, 70]]], dtype=np.uint8))[0, 0]] == "orange"
-    assert sorted((d.color, d.shape) for d in detect_objects(arr)) == [("orange", "square"), ("purple", "circle")]
+    assert sorted((d.color, d.shape) for d in detect_objects(arr)) == expected
     # an object cut by the border is not taken for a background colour, on plain or striped ground, even
     # when it covers more of the border than the largest object of the dataset can (r = 0.3 at the edge)
     for texture in ("plain", "stripes"):

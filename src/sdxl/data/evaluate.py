@@ -79,7 +79,8 @@ def _border_band(a: np.ndarray, inset: int) -> np.ndarray:
     """The ring of pixels `inset` rows/columns inside the image's edge (the edge itself where too small)."""
     h, w = a.shape[:2]
     i = inset if min(h, w) > 4 * inset else 0
-    return np.concatenate([a[i, i : w - i], a[h - 1 - i, i : w - i], a[i : h - i, i], a[i : h - i, w - 1 - i]])
+    rows = [a[i, i : w - i], a[h - 1 - i, i : w - i]]
+    return np.concatenate(rows + [a[i : h - i, i], a[i : h - i, w - 1 - i]])
 
 
 def background_colours(
