@@ -91,7 +91,7 @@ def test_data_shapes_command(tmp_path):
     assert (tmp_path / "d" / "metadata.jsonl").is_file()
 
 
-def test_eval_shapes_command(tiny_files):
+def test_eval_shapes_command(tiny_files, tmp_path):
     res = runner.invoke(
         app,
         [
@@ -110,8 +110,20 @@ def test_eval_shapes_command(tiny_files):
             "--detector-check",
             "4",
             "--json",
+            "--save",
+            str(tmp_path / "imgs"),
         ],
     )
     assert res.exit_code == 0, res.output
     data = json.loads(res.output[res.output.index("{") :])
     assert data["results"][0]["n"] == 2 and 0.0 <= data["results"][0]["all_ok"] <= 1.0
+    # --save: every image, with the request that made it and its scores (the table's counts add up)
+    from sdxl.metadata import read_info
+
+    saved = sorted((tmp_path / "imgs").glob("*.png"))
+    assert [p.name for p in saved] == ["single_000.png", "single_001.png"]
+    infos = [read_info(p) for p in saved]
+    assert all(i["source"] == "sdxl" for i in infos)
+    params = [i["parameters"] for i in infos]
+    assert all(p["steps"] == 2 and p["width"] == 64 for p in params)
+    assert sum(p["eval"]["scores"]["all_ok"] for p in params) == round(2 * data["results"][0]["all_ok"])

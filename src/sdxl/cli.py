@@ -567,6 +567,9 @@ def eval_shapes(
     size: int | None = typer.Option(None, help="Image side (default: the model's native size)."),
     original_size: int | None = typer.Option(None, help="Micro-conditioning original size (square)."),
     guidance_rescale: float = typer.Option(0.0, help="CFG rescale (Lin et al. 2024), 0..1."),
+    save: Path | None = typer.Option(
+        None, help="Folder to save every generated image in (KIND_NNN.png, with its request and scores)."
+    ),
 ):
     """Prompt accuracy (detector) and Frechet distance of a shapes model on held-out prompts."""
     from rich.console import Console
@@ -611,6 +614,7 @@ def eval_shapes(
         size=size,
         original_size=original_size,
         guidance_rescale=guidance_rescale,
+        save_dir=save,
         progress=lambda k, i, t: con.print(f"{k}: {i}/{t}", end="\r"),
     )
     if as_json:

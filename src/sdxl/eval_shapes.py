@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -61,9 +62,11 @@ def evaluate_pipe(
     progress=None,
     original_size: int | None = None,
     guidance_rescale: float = 0.0,
+    save_dir=None,
 ) -> list[KindResult]:
     from .data.evaluate import frechet_distance, image_features, prompt_accuracy
     from .data.shapes import eval_prompts, render_scene
+    from .metadata import write_png
     from .request import GenerationRequest
 
     size = size or pipe.config.sample_size
@@ -86,8 +89,12 @@ def evaluate_pipe(
             )
             if original_size:
                 req.original_width = req.original_height = original_size
-            img = pipe.generate(req, refiner=refiner).images[0]
+            result = pipe.generate(req, refiner=refiner)
+            img = result.images[0]
             acc = prompt_accuracy(img, spec)
+            if save_dir is not None:  # each image carries its request and its scores
+                record = {"request": req.to_dict(), "eval": {"kind": kind, "index": i, "scores": acc}}
+                write_png(img, Path(save_dir) / f"{kind}_{i:03d}.png", result.infos[0], record)
             for m, ok in acc.items():
                 res.scores[m] = res.scores.get(m, 0) + int(bool(ok))
             gen_feats.append(image_features(img))
