@@ -91,6 +91,11 @@ def test_data_shapes_command(tmp_path):
     assert (tmp_path / "d" / "metadata.jsonl").is_file()
 
 
+def test_eval_shapes_refuses_a_single_prompt(tiny_files):
+    res = runner.invoke(app, ["eval", "shapes", "--model", str(tiny_files["base"]), "--n", "1"])
+    assert res.exit_code != 0 and "--n must be at least 2" in res.output and "Traceback" not in res.output
+
+
 def test_eval_shapes_command(tiny_files, tmp_path):
     res = runner.invoke(
         app,

@@ -580,6 +580,8 @@ def eval_shapes(
     from .weights.io import CheckpointError
 
     con = Console(stderr=True)
+    if n < 2:
+        fail("--n must be at least 2 (the Frechet distance needs two images per list)")
     det = detector_accuracy_on_renders(detector_check, seed=seed + 999) if detector_check else None
     if det is not None and not as_json:
         con.print(f"detector accuracy on {detector_check} real renders: {det}")
