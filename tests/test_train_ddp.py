@@ -7,9 +7,9 @@ update by the root of the running squared gradient, so in the first steps, where
 differences can move an update by a fraction of the learning rate. After 3 steps at lr 1e-3 the weights agree
 to 0.2 x lr (measured: 0.08 x lr), while training moved them by more than 2 x lr. DDP on two processes and
 gradient accumulation over two micro-batches add the same two half-batch gradients and agree to 1e-6
-(measured: bit for bit). FSDP reduce-scatters flattened gradients, whose summation order gloo chooses: it agreed
-to 1.2e-7 on one build machine and to 6.6e-5 (0.066 x lr, the same order as the single-batch difference) on
-another, so it is held to the single-batch bound, 0.2 x lr.
+(measured: bit for bit). FSDP reduce-scatters flattened gradients, whose summation order gloo chooses: it
+agreed to 1.2e-7 on one build machine and to 6.6e-5 (0.066 x lr, the same order as the single-batch
+difference) on another, so it is held to the single-batch bound, 0.2 x lr.
 """
 
 from __future__ import annotations
