@@ -62,11 +62,15 @@ def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
     return arr
 
 
+def _palette_distances(arr: np.ndarray) -> np.ndarray:
+    """Squared RGB distance of every pixel to every palette colour, [H * W, len(COLORS)]."""
+    flat = arr.reshape(-1, 3).astype(np.float32)
+    return ((flat[:, None, :] - _PALETTE_RGB[None, :, :]) ** 2).sum(-1)
+
+
 def nearest_palette(arr: np.ndarray) -> np.ndarray:
     """Index into COLORS of the nearest palette colour of every pixel, [H, W] int."""
-    flat = arr.reshape(-1, 3).astype(np.float32)
-    d = ((flat[:, None, :] - _PALETTE_RGB[None, :, :]) ** 2).sum(-1)
-    return d.argmin(1).reshape(arr.shape[:2])
+    return _palette_distances(arr).argmin(1).reshape(arr.shape[:2])
 
 
 def border_mode(labels: np.ndarray) -> int:
@@ -320,13 +324,14 @@ class Detection:
 
 def _components(arr: np.ndarray, min_area: float = 0.003) -> list[tuple[dict[str, Any], np.ndarray]]:
     """Foreground blobs of an RGB array: (info, features) each, steps 1-5 of the module docstring."""
-    labels = nearest_palette(arr)
+    d_palette = _palette_distances(arr)
+    labels = d_palette.argmin(1).reshape(arr.shape[:2])
     bg = border_mode(labels)
     # pixels nearer to one of the background's measured colours than to any palette colour are background
     flat = arr.reshape(-1, 3).astype(np.float32)
-    d_palette = ((flat[:, None, :] - _PALETTE_RGB[None]) ** 2).sum(-1).min(1)
     centres = background_colours(arr)
     d_bg = ((flat[:, None, :] - centres[None]) ** 2).sum(-1).min(1)
+    d_palette = d_palette.min(1)
     labels = np.where((d_bg < d_palette).reshape(labels.shape), bg, labels)
     short = min(arr.shape[:2])
     min_px = max(4, int(min_area * short * short))
