@@ -17,6 +17,8 @@ from pathlib import Path
 
 import typer
 
+from .assets import default_model_path
+
 app = typer.Typer(
     help="Stable Diffusion XL: generate images, inspect and convert checkpoints, train, serve.",
     no_args_is_help=True,
@@ -103,10 +105,6 @@ def user_defaults() -> dict:
     if not isinstance(gen, dict):
         fail(f"{p}: [generate] must be a table")
     return gen
-
-
-def default_model_path(kind: str = "base") -> Path:
-    return Path(__file__).parent / "assets" / "default" / f"{kind}.safetensors"
 
 
 def resolve_model(name: str | None, models_dir: Path | None, kind: str = "base") -> Path:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import Interrupted, NumericsError
 from .models.conditioning import micro_conditioning
 from .models.config import ModelConfig
 from .request import GenerationRequest, RequestError
@@ -31,10 +32,6 @@ from .sampling.schedules import get_sigmas
 log = logging.getLogger(__name__)
 
 
-class Interrupted(Exception):
-    """Raised when a progress callback asks generation to stop."""
-
-
 @dataclass
 class GenerationResult:
     images: list[Image.Image]
@@ -42,10 +39,6 @@ class GenerationResult:
     seeds: list[int]
     request: GenerationRequest
     infos: list[str] = field(default_factory=list)  # A1111 "parameters" text per image
-
-
-class NumericsError(RuntimeError):
-    """NaN or Inf appeared; the message names the component and the step."""
 
 
 # diffusers' multistep solvers (DPM-Solver++, UniPC, DDIM, LCM) round sigma to the nearest training timestep
@@ -427,8 +420,8 @@ def _run_sampler(pipe: SDXL, denoiser, x, sigmas, req: GenerationRequest, genera
     try:
         opts = {} if req.eta is None else {"eta": req.eta}
         return sampler(denoiser, x, sigmas, generator=generator, callback=cb, **opts)
-    except S.Interrupted:
-        raise Interrupted(f"interrupted during {stage} sampling") from None
+    except Interrupted as e:
+        raise Interrupted(f"interrupted during {stage} sampling", step=e.step, x=e.x, denoised=e.denoised) from None
 
 
 def resolve_lora(name: str, dirs: list[Path], allow_paths: bool = True) -> Path:

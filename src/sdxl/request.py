@@ -12,9 +12,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class RequestError(ValueError):
-    """A request that cannot be run; the message says which field and why."""
+from .errors import RequestError
 
 
 @dataclass

@@ -12,6 +12,8 @@ import logging
 
 import torch
 
+from ..errors import NumericsError
+
 log = logging.getLogger(__name__)
 
 TILE_LATENT = 64  # latent tile side (512 px)
@@ -79,7 +81,6 @@ def vae_decode(pipe, latents: torch.Tensor, tiled: bool | None = None) -> torch.
     img = _decode_raw(vae, z.to(dtype), tiled, cfg)
     if not torch.isfinite(img).all():
         if dtype == torch.float32:
-            from ..pipeline import NumericsError
 
             raise NumericsError("non-finite values (NaN/Inf) in the VAE decoder output (float32)")
         log.warning("VAE decode overflowed in %s; decoding again in float32", dtype)
@@ -89,7 +90,6 @@ def vae_decode(pipe, latents: torch.Tensor, tiled: bool | None = None) -> torch.
         finally:
             vae.to(dtype)
         if not torch.isfinite(img).all():  # not an overflow after all: NaN weights or NaN latents
-            from ..pipeline import NumericsError
 
             raise NumericsError(
                 f"non-finite values (NaN/Inf) in the VAE decoder output, in {dtype} and again in float32"
@@ -128,7 +128,6 @@ def vae_encode(
         finally:
             vae.to(dtype)
     if not torch.isfinite(m).all():
-        from ..pipeline import NumericsError
 
         raise NumericsError(f"non-finite values (NaN/Inf) in the VAE encoder output ({dtype}, float32 tried)")
     mean, logvar = m.chunk(2, dim=1)

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import Interrupted
 from .denoiser import DiscreteSchedule
 
 Tensor = torch.Tensor
@@ -56,22 +57,6 @@ Callback = Callable[[int, float, Tensor, Tensor], object]
 # Options every sampler accepts; a sampler whose body does not use them ignores them.
 _UNIVERSAL_OPTIONS = ("eta", "s_noise")
 
-
-class Interrupted(Exception):
-    """Sampling was stopped (a callback returned "stop" or raised this). Carries the state at that point."""
-
-    def __init__(
-        self,
-        message: str = "sampling interrupted",
-        *,
-        step: int | None = None,
-        x: Tensor | None = None,
-        denoised: Tensor | None = None,
-    ):
-        super().__init__(message)
-        self.step = step
-        self.x = x
-        self.denoised = denoised
 
 
 # ------------------------------------------------------------------------------------------- shared plumbing

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..assets import default_model_path
 from ..request import GenerationRequest, LoraSpec
 from .settings import NameNotFound, ServeSettings, resolve_name
 
@@ -292,8 +293,6 @@ class ModelHost:
             return getattr(self._preset, "path", None)
         if self.settings.model:
             return Path(self.settings.model).expanduser()
-        from ..cli import default_model_path
-
         return default_model_path("base")
 
     def default_path(self) -> Path | None:

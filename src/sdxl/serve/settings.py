@@ -19,19 +19,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from ..errors import BadName, NameNotFound
 from ..request import Limits
 
 
 class SettingsError(ValueError):
     """A setting the server cannot start with; the message says which and what to do."""
-
-
-class BadName(ValueError):
-    """A client-supplied name that is not a plain name inside its folder (answered with HTTP 400)."""
-
-
-class NameNotFound(LookupError):
-    """A well-formed name that matches nothing in its folder (answered with HTTP 404)."""
 
 
 def default_data_dir() -> Path:

@@ -20,9 +20,7 @@ from pathlib import Path
 
 import torch
 
-
-class CheckpointError(ValueError):
-    """A file that is not a usable checkpoint. The message is one line and names the file."""
+from ..errors import CheckpointError
 
 
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
