@@ -100,6 +100,27 @@ def test_default_refiner_runs(tmp_path):
     assert out.is_file()
 
 
+@pytest.mark.parametrize("steps, base_steps", [(10, 8), (20, 16), (30, 24)])
+def test_refiner_hand_off_on_the_zero_terminal_snr_model(steps, base_steps):
+    """The shipped base is zero-terminal-SNR with "trailing" timesteps: at switch 0.8 the base makes the
+    steps that start at t >= 200 on its own noise table (8/16/24), the refiner the rest. Read off the
+    standard table, the cut came one step late (9/17/25)."""
+    import sdxl
+    from sdxl.request import GenerationRequest
+
+    base, refiner = sdxl.load("default"), sdxl.load("default", kind="refiner")
+    assert base.config.zero_terminal_snr
+    counts: dict[str, int] = {}
+
+    def count(p):
+        counts[p.stage] = p.total
+
+    req = GenerationRequest(prompt="a green star", width=64, height=64, steps=steps, seed=2,
+                            refiner="default")
+    base.generate(req, callback=count, refiner=refiner)
+    assert counts == {"base": base_steps, "refiner": steps - base_steps}
+
+
 def test_training_recipe_smoke(tmp_path):
     """scripts/train_default.sh at 1/200 of its step counts: every stage runs and the result loads."""
     assert shutil.which("sdxl"), "the `sdxl` command must be installed (pip install -e .)"

@@ -402,7 +402,7 @@ def test_img2img_sigmas(schedule):
 
 def test_split_sigmas(schedule):
     """SDXL_SPEC §8: 50 leading steps at 0.8 -> base 40, refiner 10, handing over at t = 201 -> 181."""
-    high, low = S.split_sigmas(sch.leading(50, schedule), 0.8)
+    high, low = S.split_sigmas(sch.leading(50, schedule), 0.8, schedule)
     assert (len(high) - 1, len(low) - 1) == (40, 10)
     assert high[-1] == low[0]
     assert schedule.sigma_to_t(low[0]).item() == 181

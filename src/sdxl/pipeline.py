@@ -525,7 +525,7 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
 
     base_sigmas, ref_sigmas = sigmas, None
     if refiner is not None and req.refiner_mode == "ensemble":
-        base_sigmas, ref_sigmas = S.split_sigmas(sigmas, req.refiner_switch)
+        base_sigmas, ref_sigmas = S.split_sigmas(sigmas, req.refiner_switch, pipe.schedule_for(req))
 
     denoiser = pipe.make_denoiser(cond, uncond, req, base_sigmas, extra_channels=extra)
     if mask is not None and extra is None and init is not None:

@@ -70,3 +70,30 @@ def micro_conditioning(pooled: Tensor, numbers: Tensor, dim: int = 256) -> Tenso
         raise ValueError(f"batch mismatch: pooled {tuple(pooled.shape)} vs numbers {tuple(numbers.shape)}")
     feats = fourier_features(numbers, dim).to(pooled.dtype)
     return torch.cat([pooled, feats], dim=1)
+
+
+def conditioning_numbers(
+    kind: str,
+    original_size: tuple[float, float],
+    crop_top_left: tuple[float, float],
+    target_size: tuple[float, float] | None = None,
+    aesthetic_score: float | None = None,
+) -> list[float]:
+    """The micro-conditioning numbers in the order the UNet was trained on (the one home of this layout).
+
+    Sizes are (height, width). Base and inpaint models: original h, w | crop top, left | target h, w.
+    The refiner has the aesthetic score in place of the target size (paper section 2.5).
+    """
+    nums = [float(original_size[0]), float(original_size[1]), float(crop_top_left[0]), float(crop_top_left[1])]
+    if kind == "refiner":
+        if aesthetic_score is None:
+            raise ValueError("the refiner's conditioning needs an aesthetic score")
+        return [*nums, float(aesthetic_score)]
+    if target_size is None:
+        raise ValueError(f"the {kind} model's conditioning needs a target size")
+    return [*nums, float(target_size[0]), float(target_size[1])]
+
+
+def num_conditioning_numbers(kind: str) -> int:
+    """How many micro-conditioning numbers `kind` takes (base/inpaint 6, refiner 5)."""
+    return 5 if kind == "refiner" else 6

@@ -800,20 +800,18 @@ def img2img_sigmas(sigmas: Tensor, strength: float) -> Tensor:
     return sigmas[n - kept:]
 
 
-def split_sigmas(
-    sigmas: Tensor, switch_fraction: float, schedule: DiscreteSchedule | None = None
-) -> tuple[Tensor, Tensor]:
+def split_sigmas(sigmas: Tensor, switch_fraction: float, schedule: DiscreteSchedule) -> tuple[Tensor, Tensor]:
     """Split a schedule for a base -> refiner "ensemble of experts" (diffusers' denoising_end/_start).
 
     The cut-off timestep is round(N - switch_fraction * N) (200 for 0.8): the base makes every step whose
     starting timestep is >= the cut-off, the refiner the rest. Returns (high, low) with high[-1] == low[0], so
     the refiner continues exactly where the base stopped, without new noise. Steps are whole steps, so for
     second-order samplers the split always falls after a full step (diffusers needs a +1 for that).
-    Timesteps are read off the sigmas with `schedule` (default: SDXL's DiscreteSchedule), log-interpolated.
+    Timesteps are read off the sigmas with `schedule`, the model's own noise table (log-interpolated): on a
+    zero-terminal-SNR model the standard table would put the cut one step late.
     """
     if not 0.0 <= switch_fraction <= 1.0:
         raise ValueError(f"switch_fraction must be in [0, 1], got {switch_fraction}")
-    schedule = schedule if schedule is not None else DiscreteSchedule()
     N = schedule.num_timesteps
     cutoff = round(N - switch_fraction * N)
     t = schedule.sigma_to_t(torch.as_tensor(sigmas[:-1]).detach().cpu())
