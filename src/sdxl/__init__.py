@@ -5,7 +5,7 @@
     images = pipe.generate(sdxl.GenerationRequest(prompt="a photo of a cat", seed=1)).images
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def __getattr__(name):  # lazy: `import sdxl` stays cheap (no torch) until something is used

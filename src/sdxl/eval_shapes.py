@@ -88,7 +88,7 @@ def evaluate_pipe(
                 guidance_rescale=guidance_rescale,
             )
             if original_size:
-                req.original_width = req.original_height = original_size
+                req = req.replace(original_width=original_size, original_height=original_size)
             result = pipe.generate(req, refiner=refiner)
             img = result.images[0]
             acc = prompt_accuracy(img, spec)

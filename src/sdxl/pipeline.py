@@ -21,13 +21,24 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .assets import DEFAULT_NAME, default_model_path
 from .errors import Interrupted, NumericsError
-from .models.conditioning import micro_conditioning
+from .metadata import short_hash
+from .models.conditioning import conditioning_numbers, micro_conditioning
 from .models.config import ModelConfig
+from .models.text import TextEncoders
+from .models.vae_utils import vae_decode, vae_encode
+from .prompt_encoding import encode_schedule, encode_text, encode_weighted
+from .prompts import extract_loras
 from .request import GenerationRequest, RequestError
 from .sampling import samplers as S
-from .sampling.denoiser import DiscreteSchedule, ModelDenoiser
+from .sampling.denoiser import DiscreteSchedule, ModelDenoiser, quantizes_timesteps
+from .sampling.guidance import guided_model, step_finder
 from .sampling.schedules import get_sigmas
+from .tokenizer import CLIPTokenizer
+from .version import __version__
+from .watermark import apply_watermark
+from .weights.lora import LoraSet, apply, load_lora, lora_models
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +50,6 @@ class GenerationResult:
     seeds: list[int]
     request: GenerationRequest
     infos: list[str] = field(default_factory=list)  # A1111 "parameters" text per image
-
-
-# diffusers' multistep solvers (DPM-Solver++, UniPC, DDIM, LCM) round sigma to the nearest training timestep
-# before calling the UNet (as sgm does); its Euler-family schedulers pass the interpolated timestep.
-_QUANTIZED = {
-    "dpmpp_2m",
-    "dpmpp_2m_sde",
-    "dpmpp_2m_sde_heun",
-    "dpmpp_3m_sde",
-    "unipc",
-    "unipc_bh1",
-    "ddim",
-    "lcm",
-}
-
-
-def quantizes_timesteps(sampler: str) -> bool:
-    return sampler in _QUANTIZED
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
@@ -88,9 +81,6 @@ class SDXL:
         vae_dtype=None,
         path: str | Path | None = None,
     ):
-        from .models.text import TextEncoders
-        from .tokenizer import CLIPTokenizer
-
         self.config = config
         self.unet = unet
         self.vae = vae
@@ -104,6 +94,11 @@ class SDXL:
         self.schedule = DiscreteSchedule(zero_terminal_snr=config.zero_terminal_snr)
         self.lora_dirs: list[Path] = []  # where LoRA names are looked up
         self.allow_lora_paths = True  # the server turns this off: names only, inside lora_dirs
+        self.embeddings = None  # an EmbeddingLibrary of textual inversions (`load_embeddings`)
+        self.offload_storage: torch.device | None = None  # set by enable_cpu_offload
+        self._hash: str | None = None
+        self._lora_cache: dict[tuple[str, int], Any] = {}
+        self._refiners: dict[str, SDXL] = {}  # refiners named by requests, loaded once
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -148,7 +143,7 @@ class SDXL:
     @contextlib.contextmanager
     def on_device(self, module):
         """Run a block with `module` on the execution device (a no-op unless CPU offload is on)."""
-        storage = getattr(self, "offload_storage", None)
+        storage = self.offload_storage
         if storage is None or module is None:
             yield module
             return
@@ -162,10 +157,8 @@ class SDXL:
 
     def model_hash(self) -> str | None:
         """A1111's short model hash (first 10 hex of the file's SHA-256), computed once."""
-        if not hasattr(self, "_hash"):
-            from .metadata import short_hash
-
-            self._hash = short_hash(self.path) if self.path is not None and self.path.is_file() else None
+        if self._hash is None and self.path is not None and self.path.is_file():
+            self._hash = short_hash(self.path)
         return self._hash
 
     @property
@@ -177,8 +170,6 @@ class SDXL:
         self, prompt: str | list[str], prompt_2: str | list[str] | None = None, clip_skip: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Context [B, 77*k, C] (CLIP-L penultimate ‖ bigG penultimate) and pooled bigG [B, P]."""
-        from .prompt_encoding import encode_weighted
-
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts_2 = (
             prompts if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
@@ -200,20 +191,15 @@ class SDXL:
         """y = [pooled | fourier(original h, w | crop top, left | target h, w)]; the refiner has the aesthetic
         score in place of the target size."""
         mc = req.micro_conditioning(negative)
-        nums = [*mc["original_size"], *mc["crop_top_left"]]
-        if self.kind == "refiner":
-            score = req.negative_aesthetic_score if negative else req.aesthetic_score
-            nums.append(score if aesthetic is None else aesthetic)
-        else:
-            nums.extend(mc["target_size"])
+        score = req.negative_aesthetic_score if negative else req.aesthetic_score
+        nums = conditioning_numbers(self.kind, mc["original_size"], mc["crop_top_left"], mc["target_size"],
+                                    score if aesthetic is None else aesthetic)
         numbers = torch.tensor([nums], dtype=torch.float32, device=self.device).expand(pooled.shape[0], -1)
         return micro_conditioning(pooled.float(), numbers, self.config.fourier_dim).to(self.dtype)
 
     def text_conditioning(self, req: GenerationRequest, batch: int, steps: int | None = None):
         """Conditioning schedules for the cond and uncond branches: lists of (end_step, context, y), one
         entry per range of steps (several only with A1111 prompt editing), tensors [batch, ...]."""
-        from .prompt_encoding import encode_schedule, encode_text
-
         steps = steps or req.steps
         cond = encode_schedule(self, req.prompt, req.prompt_2, steps, req.clip_skip, req.emphasis)
         if self.kind != "refiner" and not req.negative_prompt and not req.negative_prompt_2:
@@ -249,8 +235,6 @@ class SDXL:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1] (float32). fp16 overflow falls back to float32."""
-        from .models.vae_utils import vae_decode
-
         return vae_decode(self, latents, tiled)
 
     @torch.no_grad()
@@ -258,8 +242,6 @@ class SDXL:
         self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False
     ) -> torch.Tensor:
         """Images in [-1, 1] -> scaled latents (the posterior mean unless `sample`)."""
-        from .models.vae_utils import vae_encode
-
         return vae_encode(self, images, generator, sample)
 
     # ---------------------------------------------------------------- denoising
@@ -274,48 +256,25 @@ class SDXL:
         """A denoiser D(x, sigma) with classifier-free guidance (both branches in one batch), guidance
         rescale, CFG limited to a range of steps, and per-step conditioning (prompt editing).
 
-        `cond`/`uncond` are schedules from `text_conditioning`. The step a UNet call belongs to is read off
-        its timestep, so second-order samplers' intermediate evaluations count as their step.
+        `cond`/`uncond` are schedules from `text_conditioning`; see `sampling.guidance`. Needs a resolved
+        request.
         """
-        cfg, unet = req.cfg, self.unet
         prediction = req.prediction or self.config.prediction
         den = ModelDenoiser(
             None, self.schedule_for(req), prediction=prediction, quantize=quantizes_timesteps(req.sampler)
         )
         n = max(len(sigmas) - 1, 1)
-        t_steps = den.timestep(sigmas[:-1].float().cpu()).tolist()
-        cfg_first, cfg_last = int(round(req.cfg_start * n)), int(round(req.cfg_end * n))
-
-        def pick(schedule, step):
-            for end, c, y in schedule:
-                if step + 1 <= end:
-                    return c, y
-            return schedule[-1][1], schedule[-1][2]
-
-        def model_fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_in = x_in.to(self.dtype)
-            if extra_channels is not None:  # inpainting UNet: [latents | mask | masked-image latents]
-                x_in = torch.cat([x_in, extra_channels.to(x_in)], dim=1)
-            tt = t.to(x_in.device).reshape(-1).expand(x_in.shape[0])
-            tv = float(tt[0])
-            step = max(sum(1 for ts in t_steps if ts >= tv - 1e-4) - 1, 0)
-            ctx, y = pick(cond, step)
-            if cfg == 1.0 or not (cfg_first <= step < cfg_last):
-                return unet(x_in, tt, ctx, y).float()
-            nctx, ny = pick(uncond, step)
-            b = x_in.shape[0]
-            out = unet(
-                torch.cat([x_in, x_in]), torch.cat([tt, tt]), torch.cat([nctx, ctx]), torch.cat([ny, y])
-            ).float()
-            out_u, out_c = out[:b], out[b:]
-            guided = out_u + cfg * (out_c - out_u)
-            if req.guidance_rescale > 0:  # Lin et al. 2023, "Common Diffusion Noise Schedules...", eq. 15-16
-                dims = list(range(1, out.ndim))
-                rescaled = guided * (out_c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-                guided = req.guidance_rescale * rescaled + (1 - req.guidance_rescale) * guided
-            return guided
-
-        den.model_fn = model_fn
+        den.model_fn = guided_model(
+            self.unet,
+            cond,
+            uncond,
+            scale=req.cfg,
+            rescale=req.guidance_rescale,
+            cfg_steps=(int(round(req.cfg_start * n)), int(round(req.cfg_end * n))),
+            step_of=step_finder(den.timestep(sigmas[:-1].float().cpu()).tolist()),
+            dtype=self.dtype,
+            extra_channels=extra_channels,
+        )
         return den
 
     def schedule_for(self, req: GenerationRequest) -> DiscreteSchedule:
@@ -333,8 +292,21 @@ class SDXL:
     def generate(
         self, req: GenerationRequest, callback=None, refiner: SDXL | None = None
     ) -> GenerationResult:
-        """Run a request. `callback(p)` gets a `Progress` after every step; returning "stop" interrupts."""
+        """Run a request. `callback(p)` gets a `Progress` after every step; returning "stop" interrupts
+        (raising `Interrupted`, which carries the latents reached). `refiner`: a loaded refiner, used when
+        the request names one or `refiner` is given. The result's request is the resolved one."""
+        req = req.resolve(self.config)
+        if refiner is None and req.refiner is not None:
+            refiner = self.refiner_named(req.refiner)
         return run_generation(self, req, callback=callback, refiner=refiner)
+
+    def refiner_named(self, name: str) -> SDXL:
+        """A refiner a request names (a file, or "default" for the shipped one), loaded once per name on
+        this model's device and dtypes."""
+        if name not in self._refiners:
+            self._refiners[name] = load(name, device=self.device, dtype=self.dtype, vae_dtype=self.vae_dtype,
+                                        kind="refiner")
+        return self._refiners[name]
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -357,8 +329,11 @@ def from_pil(image: Image.Image | str | Path, width: int, height: int) -> torch.
     return torch.from_numpy(arr).permute(2, 0, 1)[None]
 
 
-def load(path: str | Path, device: str = "cpu", dtype=torch.float32, **kw: Any) -> SDXL:
-    """Load an SDXL-family checkpoint (official single file or diffusers folder)."""
+def load(path: str | Path, device: str = "cpu", dtype=torch.float32, *, kind: str = "base", **kw: Any) -> SDXL:
+    """Load an SDXL-family checkpoint (official single file or diffusers folder). "default" is the
+    miniature model shipped in the package (`kind`: "base" or "refiner")."""
+    if str(path) == DEFAULT_NAME:
+        path = default_model_path(kind)
     return SDXL.load(path, device=device, dtype=dtype, **kw)
 
 
@@ -421,7 +396,9 @@ def _run_sampler(pipe: SDXL, denoiser, x, sigmas, req: GenerationRequest, genera
         opts = {} if req.eta is None else {"eta": req.eta}
         return sampler(denoiser, x, sigmas, generator=generator, callback=cb, **opts)
     except Interrupted as e:
-        raise Interrupted(f"interrupted during {stage} sampling", step=e.step, x=e.x, denoised=e.denoised) from None
+        raise Interrupted(
+            f"interrupted during {stage} sampling", step=e.step, x=e.x, denoised=e.denoised
+        ) from None
 
 
 def resolve_lora(name: str, dirs: list[Path], allow_paths: bool = True) -> Path:
@@ -444,13 +421,11 @@ def resolve_lora(name: str, dirs: list[Path], allow_paths: bool = True) -> Path:
 
 def _apply_loras(pipe: SDXL, req: GenerationRequest, inline: list):
     """Hook the request's LoRAs (and the prompt's `<lora:name:w>` tags) onto the models; returns the patch."""
-    from .weights.lora import LoraSet, apply, load_lora, lora_models
-
     specs = [(x.name, x.weight, None) for x in req.loras]
     specs += [(x.name, x.weight, None) for x in inline]
     if not specs:
         return None
-    cache = pipe.__dict__.setdefault("_lora_cache", {})
+    cache = pipe._lora_cache
     loras = LoraSet()
     for name, weight, text_weight in specs:
         path = resolve_lora(name, pipe.lora_dirs, pipe.allow_lora_paths)
@@ -466,11 +441,8 @@ def _apply_loras(pipe: SDXL, req: GenerationRequest, inline: list):
 
 
 def run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: SDXL | None = None):
-    from .prompts import extract_loras
-
-    zsnr = req.zero_terminal_snr if isinstance(req.zero_terminal_snr, bool) else pipe.config.zero_terminal_snr
-    req.validate(zero_terminal_snr=zsnr)
-    prompt, inline = extract_loras(req.prompt)
+    """Run a resolved request (`req.resolve(pipe.config)`), with its LoRAs hooked on for the duration."""
+    _, inline = extract_loras(req.prompt)
     patch = _apply_loras(pipe, req, inline)
     try:
         return _run_generation(pipe, req, callback, refiner)
@@ -482,9 +454,7 @@ def run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: S
 def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: SDXL | None = None):
     if pipe.unet is None or pipe.vae is None:
         raise RequestError(f"model {pipe.path}: needs a UNet and a VAE to generate (this file lacks one)")
-    if req.refiner is not None and refiner is None:
-        refiner = SDXL.load(req.refiner, device=pipe.device, dtype=pipe.dtype, vae_dtype=pipe.vae_dtype)
-    seed = req.resolved_seed()
+    seed = req.seed
     B = req.batch
     seeds = [seed + i for i in range(B)]
     f = pipe.config.vae.downscale
@@ -551,14 +521,12 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
 
     _check_finite(x, "the final latents")
     with pipe.on_device(pipe.vae):
-        images = pipe.decode(x)
+        images = pipe.decode(x, tiled=req.vae_tiling)
     if mask is not None and init_pixels is not None:  # keep the untouched pixels exactly
         m = mask.to(images)
         images = images * m + init_pixels.to(images) * (1 - m)
     pil = to_pil(images)
     if req.watermark:
-        from .watermark import apply_watermark
-
         pil = [apply_watermark(im) for im in pil]
     result = GenerationResult(images=pil, latents=x, seeds=seeds, request=req)
     result.infos = [a1111_parameters(pipe, req, s, refiner) for s in seeds]
@@ -618,7 +586,5 @@ def a1111_parameters(pipe: SDXL, req: GenerationRequest, seed: int, refiner: SDX
                 pass
         if hashes:
             p["Lora hashes"] = ", ".join(hashes)
-    from . import __version__
-
     p["Version"] = f"sdxl {__version__}"
     return format_a1111(p)

@@ -1,8 +1,15 @@
-"""`GenerationRequest`: the one typed object behind the Python API, the CLI and the HTTP API.
+"""`GenerationRequest`: the one description of a generation (Python API, CLI, both HTTP APIs, web UI).
 
-Every field has a default, so `GenerationRequest(prompt="a cat")` is a complete request. The CLI builds one
-from its options, the HTTP API parses one from JSON (FastAPI reads the dataclass directly), and the PNG
-metadata stores `to_dict()` so `sdxl generate --from IMAGE` rebuilds the same request.
+Every field has a default, so `GenerationRequest(prompt="a cat")` is a complete request. `None` means "what
+the model says": the model's native size, the file's prediction type and noise schedule, a random seed.
+`resolve(config)` fills all of those against the loaded model once, in one pure step, and returns a new
+request in which every name is canonical ("DPM++ 2M" -> "dpmpp_2m", "Automatic" -> "trailing" on a
+zero-terminal-SNR model); the pipeline runs only resolved requests, and the PNG stores the resolved one, so
+`sdxl generate --from IMAGE` repeats it exactly.
+
+Each field's help text lives in its metadata: the CLI builds its options from it (`cli_options`), and the
+HTTP API's schema from the fields themselves. What is not about the image (which files, device, dtype,
+threads, compilation) is in `RunOptions`.
 """
 
 from __future__ import annotations
@@ -13,78 +20,101 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import RequestError
+from .sampling import is_automatic, resolve_sampler, resolve_schedule
 
 
-@dataclass
+def _f(default: Any = None, help: str = "", *, flags: tuple[str, ...] = (), cli: bool = True, **kw: Any):
+    """A field with its help text and CLI flags (first flag = the option's name, default `--field-name`)."""
+    meta = {"help": help, "flags": flags, "cli": cli}
+    if "default_factory" in kw:
+        return field(default_factory=kw.pop("default_factory"), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
 class LoraSpec:
     name: str
     weight: float = 1.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationRequest:
     # --- text ---
-    prompt: str = ""
-    negative_prompt: str | None = None  # None: zero embedding on the base model (the official behaviour)
-    prompt_2: str | None = None  # text for the bigG encoder; None = same as prompt
-    negative_prompt_2: str | None = None
-    clip_skip: int = 1  # 1 = the penultimate layer SDXL was trained with; 2 = one layer earlier, ...
-    emphasis: str = "original"  # A1111 emphasis: "original" (mean-restoring), "no_norm", "none" (no syntax)
-    # --- size and micro-conditioning (None = the image size; crop defaults to 0, 0) ---
-    width: int = 1024
-    height: int = 1024
-    original_width: int | None = None
-    original_height: int | None = None
-    target_width: int | None = None
-    target_height: int | None = None
-    crop_top: int = 0
-    crop_left: int = 0
-    negative_original_width: int | None = None
-    negative_original_height: int | None = None
-    negative_target_width: int | None = None
-    negative_target_height: int | None = None
-    negative_crop_top: int | None = None
-    negative_crop_left: int | None = None
+    prompt: str = _f("", "What to draw (A1111 prompt syntax).", cli=False)  # the CLI's positional argument
+    negative_prompt: str | None = _f(
+        None, "What to avoid (none: a zero embedding on the base model, as the official pipeline).",
+        flags=("--negative-prompt", "-N"))
+    prompt_2: str | None = _f(None, "Separate prompt for the bigG encoder (default: the prompt).")
+    negative_prompt_2: str | None = _f(None, "Separate negative prompt for the bigG encoder.")
+    clip_skip: int = _f(1, "1 = the penultimate layer SDXL was trained with; 2 = one layer earlier, ...")
+    emphasis: str = _f("original", "A1111 emphasis: original (mean-restoring), no_norm, none (no syntax).")
+    # --- size and micro-conditioning ---
+    width: int | None = _f(None, "Image width in pixels, a multiple of 8 (default: the model's native size).",
+                           flags=("--width", "-W"))
+    height: int | None = _f(None, "Image height in pixels (default: the model's native size).",
+                            flags=("--height", "-H"))
+    original_width: int | None = _f(None, "Micro-conditioning original width (default: the width).")
+    original_height: int | None = _f(None, "Micro-conditioning original height (default: the height).")
+    target_width: int | None = _f(None, "Micro-conditioning target width (default: the width).")
+    target_height: int | None = _f(None, "Micro-conditioning target height (default: the height).")
+    crop_top: int = _f(0, "Micro-conditioning crop top (pixels).")
+    crop_left: int = _f(0, "Micro-conditioning crop left (pixels).")
+    negative_original_width: int | None = _f(None, "Negative branch: original width.")
+    negative_original_height: int | None = _f(None, "Negative branch: original height.")
+    negative_target_width: int | None = _f(None, "Negative branch: target width.")
+    negative_target_height: int | None = _f(None, "Negative branch: target height.")
+    negative_crop_top: int | None = _f(None, "Negative branch: crop top (default: crop top).")
+    negative_crop_left: int | None = _f(None, "Negative branch: crop left (default: crop left).")
     # --- sampling ---
-    steps: int = 30
-    cfg: float = 5.0
-    guidance_rescale: float = 0.0
-    cfg_start: float = 0.0  # CFG only on this fraction range of the steps; the rest uses the cond branch only
-    cfg_end: float = 1.0
-    sampler: str = "dpmpp_2m"
-    schedule: str = "automatic"  # the sampler's preferred one (A1111); trailing on a zero-terminal-SNR model
-    eta: float | None = None  # noise multiplier for ancestral/SDE samplers (None: each sampler's default)
-    seed: int | None = None  # None: a random seed, written back into the result
-    batch: int = 1  # images per forward pass; image i uses seed + i
-    prediction: str | None = None  # "eps" / "v"; None = what the checkpoint says
-    zero_terminal_snr: bool | None = None  # zero-terminal-SNR schedule; None = what the checkpoint says
+    steps: int = _f(30, "Sampler steps.")
+    cfg: float = _f(5.0, "Classifier-free guidance scale.")
+    guidance_rescale: float = _f(0.0, "CFG rescale phi, 0..1 (Lin et al.; 0.7 for zero-terminal-SNR models).")
+    cfg_start: float = _f(0.0, "Apply CFG from this fraction of the steps (before: the prompt alone).")
+    cfg_end: float = _f(1.0, "Apply CFG until this fraction of the steps.")
+    sampler: str = _f("dpmpp_2m", "euler, euler_a, dpmpp_2m, ... or an A1111/ComfyUI name (DPM++ 2M Karras).")
+    schedule: str = _f("automatic", "automatic (the sampler's own; trailing on a zero-terminal-SNR model), "
+                       "normal, leading, trailing, karras, exponential, sgm_uniform, simple, ddim_uniform, "
+                       "beta.")
+    eta: float | None = _f(None, "Noise multiplier for ancestral/SDE samplers (default: each sampler's).")
+    seed: int | None = _f(None, "Seed (random if omitted or -1; printed and saved in the PNG).")
+    batch: int = _f(1, "Images per forward pass; image i uses seed + i.")
+    prediction: str | None = _f(None, "Force eps or v prediction (default: what the checkpoint says).")
+    zero_terminal_snr: bool | None = _f(
+        None, "Force the zero-terminal-SNR schedule on or off (default: the checkpoint's).", flags=("--zsnr",)
+    )
     # --- img2img / inpaint ---
-    init_image: Any = None  # a path or a PIL image
-    strength: float = 0.75
-    mask_image: Any = None  # white = repaint
-    mask_blur: int = 4
+    init_image: Any = _f(None, "img2img: start from this image.")  # a path or a PIL image
+    strength: float = _f(0.75, "img2img/inpaint: how much to change (0..1].")
+    mask_image: Any = _f(None, "Inpaint: mask image, white = repaint (needs --init-image).",
+                         flags=("--mask",))
+    mask_blur: int = _f(4, "Inpaint: Gaussian blur radius of the mask in pixels (A1111's default 4).")
     # --- refiner (paper section 2.5) ---
-    refiner: str | None = None
-    refiner_mode: str = "ensemble"  # "ensemble" (finish the base schedule) or "sdedit" (re-noise the image)
-    refiner_switch: float = 0.8  # ensemble: fraction of the schedule the base runs
-    refiner_strength: float = 0.3  # sdedit: fraction re-noised
-    refiner_steps: int | None = None  # sdedit: steps of the refiner schedule (default: steps)
-    aesthetic_score: float = 6.0
-    negative_aesthetic_score: float = 2.5
+    refiner_mode: str = _f("ensemble", "ensemble (the refiner finishes the base schedule) or sdedit.")
+    refiner_switch: float = _f(0.8, "ensemble: fraction of the schedule the base runs.")
+    refiner_strength: float = _f(0.3, "sdedit: fraction re-noised.")
+    refiner_steps: int | None = _f(None, "sdedit: steps of the refiner schedule (default: --steps).")
+    aesthetic_score: float = _f(6.0, "Refiner aesthetic score.")
+    negative_aesthetic_score: float = _f(2.5, "Refiner negative aesthetic score.")
+    # --- which files (the server's per-request choice; the CLI and Python API take them as RunOptions) ---
+    refiner: str | None = _f(None, "Refiner checkpoint name.", cli=False)
+    model: str | None = _f(None, "Model name.", cli=False)
     # --- extras ---
-    loras: list[LoraSpec] = field(default_factory=list)
-    model: str | None = None
-    vae_tiling: bool | None = None  # None: automatic (large images)
-    watermark: bool = False
+    loras: tuple[LoraSpec, ...] = _f(help="LoRAs (CLI: --lora NAME:WEIGHT, repeatable).", cli=False,
+                                     default_factory=tuple)
+    vae_tiling: bool | None = _f(None, "Tiled VAE decode (default: automatic, for large images).")
+    watermark: bool = _f(False, "Add the official invisible watermark.")
+
+    def __post_init__(self):
+        if not isinstance(self.loras, tuple):  # lists (JSON, callers) become tuples: the request is immutable
+            object.__setattr__(self, "loras", tuple(_lora(x) for x in self.loras or ()))
+
+    def replace(self, **changes: Any) -> GenerationRequest:
+        return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------------------------------
-    def resolved_seed(self) -> int:
-        if self.seed is None:
-            self.seed = random.randrange(2**32)
-        return self.seed
-
     def micro_conditioning(self, negative: bool = False) -> dict[str, tuple[int, int]]:
-        """(h, w) tuples as the model sees them: original size, crop (top, left), target size."""
+        """(h, w) tuples as the model sees them: original size, crop (top, left), target size. Needs a
+        resolved request (width and height set)."""
         oh = self.original_height or self.height
         ow = self.original_width or self.width
         th = self.target_height or self.height
@@ -99,11 +129,8 @@ class GenerationRequest:
             cl = cl if self.negative_crop_left is None else self.negative_crop_left
         return {"original_size": (oh, ow), "crop_top_left": (ct, cl), "target_size": (th, tw)}
 
-    def validate(self, limits: Limits | None = None, zero_terminal_snr: bool = False) -> GenerationRequest:
-        """Raise RequestError naming the first bad field; resolve the sampler and schedule names to ours.
-        Returns self for chaining. `zero_terminal_snr`: the model samples on the zero-terminal-SNR schedule,
-        so "automatic" means "trailing" (Lin et al. 2024: the Karras ramp from sigma_max = 4096 would spend
-        half the steps on pure noise)."""
+    def validate(self, limits: Limits | None = None) -> GenerationRequest:
+        """Raise RequestError naming the first bad field. Changes nothing; returns self for chaining."""
         lim = limits or Limits()
         if not isinstance(self.prompt, str):
             raise RequestError("prompt: must be a string")
@@ -111,9 +138,9 @@ class GenerationRequest:
             raise RequestError(f"prompt: {len(self.prompt)} characters, the limit is {lim.max_prompt_chars}")
         for name in ("width", "height"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 8 or v % 8:
+            if v is not None and (not isinstance(v, int) or v < 8 or v % 8):
                 raise RequestError(f"{name}: {v!r} is not a positive multiple of 8")
-        if self.width * self.height > lim.max_pixels:
+        if self.width is not None and self.height is not None and self.width * self.height > lim.max_pixels:
             raise RequestError(
                 f"size: {self.width}x{self.height} = {self.width * self.height} pixels, "
                 f"the limit is {lim.max_pixels}"
@@ -122,10 +149,8 @@ class GenerationRequest:
             raise RequestError(f"steps: {self.steps} is outside 1..{lim.max_steps}")
         if not 1 <= self.batch <= lim.max_batch:
             raise RequestError(f"batch: {self.batch} is outside 1..{lim.max_batch}")
-        if not (0.0 <= self.cfg <= 100.0):
-            raise RequestError(f"cfg: {self.cfg} is outside 0..100")
-        if not 0.0 <= self.guidance_rescale <= 1.0:
-            raise RequestError(f"guidance_rescale: {self.guidance_rescale} is outside 0..1")
+        _range("cfg", self.cfg, 0.0, 100.0)
+        _range("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
         if not 0.0 <= self.cfg_start <= self.cfg_end <= 1.0:
             raise RequestError("cfg_start/cfg_end: need 0 <= cfg_start <= cfg_end <= 1")
         if not 0.0 < self.strength <= 1.0:
@@ -134,6 +159,14 @@ class GenerationRequest:
             raise RequestError(f"refiner_switch: {self.refiner_switch} is outside (0, 1)")
         if not 0.0 < self.refiner_strength <= 1.0:
             raise RequestError(f"refiner_strength: {self.refiner_strength} is outside (0, 1]")
+        if self.refiner_steps is not None and not 1 <= self.refiner_steps <= lim.max_steps:
+            raise RequestError(f"refiner_steps: {self.refiner_steps} is outside 1..{lim.max_steps}")
+        _range("aesthetic_score", self.aesthetic_score, -1e4, 1e4)
+        _range("negative_aesthetic_score", self.negative_aesthetic_score, -1e4, 1e4)
+        if self.eta is not None:
+            _range("eta", self.eta, 0.0, 100.0)
+        if not 0 <= self.mask_blur <= 256:
+            raise RequestError(f"mask_blur: {self.mask_blur} is outside 0..256")
         if self.refiner_mode not in ("ensemble", "sdedit"):
             raise RequestError(f"refiner_mode: {self.refiner_mode!r} is not 'ensemble' or 'sdedit'")
         if self.emphasis not in ("original", "no_norm", "none"):
@@ -148,23 +181,37 @@ class GenerationRequest:
             raise RequestError(f"zero_terminal_snr: {self.zero_terminal_snr!r} is not true, false or null")
         if self.mask_image is not None and self.init_image is None:
             raise RequestError("mask_image: inpainting needs init_image too")
-        from .sampling.samplers import is_automatic, resolve_sampler, resolve_schedule  # local: light import
-
-        try:
-            self.sampler, implied = resolve_sampler(self.sampler)
-            automatic = is_automatic(self.schedule)
-            if implied is not None and automatic:
-                self.schedule = implied
-            elif automatic and zero_terminal_snr:
-                self.schedule = "trailing"
-            self.schedule = resolve_schedule(self.schedule, sampler=self.sampler)
-        except ValueError as e:
-            raise RequestError(str(e)) from None
+        _sampler_and_schedule(self.sampler, self.schedule, False)
         return self
+
+    def resolve(self, config: Any = None, limits: Limits | None = None) -> GenerationRequest:
+        """This request against a loaded model (`config`: its `ModelConfig`; None = SDXL's defaults): a new
+        request with the native size for each side not given, the checkpoint's prediction type and noise
+        schedule, canonical sampler and schedule names ("automatic" -> the sampler's own schedule, or
+        "trailing" on a zero-terminal-SNR model), and a seed (drawn at random when none is given).
+        Resolving a resolved request changes nothing. Raises RequestError naming the bad field."""
+        self.validate(limits)
+        native = getattr(config, "sample_size", 1024)
+        zsnr = self.zero_terminal_snr
+        if zsnr is None:
+            zsnr = bool(getattr(config, "zero_terminal_snr", False))
+        sampler, schedule = _sampler_and_schedule(self.sampler, self.schedule, zsnr)
+        out = dataclasses.replace(
+            self,
+            width=self.width or native,
+            height=self.height or native,
+            sampler=sampler,
+            schedule=schedule,
+            seed=random.randrange(2**32) if self.seed is None else int(self.seed),
+            prediction=self.prediction or getattr(config, "prediction", "eps"),
+            zero_terminal_snr=zsnr,
+        )
+        return out.validate(limits)
 
     # ---- serialisation (PNG metadata, HTTP, --from) ----
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["loras"] = [dict(x) for x in d["loras"]]
         for k in ("init_image", "mask_image"):
             if d[k] is not None and not isinstance(d[k], str):
                 d[k] = "<image>"
@@ -177,15 +224,65 @@ class GenerationRequest:
         if unknown:
             raise RequestError(f"unknown request fields: {', '.join(unknown)}")
         d = dict(d)
-        if "loras" in d:
-            d["loras"] = [
-                x if isinstance(x, LoraSpec) else LoraSpec(**x) if isinstance(x, dict) else LoraSpec(*x)
-                for x in d["loras"]
-            ]
         for k in ("init_image", "mask_image"):
             if d.get(k) == "<image>":
                 d[k] = None
-        return cls(**d)
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise RequestError(f"loras: {e}") from None
+
+
+def _lora(x: Any) -> LoraSpec:
+    if isinstance(x, LoraSpec):
+        return x
+    if isinstance(x, dict):
+        return LoraSpec(**x)
+    if isinstance(x, (list, tuple)):
+        return LoraSpec(*x)
+    raise RequestError(f"loras: {x!r} is not a LoRA name with a weight")
+
+
+def _range(name: str, v: float, lo: float, hi: float) -> None:
+    if not (isinstance(v, (int, float)) and lo <= v <= hi):  # NaN fails both comparisons
+        raise RequestError(f"{name}: {v!r} is outside {lo:g}..{hi:g}")
+
+
+def _sampler_and_schedule(sampler: str, schedule: str, zero_terminal_snr: bool) -> tuple[str, str]:
+    """Canonical (sampler, schedule). An old A1111 name ("DPM++ 2M Karras") carries its schedule; otherwise
+    "automatic" gives the sampler's own, or "trailing" on a zero-terminal-SNR model (Lin et al. 2024: the
+    Karras ramp from sigma_max = 4096 would spend half the steps on pure noise)."""
+    try:
+        name, implied = resolve_sampler(sampler)
+        automatic = is_automatic(schedule)
+        if implied is not None and automatic:
+            schedule = implied
+        elif automatic and zero_terminal_snr:
+            schedule = "trailing"
+        return name, resolve_schedule(schedule, sampler=name)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+
+
+def iteration_seeds(seed: int, batch: int, n_iter: int) -> list[int]:
+    """The first seed of each of `n_iter` runs of a `batch`-image request (A1111's n_iter): seed + k * batch,
+    so every image of every run has its own consecutive seed."""
+    return [seed + k * batch for k in range(n_iter)]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run, not what to draw: which files, where and how fast. The CLI's and the server's flags."""
+
+    model: str | None = None  # a file, a folder, a name in models_dir, or "default" (the shipped model)
+    refiner: str | None = None
+    device: str | None = None  # None: cuda if available
+    dtype: str = "fp32"
+    vae_dtype: str | None = None  # None: the same as dtype
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    fast: bool = True  # the exact speed switches (fused projections, channels_last, oneDNN, SDPA)
+    compile: bool = False  # torch.compile with an on-disk Inductor cache
+    allow_pickle: bool = False
 
 
 @dataclass

@@ -213,3 +213,15 @@ class ModelDenoiser:
         c_skip = 1.0 / (s**2 + 1.0)
         c_out = -s / (s**2 + 1.0) ** 0.5
         return c_skip * x + c_out * out
+
+
+# diffusers' multistep solvers (DPM-Solver++, UniPC, DDIM, LCM) round sigma to the nearest training timestep
+# before calling the UNet (as sgm does); its Euler-family schedulers pass the interpolated timestep.
+QUANTIZED_SAMPLERS = frozenset(
+    {"dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "unipc", "unipc_bh1", "ddim", "lcm"}
+)
+
+
+def quantizes_timesteps(sampler: str) -> bool:
+    """Whether `sampler` (canonical name) calls the UNet at rounded timesteps (see QUANTIZED_SAMPLERS)."""
+    return sampler in QUANTIZED_SAMPLERS

@@ -263,7 +263,7 @@ def single_file_state(
 
 
 def config_metadata(config: ModelConfig, extra: dict | None = None) -> dict[str, str]:
-    from .. import __version__
+    from ..version import __version__
 
     md = {
         D.CONFIG_METADATA_KEY: config.to_json(),
