@@ -329,7 +329,9 @@ def from_pil(image: Image.Image | str | Path, width: int, height: int) -> torch.
     return torch.from_numpy(arr).permute(2, 0, 1)[None]
 
 
-def load(path: str | Path, device: str = "cpu", dtype=torch.float32, *, kind: str = "base", **kw: Any) -> SDXL:
+def load(
+    path: str | Path, device: str = "cpu", dtype=torch.float32, *, kind: str = "base", **kw: Any
+) -> SDXL:
     """Load an SDXL-family checkpoint (official single file or diffusers folder). "default" is the
     miniature model shipped in the package (`kind`: "base" or "refiner")."""
     if str(path) == DEFAULT_NAME:
