@@ -17,8 +17,9 @@ from torch import nn
 from sdxl.models.config import tiny_config
 from sdxl.request import GenerationRequest, RequestError
 from sdxl.sampling.denoiser import DiscreteSchedule
-from sdxl.sampling.samplers import A1111_SCHEDULE_NAMES, automatic_schedule
-from sdxl.train import trainer as T
+from sdxl.sampling.names import A1111_SCHEDULE_NAMES, automatic_schedule
+from sdxl.train import losses as TL
+from sdxl.train import runner as TR
 from sdxl.train.config import ConfigError, TrainConfig
 from test_train import make_images, tiny_run
 
@@ -32,8 +33,8 @@ def test_last_training_step_is_pure_noise_and_v_is_minus_x0():
     zs = DiscreteSchedule(zero_terminal_snr=True)
     x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = torch.tensor([999, 999])
-    assert torch.equal(T.add_noise(x0, eps, t, zs.alphas_cumprod), eps)
-    torch.testing.assert_close(T.prediction_target(x0, eps, t, zs.alphas_cumprod, "v"), -x0)
+    assert torch.equal(TL.add_noise(x0, eps, t, zs.alphas_cumprod), eps)
+    torch.testing.assert_close(TL.prediction_target(x0, eps, t, zs.alphas_cumprod, "v"), -x0)
     # the standard schedule leaves 6.8% of the image in its last step: what the rescaling removes
     plain = DiscreteSchedule()
     assert 0.06 < float(plain.alphas_cumprod[-1].sqrt()) < 0.07
@@ -48,12 +49,12 @@ def test_min_snr_floor_weights():
     ac = DiscreteSchedule(zero_terminal_snr=True).alphas_cumprod
     t = torch.tensor([0, 300, 800, 999])
     snr = (ac[t] / (1 - ac[t])).float()
-    plain = T.loss_weights(t, ac, "v", 5.0)
-    floored = T.loss_weights(t, ac, "v", 5.0, floor=1.0)
+    plain = TL.loss_weights(t, ac, "v", 5.0)
+    floored = TL.loss_weights(t, ac, "v", 5.0, floor=1.0)
     torch.testing.assert_close(floored, snr.clamp(1.0, 5.0) / (snr + 1))
     assert plain[3] == 0 and plain[2] < 0.02 and floored[3] == 1.0 and floored[2] > 0.98
     assert floored[0] == plain[0]  # low noise: gamma rules either way
-    eps = T.loss_weights(t, ac, "eps", 5.0)
+    eps = TL.loss_weights(t, ac, "eps", 5.0)
     assert torch.isfinite(eps).all() and eps[3] == 1.0
     with pytest.raises(ConfigError, match="min_snr_floor"):
         TrainConfig.from_dict({"loss": {"min_snr_gamma": 5.0, "min_snr_floor": 6.0}})
@@ -81,7 +82,7 @@ def test_oracle_samples_its_target_under_zero_terminal_snr():
             seen.append(float(ti[0]))
             abar = ac[ti].float().reshape(-1, 1, 1, 1)
             eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
-            return T.prediction_target(x0.expand_as(x), eps, ti, ac, "v")
+            return TL.prediction_target(x0.expand_as(x), eps, ti, ac, "v")
 
     pipe = SDXL(mc, unet=Oracle(), vae=AutoencoderKL(mc.vae), text=TextEncoders(mc.text_l, mc.text_g))
     assert pipe.schedule.zero_terminal_snr
@@ -98,7 +99,7 @@ def test_oracle_samples_its_target_under_zero_terminal_snr():
 
 
 def test_flag_survives_every_file_layout(tmp_path):
-    from sdxl.models.factory import random_checkpoint
+    from sdxl.weights.checkpoint import random_checkpoint
     from sdxl.weights.checkpoint import read_checkpoint, write_diffusers, write_single_file
     from sdxl.weights.detect import detect
 
@@ -134,7 +135,7 @@ def test_automatic_schedule_is_trailing_on_a_zero_terminal_snr_model(tmp_path, t
     """The request's default schedule, "automatic", is the sampler's own (Karras for DPM++ 2M) on a standard
     model and "trailing" on a zero-terminal-SNR one (the file's flag or the request's); a named schedule, or
     one implied by an A1111 sampler name, is kept. The resolved name is what the image records."""
-    from sdxl.models.factory import random_checkpoint
+    from sdxl.weights.checkpoint import random_checkpoint
     from sdxl.pipeline import SDXL
     from sdxl.weights.checkpoint import write_single_file
 
@@ -167,11 +168,11 @@ def test_training_with_zero_terminal_snr_records_it(tmp_path, data):
     from sdxl.weights.checkpoint import read_checkpoint
 
     with pytest.raises(ConfigError, match="v-prediction"):
-        T.run(tiny_run(tmp_path / "eps", data, 1, model={"preset": "tiny", "zero_terminal_snr": True}))
+        TR.run(tiny_run(tmp_path / "eps", data, 1, model={"preset": "tiny", "zero_terminal_snr": True}))
     cfg = tiny_run(tmp_path / "out", data, 3, model={"preset": "tiny", "zero_terminal_snr": True,
                                                       "prediction": "v"},
                    loss={"min_snr_gamma": 5.0, "min_snr_floor": 1.0, "timestep_min": 990})
-    result = T.run(cfg)
+    result = TR.run(cfg)
     assert all(torch.isfinite(torch.tensor(result.losses)))
     mc = read_checkpoint(result.exported).config
     assert mc.zero_terminal_snr and mc.prediction == "v"
@@ -183,11 +184,11 @@ def test_decoder_only_vae_training_keeps_the_latent_space(tmp_path, data):
     from sdxl.weights.checkpoint import read_checkpoint
     from sdxl.weights.io import open_tensors
 
-    first = T.run(tiny_run(tmp_path / "vae", data, 4, train={"task": "vae"}))
+    first = TR.run(tiny_run(tmp_path / "vae", data, 4, train={"task": "vae"}))
     start = open_tensors(first.exported)
     cfg = tiny_run(tmp_path / "dec", data, 30, train={"task": "vae"}, model={"preset": "tiny",
                    "vae": str(first.exported)}, vae={"decoder_only": True, "patch_size": 16})
-    result = T.run(cfg)
+    result = TR.run(cfg)
     end = open_tensors(result.exported)
     enc = [k for k in start.keys() if ".encoder." in k or k.endswith(("quant_conv.weight", "quant_conv.bias"))
            and "post_quant" not in k]

@@ -11,13 +11,23 @@ Every error a user can cause ends in one line on stderr and a non-zero exit code
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import sys
+import typing
+from inspect import Parameter, Signature
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from .assets import default_model_path
+from .assets import DEFAULT_NAME, default_model_path
+from .errors import BadName, CheckpointError, NameNotFound, RequestError
+from .files import resolve_in_folder
+from .metadata import read_info, write_png
+from .request import GenerationRequest, LoraSpec, RunOptions, iteration_seeds
+from .version import __version__
 
 app = typer.Typer(
     help="Stable Diffusion XL: generate images, inspect and convert checkpoints, train, serve.",
@@ -108,8 +118,9 @@ def user_defaults() -> dict:
 
 
 def resolve_model(name: str | None, models_dir: Path | None, kind: str = "base") -> Path:
-    """A model name: a path, a name (with or without .safetensors) in --models-dir, or 'default'."""
-    if name is None or name == "default":
+    """A model the user named: "default" (or nothing: the shipped model), a path, or a name (with or without
+    .safetensors) inside --models-dir."""
+    if name is None or name == DEFAULT_NAME:
         p = default_model_path(kind)
         if not p.exists():
             fail(f"no --model given and the shipped default {kind} model is missing ({p})")
@@ -117,237 +128,245 @@ def resolve_model(name: str | None, models_dir: Path | None, kind: str = "base")
     p = Path(name).expanduser()
     if p.exists():
         return p
-    for d in [models_dir] if models_dir else []:
-        for cand in (d / name, d / f"{name}.safetensors"):
-            if cand.exists():
-                return cand
-    fail(
-        f"model {name!r}: no such file or folder" + (f" (also looked in {models_dir})" if models_dir else "")
-    )
+    flag = "--model" if kind == "base" else "--refiner"
+    if models_dir is None:
+        fail(f"{flag} {name!r}: no such file or folder")
+    try:
+        return resolve_in_folder(models_dir, name, "model", (".safetensors",))
+    except (BadName, NameNotFound):
+        fail(f"{flag} {name!r}: no such file or folder (also looked in {models_dir})")
     raise AssertionError
 
 
 def _device(device: str | None) -> str:
-    import torch
+    """The device to run on; a device this PyTorch build cannot use is a one-line error."""
+    import torch  # lazy: `sdxl --help` and the argument checks run without loading torch
 
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@app.command()
-def generate(
-    prompt: str | None = typer.Argument(None, help="What to draw (A1111 prompt syntax)."),
-    negative_prompt: str | None = typer.Option(None, "--negative-prompt", "-N", help="What to avoid."),
-    prompt_2: str | None = typer.Option(None, help="Separate prompt for the bigG encoder."),
-    negative_prompt_2: str | None = typer.Option(None, help="Separate negative prompt for bigG."),
-    model: str | None = typer.Option(
-        None, "--model", "-m", help="Checkpoint file/folder or name; default: shipped."
-    ),
-    models_dir: Path | None = typer.Option(None, help="Folder searched for model names."),
-    width: int = typer.Option(None, "--width", "-W", help="Image width in pixels (multiple of 8)."),
-    height: int = typer.Option(None, "--height", "-H", help="Image height in pixels (multiple of 8)."),
-    steps: int = typer.Option(None, help="Sampler steps."),
-    cfg: float = typer.Option(None, help="Classifier-free guidance scale."),
-    seed: int | None = typer.Option(None, help="Seed (random if omitted; printed and saved)."),
-    sampler: str = typer.Option(None, help="euler, euler_a, dpmpp_2m, ... or an A1111/ComfyUI name."),
-    schedule: str = typer.Option(None, help="normal, leading, trailing, karras, exponential, ..."),
-    batch: int | None = typer.Option(None, help="Images per batch (image i uses seed+i)."),
-    n: int = typer.Option(1, "--n", help="Number of batches to run one after another."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output PNG (numbered if several) or folder."),
-    init_image: Path | None = typer.Option(None, help="img2img: start from this image."),
-    strength: float = typer.Option(None, help="img2img/inpaint: how much to change (0..1)."),
-    mask: Path | None = typer.Option(None, help="inpaint: mask image, white = repaint."),
-    original_size: str | None = typer.Option(None, help="Micro-conditioning original size WxH."),
-    target_size: str | None = typer.Option(None, help="Micro-conditioning target size WxH."),
-    crop_top: int | None = typer.Option(None, help="Micro-conditioning crop top (pixels)."),
-    crop_left: int | None = typer.Option(None, help="Micro-conditioning crop left (pixels)."),
-    negative_original_size: str | None = typer.Option(None, help="Negative-branch original size WxH."),
-    negative_target_size: str | None = typer.Option(None, help="Negative-branch target size WxH."),
-    guidance_rescale: float | None = typer.Option(None, help="CFG rescale phi (0..1)."),
-    cfg_start: float | None = typer.Option(None, help="Apply CFG from this fraction of the steps."),
-    cfg_end: float | None = typer.Option(None, help="Apply CFG until this fraction of the steps."),
-    clip_skip: int | None = typer.Option(None, help="1 = SDXL's penultimate layer; 2 = one earlier."),
-    refiner: str | None = typer.Option(None, help="Refiner checkpoint ('default' = shipped refiner)."),
-    refiner_mode: str | None = typer.Option(None, help="ensemble (finish the schedule) or sdedit."),
-    refiner_switch: float | None = typer.Option(
-        None, help="ensemble: fraction of the schedule the base runs."
-    ),
-    refiner_strength: float | None = typer.Option(None, help="sdedit: fraction re-noised."),
-    aesthetic_score: float | None = typer.Option(None, help="Refiner aesthetic score."),
-    negative_aesthetic_score: float | None = typer.Option(None, help="Refiner negative aesthetic score."),
-    lora: list[str] = typer.Option(
-        [], "--lora", help="LoRA file/name with weight, e.g. style.safetensors:0.8"
-    ),
-    eta: float | None = typer.Option(None, help="Noise multiplier for ancestral/SDE samplers."),
-    prediction: str | None = typer.Option(None, help="Force eps or v prediction."),
-    zsnr: bool | None = typer.Option(
-        None, "--zsnr/--no-zsnr", help="Force the zero-terminal-SNR schedule on or off (default: the file's)."
-    ),
-    from_image: Path | None = typer.Option(None, "--from", help="Repeat the request stored in this PNG."),
-    dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16 for the UNet and text encoders."),
-    vae_dtype: str | None = typer.Option(None, help="VAE dtype (default: same as --dtype)."),
-    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, mps (default: cuda if available)."),
-    vae_tiling: bool | None = typer.Option(None, "--vae-tiling/--no-vae-tiling", help="Tiled VAE decode."),
-    save_latents: Path | None = typer.Option(None, help="Also write the final latents (safetensors)."),
-    allow_pickle: bool = typer.Option(False, help="Allow .ckpt pickle files (weights-only loading)."),
-    watermark: bool | None = typer.Option(
-        None, "--watermark/--no-watermark", help="Add the official invisible watermark."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-):
-    """Generate images from a text prompt (txt2img; img2img with --init-image; inpaint with --mask)."""
-    from .request import GenerationRequest, LoraSpec, RequestError
-
-    base: dict = {}
-    if from_image is not None:
-        from .metadata import read_info
-
-        try:
-            info = read_info(from_image)
-        except (OSError, ValueError) as e:
-            fail(f"--from {from_image}: {e}")
-        record = info.get("raw", {}).get("sdxl")
-        if not record:
-            fail(f"--from {from_image}: the image carries no sdxl request record")
-        base = json.loads(record) if isinstance(record, str) else dict(record)
-        base = base.get("request", base)
-    if prompt is None and "prompt" not in base:
-        fail("a prompt is required (or --from IMAGE)")
-    ow, oh = _size(original_size, "--original-size")
-    tw, th = _size(target_size, "--target-size")
-    now, noh = _size(negative_original_size, "--negative-original-size")
-    ntw, nth = _size(negative_target_size, "--negative-target-size")
-    loras = []
-    for spec in lora:
-        name, _, w = spec.rpartition(":") if ":" in spec else (spec, "", "1")
-        try:
-            loras.append(LoraSpec(name or spec, float(w)))
-        except ValueError:
-            fail(f"--lora {spec!r}: expected NAME or NAME:WEIGHT")
-    overrides = dict(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        prompt_2=prompt_2,
-        negative_prompt_2=negative_prompt_2,
-        width=width,
-        height=height,
-        steps=steps,
-        cfg=cfg,
-        seed=seed,
-        sampler=sampler,
-        schedule=schedule,
-        strength=strength,
-        init_image=str(init_image) if init_image else None,
-        mask_image=str(mask) if mask else None,
-        batch=batch,
-        original_width=ow,
-        original_height=oh,
-        target_width=tw,
-        target_height=th,
-        crop_top=crop_top,
-        crop_left=crop_left,
-        negative_original_width=now,
-        negative_original_height=noh,
-        negative_target_width=ntw,
-        negative_target_height=nth,
-        guidance_rescale=guidance_rescale,
-        cfg_start=cfg_start,
-        cfg_end=cfg_end,
-        clip_skip=clip_skip,
-        refiner_mode=refiner_mode,
-        refiner_switch=refiner_switch,
-        refiner_strength=refiner_strength,
-        aesthetic_score=aesthetic_score,
-        negative_aesthetic_score=negative_aesthetic_score,
-        eta=eta,
-        prediction=prediction,
-        zero_terminal_snr=zsnr,
-        vae_tiling=vae_tiling,
-        watermark=watermark,
-        loras=loras or None,
-    )
-    # options given on the command line win over the request stored in --from IMAGE
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    # defaults from the user's config file, under the stored request and the command line
-    user = user_defaults()
-    models_dir = models_dir or (Path(user["models_dir"]).expanduser() if user.get("models_dir") else None)
-    model = model or user.get("model")
-    base = {**{k: v for k, v in user.items() if k not in ("model", "models_dir", "dtype", "device")}, **base}
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        req = GenerationRequest.from_dict({**base, **overrides})
-    except (RequestError, TypeError) as e:
-        fail(str(e))
-    size_given = "width" in base or width is not None or height is not None
-    if req.seed is not None and req.seed < 0:  # A1111 convention: -1 = random
-        req.seed = None
-    try:  # reject a bad request before loading gigabytes of weights
-        import copy
+        dev = torch.device(device)
+    except RuntimeError:
+        fail(f"--device {device!r}: not a device (cpu, cuda, cuda:1, mps)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {device}: this PyTorch ({torch.__version__}) has no usable CUDA; install the CUDA "
+             "build of torch, or use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        fail(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device {device}: MPS is not available in this PyTorch build or on this machine")
+    return device
 
-        copy.copy(req).validate()
+
+# ------------------------------------------------------------------------------------------------- generate
+# `sdxl generate`'s options are built from GenerationRequest's fields (name, type, help), so every field is
+# reachable and a new field needs no CLI edit. The options below are the CLI's own: how to run, and
+# conveniences that set several fields at once.
+_CLI_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "prompt": (str | None, typer.Argument(None, help="What to draw (A1111 prompt syntax).",
+                                          show_default=False)),
+    "model": (str | None, typer.Option(None, "--model", "-m", help="Checkpoint file/folder, a name in "
+                                       "--models-dir, or 'default' (the shipped miniature).")),
+    "refiner": (str | None, typer.Option(None, help="Refiner checkpoint ('default' = the shipped refiner).")),
+    "models_dir": (Path | None, typer.Option(None, help="Folder searched for model names.")),
+    "embeddings": (Path | None, typer.Option(None, help="Folder of textual-inversion embeddings "
+                                             "(safetensors), "
+                                             "used in prompts by file name.")),
+    "n": (int, typer.Option(1, "--n", help="Number of batches to run one after another.")),
+    "out": (Path | None, typer.Option(None, "--out", "-o",
+                                      help="Output PNG (numbered if several) or folder.")),
+    "from_image": (Path | None, typer.Option(None, "--from", help="Repeat the request stored in this PNG.")),
+    "lora": (list[str], typer.Option([], "--lora",
+                                     help="LoRA file/name with weight, e.g. style.safetensors:0.8")),
+    "original_size": (str | None, typer.Option(None, help="Micro-conditioning original size WxH.")),
+    "target_size": (str | None, typer.Option(None, help="Micro-conditioning target size WxH.")),
+    "negative_original_size": (str | None, typer.Option(None, help="Negative-branch original size WxH.")),
+    "negative_target_size": (str | None, typer.Option(None, help="Negative-branch target size WxH.")),
+    "dtype": (str, typer.Option("fp32", help="fp32, fp16 or bf16 for the UNet and text encoders.")),
+    "vae_dtype": (str | None, typer.Option(None, help="VAE dtype (default: same as --dtype).")),
+    "device": (str | None, typer.Option(None, help="cpu, cuda, cuda:1, mps (default: cuda if available).")),
+    "threads": (int | None, typer.Option(None, help="CPU threads for PyTorch (default: PyTorch's choice).")),
+    "fast": (bool, typer.Option(True, "--fast/--no-fast", help="Exact speed-ups: fused projections, "
+                                "channels_last, oneDNN linears on CPU, the best attention kernel.")),
+    "compile": (bool, typer.Option(False, "--compile", help="torch.compile the UNet (cached on disk; the "
+                                   "first "
+                                   "run compiles, later runs start fast).")),
+    "save_latents": (Path | None, typer.Option(None, help="Also write the final latents (safetensors).")),
+    "allow_pickle": (bool, typer.Option(False, help="Allow .ckpt pickle files (weights-only loading).")),
+    "quiet": (bool, typer.Option(False, "--quiet", "-q", help="No progress bar, no seed line.")),
+}
+_SIZE_PAIRS = {  # convenience option -> (width field, height field)
+    "original_size": ("original_width", "original_height"),
+    "target_size": ("target_width", "target_height"),
+    "negative_original_size": ("negative_original_width", "negative_original_height"),
+    "negative_target_size": ("negative_target_width", "negative_target_height"),
+}
+
+
+def _field_flags(f: dataclasses.Field) -> tuple[str, ...]:
+    return tuple(f.metadata.get("flags") or ()) or ("--" + f.name.replace("_", "-"),)
+
+
+def _request_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(GenerationRequest) if f.metadata.get("cli", True)]
+
+
+def _field_option(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
+    """(type, typer.Option) for a request field: every option defaults to None = not given."""
+    flags = _field_flags(f)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    if base is bool:
+        long = flags[0]
+        return bool | None, typer.Option(None, f"{long}/--no-{long[2:]}", *flags[1:], help=f.metadata["help"],
+                                         show_default=False)
+    if base is Any:  # images: a path on the command line
+        base = Path
+    return base | None, typer.Option(None, *flags, help=f.metadata["help"], show_default=False)
+
+
+def _flagged(message: str) -> str:
+    """A request error in the CLI's words: field names become the flags that set them."""
+    names = {f.name: _field_flags(f)[0] for f in _request_fields()}
+    head, sep, rest = message.partition(":")
+    for name, flag in names.items():
+        rest = re.sub(rf"\b{name}\b", flag, rest) if "_" in name else rest
+    head = " ".join(names.get(w, w) for w in head.split("/")) if sep else head
+    return head.replace(" --", "/--") + sep + rest
+
+
+def _generate(**opts: Any) -> None:
+    """Generate images from a text prompt (txt2img; img2img with --init-image; inpaint with --mask)."""
+    run = RunOptions(model=opts["model"], refiner=opts["refiner"], device=opts["device"], dtype=opts["dtype"],
+                     vae_dtype=opts["vae_dtype"], threads=opts["threads"], fast=opts["fast"],
+                     compile=opts["compile"], allow_pickle=opts["allow_pickle"])
+    base: dict = _stored_request(opts["from_image"]) if opts["from_image"] is not None else {}
+    given = {f.name: opts[f.name] for f in _request_fields() if opts.get(f.name) is not None}
+    for option, (wf, hf) in _SIZE_PAIRS.items():
+        w, h = _size(opts[option], "--" + option.replace("_", "-"))
+        given.update({k: v for k, v in ((wf, w), (hf, h)) if v is not None})
+    for key in ("init_image", "mask_image"):
+        if key in given:
+            given[key] = str(given[key])
+    if opts["prompt"] is not None:
+        given["prompt"] = opts["prompt"]
+    if opts["lora"]:
+        given["loras"] = [_lora_spec(spec) for spec in opts["lora"]]
+    if given.get("seed") is not None and given["seed"] < 0:  # A1111 convention: -1 = random
+        given["seed"] = None
+    if "prompt" not in given and "prompt" not in base:
+        fail("a prompt is required (or --from IMAGE)")
+    # precedence: the command line, then the request stored in --from IMAGE, then the user's config file
+    user = user_defaults()
+    models_dir = opts["models_dir"]
+    if models_dir is None and user.get("models_dir"):
+        models_dir = Path(user["models_dir"]).expanduser()
+    model = run.model or base.pop("model", None) or user.get("model")
+    base.pop("refiner", None)
+    defaults = {k: v for k, v in user.items() if k not in ("model", "models_dir", "dtype", "device")}
+    try:  # reject a bad request before loading gigabytes of weights
+        req = GenerationRequest.from_dict({**defaults, **base, **given}).validate()
     except RequestError as e:
+        fail(_flagged(str(e)))
+    model_path = resolve_model(model, models_dir)
+    refiner_path = resolve_model(run.refiner, models_dir, "refiner") if run.refiner else None
+    run_generate(req, dataclasses.replace(run, model=str(model_path),
+                                          refiner=str(refiner_path) if refiner_path else None),
+                 out=opts["out"], n=opts["n"], save_latents=opts["save_latents"], quiet=opts["quiet"],
+                 embeddings=opts["embeddings"])
+
+
+def _stored_request(path: Path) -> dict:
+    """The request an sdxl PNG carries (for --from)."""
+    try:
+        info = read_info(path)
+    except (OSError, ValueError) as e:
+        fail(f"--from {path}: {e}")
+    record = info.get("raw", {}).get("sdxl")
+    if not record:
+        fail(f"--from {path}: the image carries no sdxl request record")
+    stored = json.loads(record) if isinstance(record, str) else dict(record)
+    return dict(stored.get("request", stored))
+
+
+def _lora_spec(spec: str) -> LoraSpec:
+    name, _, w = spec.rpartition(":") if ":" in spec else (spec, "", "1")
+    try:
+        return LoraSpec(name or spec, float(w))
+    except ValueError:
+        fail(f"--lora {spec!r}: expected NAME or NAME:WEIGHT")
+    raise AssertionError
+
+
+def _install_generate() -> None:
+    params, annotations = [], {}
+    hints = typing.get_type_hints(GenerationRequest)
+    options = dict(_CLI_OPTIONS)
+    for f in _request_fields():
+        options[f.name] = _field_option(f, hints[f.name])
+    for name, (tp, default) in options.items():
+        params.append(Parameter(name, Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=tp))
+        annotations[name] = tp
+    _generate.__signature__ = Signature(params)
+    _generate.__annotations__ = annotations
+    app.command("generate")(_generate)
+
+
+_install_generate()
+
+
+def load_for_run(run: RunOptions, path: str, kind: str = "base"):
+    """Load a model for `run` (device, dtypes, speed switches); a bad file is a one-line error."""
+    import torch  # lazy: torch and the models load only to run; --help and bad flags do not need them
+
+    from .pipeline import SDXL
+
+    if run.threads is not None:
+        if run.threads < 1:
+            fail(f"--threads {run.threads}: must be at least 1")
+        torch.set_num_threads(run.threads)
+    speed = {} if run.fast and not run.compile else {"fast": run.fast, "compile": run.compile}
+    try:
+        return SDXL.load(path, device=_device(run.device), dtype=_dtype(run.dtype),
+                         vae_dtype=_dtype(run.vae_dtype) if run.vae_dtype else None,
+                         allow_pickle=run.allow_pickle, **speed)
+    except CheckpointError as e:
         fail(str(e))
-    model_path = resolve_model(model or base.get("model"), models_dir)
-    run_generate(
-        req,
-        model_path,
-        refiner,
-        models_dir,
-        out,
-        n,
-        dtype,
-        vae_dtype,
-        device,
-        save_latents,
-        allow_pickle,
-        quiet,
-        size_given,
-    )
 
 
 def run_generate(
-    req,
-    model_path: Path,
-    refiner_name,
-    models_dir,
-    out,
-    n,
-    dtype,
-    vae_dtype,
-    device,
-    save_latents,
-    allow_pickle,
-    quiet,
-    size_given=True,
-):
+    req: GenerationRequest,
+    run: RunOptions,
+    *,
+    out: Path | None = None,
+    n: int = 1,
+    save_latents: Path | None = None,
+    quiet: bool = False,
+    embeddings: Path | None = None,
+) -> None:
+    """Load the model(s), then run `req` `n` times (seeds advancing by the batch), writing PNGs."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .metadata import write_png
-    from .pipeline import SDXL, Interrupted, NumericsError
-    from .request import RequestError
-    from .weights.io import CheckpointError
+    from .pipeline import Interrupted, NumericsError  # lazy: see load_for_run
+    from .weights.io import save_safetensors
 
-    dev = _device(device)
+    if n < 1:
+        fail(f"--n {n}: must be at least 1")
+    pipe = load_for_run(run, run.model)
+    ref = load_for_run(run, run.refiner, "refiner") if run.refiner else None
+    if embeddings is not None:
+        if not embeddings.is_dir():
+            fail(f"--embeddings {embeddings}: not a folder")
+        try:
+            pipe.load_embeddings(embeddings)
+        except (ValueError, OSError) as e:
+            fail(f"--embeddings {embeddings}: {e}")
     try:
-        pipe = SDXL.load(
-            model_path,
-            device=dev,
-            dtype=_dtype(dtype),
-            vae_dtype=_dtype(vae_dtype) if vae_dtype else None,
-            allow_pickle=allow_pickle,
-        )
-        ref = None
-        if refiner_name:
-            rp = resolve_model(refiner_name, models_dir, kind="refiner")
-            ref = SDXL.load(rp, device=dev, dtype=_dtype(dtype), allow_pickle=allow_pickle)
-            req.refiner = str(rp)
-    except CheckpointError as e:
-        fail(str(e))
-    req.model = str(model_path)
-    if not size_given:  # the model's native size (1024 for SDXL, 256 for the shipped miniature)
-        req.width = req.height = pipe.config.sample_size
+        req = req.resolve(pipe.config)
+    except RequestError as e:
+        fail(_flagged(str(e)))
+    if not quiet:
+        typer.echo(f"seed: {req.seed}", err=True)
     paths = []
-    seed0 = req.resolved_seed()
     try:
         with Progress(
             TextColumn("[bold]{task.description}"),
@@ -364,31 +383,32 @@ def run_generate(
             def on_step(p):
                 bar.update(step_task, total=p.total, completed=p.step, description=p.stage)
 
-            for i in range(n):
-                req.seed = seed0 + i * req.batch
+            for i, seed in enumerate(iteration_seeds(req.seed, req.batch, n)):
                 bar.reset(step_task)
-                result = pipe.generate(req, callback=on_step, refiner=ref)
+                result = pipe.generate(req.replace(seed=seed), callback=on_step, refiner=ref)
                 for j, (img, info) in enumerate(zip(result.images, result.infos)):
                     k = i * req.batch + j
                     path = _out_path(out, k, n * req.batch, result.seeds[j])
                     record = {
-                        "request": {**req.to_dict(), "seed": result.seeds[j], "batch": 1},
-                        "sdxl_version": _version(),
+                        "request": {**result.request.to_dict(), "seed": result.seeds[j], "batch": 1},
+                        "model": run.model,
+                        "refiner": run.refiner,
+                        "sdxl_version": __version__,
                     }
                     write_png(img, path, info, record)
                     paths.append(path)
                     if images_task is not None:
                         bar.advance(images_task)
                 if save_latents is not None:
-                    from .weights.io import save_safetensors
-
                     lp = (
                         save_latents
                         if n == 1
                         else save_latents.with_name(f"{save_latents.stem}-{i:04d}.safetensors")
                     )
-                    save_safetensors({"latents": result.latents.float().cpu()}, lp, {"seed": str(req.seed)})
-    except (RequestError, ValueError) as e:
+                    save_safetensors({"latents": result.latents.float().cpu()}, lp, {"seed": str(seed)})
+    except RequestError as e:
+        fail(_flagged(str(e)))
+    except ValueError as e:
         fail(str(e))
     except Interrupted as e:
         fail(str(e), code=130)
@@ -396,12 +416,6 @@ def run_generate(
         fail(str(e), code=3)
     for p in paths:
         typer.echo(str(p))
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _out_path(out: Path | None, k: int, total: int, seed: int) -> Path:

@@ -6,14 +6,13 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .text import CLIPTextTower
+from .unet import UNet
+from .vae import AutoencoderKL
 
 
 def build_modules(config: ModelConfig, device="cpu", dtype=torch.float32) -> dict[str, nn.Module]:
     """{"unet", "vae", "text_l", "text_g"} modules for the parts the config has (default PyTorch init)."""
-    from .text import CLIPTextTower
-    from .unet import UNet
-    from .vae import AutoencoderKL
-
     out: dict[str, nn.Module] = {}
     with torch.device(device):
         if config.unet is not None:
@@ -38,15 +37,3 @@ def randomize_(module: nn.Module, seed: int, std: float = 0.02) -> nn.Module:
             noise += 1.0
         p.copy_(noise.to(p.dtype))
     return module
-
-
-def random_checkpoint(config: ModelConfig, seed: int = 0, std: float = 0.02):
-    """A `Checkpoint` with random weights in our naming; write it with `write_single_file`."""
-    from ..weights.checkpoint import Checkpoint
-
-    mods = build_modules(config)
-    parts = {}
-    for i, (name, m) in enumerate(mods.items()):
-        randomize_(m, seed * 100 + i, std)
-        parts[name] = m.state_dict()
-    return Checkpoint(path=None, config=config, parts=parts)

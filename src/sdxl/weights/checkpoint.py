@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 
 from ..models.config import ModelConfig, TextConfig
+from ..models.factory import build_modules, randomize_
+from ..tokenizer import write_hf_tokenizer_files
+from ..version import __version__
 from . import detect as D
 from .io import CheckpointError, open_tensors, save_safetensors
 
@@ -263,8 +266,6 @@ def single_file_state(
 
 
 def config_metadata(config: ModelConfig, extra: dict | None = None) -> dict[str, str]:
-    from ..version import __version__
-
     md = {
         D.CONFIG_METADATA_KEY: config.to_json(),
         "sdxl.version": __version__,
@@ -287,7 +288,6 @@ def write_single_file(ckpt: Checkpoint, dst: str | Path, dtype=None, record_conf
 
 def write_diffusers(ckpt: Checkpoint, dst: str | Path, dtype=None) -> Path:
     """A diffusers-format folder (loads with `StableDiffusionXLPipeline.from_pretrained`)."""
-    from ..tokenizer import write_hf_tokenizer_files
     from .diffusers_layout import (
         unet_diffusers_config,
         unet_sgm_to_diffusers,
@@ -368,3 +368,14 @@ def write_diffusers(ckpt: Checkpoint, dst: str | Path, dtype=None) -> Path:
     index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
     (dst / "model_index.json").write_text(json.dumps(index, indent=2))
     return dst
+
+
+def random_checkpoint(config: ModelConfig, seed: int = 0, std: float = 0.02) -> Checkpoint:
+    """A `Checkpoint` with random weights in our naming (tests, benchmarks); write it with
+    `write_single_file`."""
+    mods = build_modules(config)
+    parts = {}
+    for i, (name, m) in enumerate(mods.items()):
+        randomize_(m, seed * 100 + i, std)
+        parts[name] = m.state_dict()
+    return Checkpoint(path=None, config=config, parts=parts)
