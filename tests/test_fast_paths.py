@@ -47,68 +47,84 @@ def unet_inputs(unet: UNet, batch: int = 2, side: int = 16, seed: int = 1):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_fused_projections_same_output_same_names_no_copies():
+def fused_modules(unet: UNet) -> list[fast.FusedAttention]:
+    return [m for m in unet.modules() if isinstance(m, fast.FusedAttention)]
+
+
+def test_fuse_qkv_is_a_module_swap_same_output_same_names_no_copies():
     unet = make_unet()
     args = unet_inputs(unet)
     keys = {k: v.shape for k, v in unet.state_dict().items()}
+    attns = [m for m in unet.modules() if isinstance(m, Attention)]
+    params = dict(unet.named_parameters())
     with torch.no_grad():
         ref = unet(*args)
-        unet.fuse_qkv()
+        assert fast.fuse_qkv(unet) == len(attns)
         out = unet(*args)
     assert {k: v.shape for k, v in unet.state_dict().items()} == keys  # no new or renamed tensors
+    assert all(p is params[n] for n, p in unet.named_parameters())  # the same Parameter objects
     assert rel_err(out, ref) <= 1e-6
-    attns = [m for m in unet.modules() if isinstance(m, Attention)]
-    assert any(a.is_cross_attention for a in attns) and any(not a.is_cross_attention for a in attns)
-    for a in attns:
+    fused = fused_modules(unet)
+    assert len(fused) == len(attns) and {a.is_cross_attention for a in fused} == {True, False}
+    for a in fused:
         # the Parameters ARE rows of the one matrix: nothing is concatenated per call, nothing held twice
-        assert a.fused_qkv and a._fused_views_intact()
-        fused = a.fused_weight
+        assert a.fused_qkv and a.views_intact()
         first = a.to_k if a.is_cross_attention else a.to_q
-        assert first.weight.data_ptr() == fused.data_ptr()
-        assert a.to_v.weight.data_ptr() == fused[-a.to_v.weight.shape[0]].data_ptr()
+        assert first.weight.data_ptr() == a.fused_weight.data_ptr()
+        assert a.to_v.weight.data_ptr() == a.fused_weight[-a.to_v.weight.shape[0]].data_ptr()
+    # back to the literal module: exactly the eager numbers
+    assert fast.unfuse_qkv(unet) == len(attns) and not fast.is_fused(unet)
+    assert all(type(m) is Attention for m in unet.modules() if isinstance(m, Attention))
+    with torch.no_grad():
+        assert torch.equal(unet(*args), ref)
 
 
 def test_fused_matrix_follows_in_place_updates():
     """load_state_dict copies into the Parameters (views): the fused matrix sees the new values."""
-    unet = make_unet(0).fuse_qkv()
+    unet = make_unet(0)
+    fast.fuse_qkv(unet)
     other = make_unet(5)
     args = unet_inputs(unet)
     unet.load_state_dict(other.state_dict())
+    assert all(a.views_intact() for a in fused_modules(unet))
     with torch.no_grad():
         assert rel_err(unet(*args), other(*args)) <= 1e-6
 
 
-def test_fused_survives_to_deepcopy_and_assign():
+def test_fused_relays_after_to_deepcopy_and_assign():
+    """What gives the Parameters new storage breaks the views; the next forward lays the matrix out again."""
     unet = make_unet(0)
     args = unet_inputs(unet)
     with torch.no_grad():
         ref = unet(*args)
-    unet.fuse_qkv()
-    # dtype round trip: every Parameter gets new storage; the fused matrix is rebuilt, not held twice
+    fast.fuse_qkv(unet)
+    attn = fused_modules(unet)[0]
+    # dtype round trip: the matrix is dropped before the conversion (not converted as a second copy)
     unet.to(torch.float64).to(torch.float32)
-    attn = next(m for m in unet.modules() if isinstance(m, Attention))
-    assert attn.fused_weight.dtype == torch.float32 and attn._fused_views_intact()
-    with torch.no_grad():
+    assert attn.fused_weight is None and not attn.views_intact()
+    with torch.inference_mode():  # a relayout inside inference_mode leaves normal (not inference) tensors
         assert rel_err(unet(*args), ref) <= 1e-6
-    # deepcopy: the copy has its own fused matrix over its own Parameters
+    assert attn.fused_weight.dtype == torch.float32 and attn.views_intact()
+    assert not attn.fused_weight.is_inference() and not attn.to_q.weight.is_inference()
+    # deepcopy: the copy relays over its own Parameters; in-place updates reach it, not the original
     twin = copy.deepcopy(unet)
-    twin_attn = next(m for m in twin.modules() if isinstance(m, Attention))
-    assert twin_attn._fused_views_intact()
-    assert twin_attn.fused_weight.data_ptr() != attn.fused_weight.data_ptr()
     with torch.no_grad():
         for p in twin.parameters():
-            p.mul_(0.5)  # in place: must reach the twin's fused matrix, and not touch the original
+            p.mul_(0.5)
+        twin_out = twin(*args)
         assert rel_err(unet(*args), ref) <= 1e-6
         halved = make_unet(0)
         for p in halved.parameters():
             p.mul_(0.5)
-        assert rel_err(twin(*args), halved(*args)) <= 1e-6
-    # assign=True replaces the Parameters: the load hook lays the fused matrix out again
+        assert rel_err(twin_out, halved(*args)) <= 1e-6
+    twin_attn = fused_modules(twin)[0]
+    assert twin_attn.views_intact() and twin_attn.fused_weight.data_ptr() != attn.fused_weight.data_ptr()
+    # assign=True replaces the Parameters: the next forward lays the matrix out again
     fresh = make_unet(7)
     unet.load_state_dict(fresh.state_dict(), assign=True)
-    assert attn._fused_views_intact()
     with torch.no_grad():
         assert rel_err(unet(*args), fresh(*args)) <= 1e-6
+    assert attn.views_intact()
 
 
 def test_fused_projections_train_like_unfused():
@@ -116,7 +132,7 @@ def test_fused_projections_train_like_unfused():
     def grads(fused: bool):
         unet = make_unet(3).train()
         if fused:
-            unet.fuse_qkv()
+            fast.fuse_qkv(unet)
         out = unet(*unet_inputs(unet))
         out.square().mean().backward()
         return out.detach(), {n: p.grad.clone() for n, p in unet.named_parameters()}
@@ -157,7 +173,8 @@ def test_onednn_linears_same_output_same_parameters():
     assert isinstance(unet.time_embed[0], fast.OneDNNLinear)
     assert all(p is params[n] for n, p in unet.named_parameters())  # the same tensors, not copies
     assert rel_err(out, ref) <= 1e-6
-    unet.fuse_qkv()  # the fused projections go through oneDNN too
+    fast.fuse_qkv(unet)  # the fused projections go through oneDNN too
+    assert all(a.project_fn is fast.onednn_linear for a in fused_modules(unet))
     with torch.no_grad():
         assert rel_err(unet(*args), ref) <= 1e-6
     assert fast.use_onednn_linears(unet, enabled=False) == switched
@@ -203,7 +220,8 @@ def test_unet_traces_as_one_graph_with_every_switch():
 def test_inductor_compiled_blocks_match_eager(tmp_path):
     """Inductor (C++ code generation on the CPU) on the UNet's two building blocks, regional-compile style."""
     torch._dynamo.reset()
-    unet = make_unet(9).fuse_qkv()
+    unet = make_unet(9)
+    fast.fuse_qkv(unet)
     block = next(m for m in unet.modules() if isinstance(m, BasicTransformerBlock))
     res = next(m for m in unet.modules() if isinstance(m, ResBlock) and not isinstance(m.skip_connection,
                                                                                          torch.nn.Identity))

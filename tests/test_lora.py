@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from sdxl.models import fast
 from sdxl.models.config import tiny_config
 from sdxl.models.text import CLIPTextTower
 from sdxl.models.unet import UNet
@@ -368,8 +369,9 @@ def test_fused_qkv_attention_still_gets_the_lora(tmp_path):
     lora = L.load_lora(path)
     with L.apply(models, lora):
         want = outputs(models)
-    models["unet"].fuse_qkv()
+    fast.fuse_qkv(models["unet"])
     attn = models["unet"].input_blocks[4][1].transformer_blocks[0].attn1
+    assert isinstance(attn, fast.FusedAttention)
     with L.apply(models, lora):
         assert attn.fused_qkv is False  # held off: the fused path would skip the q/k/v hooks
         assert_close(outputs(models), want)

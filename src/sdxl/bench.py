@@ -501,10 +501,9 @@ class Runner:
 def set_eager_mode(unet, fused: bool, channels_last: bool, onednn: bool) -> None:
     """Switch our UNet between eager configurations in place (each switch is reversible)."""
     if fused:
-        if not all(m.fused_weight is not None for m in unet.modules() if hasattr(m, "fused_weight")):
-            unet.fuse_qkv()
+        fast.fuse_qkv(unet)  # swaps the plain attention modules left, if any
     else:
-        unet.unfuse_qkv()
+        fast.unfuse_qkv(unet)
     if unet._channels_last != channels_last:
         unet.use_channels_last(channels_last)
     fast.use_onednn_linears(unet, enabled=onednn)
@@ -1170,7 +1169,7 @@ def run_fp8_stage(run: Runner, state: dict) -> list[str]:
         return []
     unet = state["unet"]
     unet.to(torch.bfloat16)
-    unet.unfuse_qkv()
+    fast.unfuse_qkv(unet)
     fp8 = copy.deepcopy(unet)
     n = fast.use_fp8_linears(fp8)
     fp8.use_channels_last(True)

@@ -2,21 +2,23 @@
 backend choice, torch.compile, CUDA graphs and the compile cache.
 
 Nothing here changes what a model computes beyond rounding (fp8 changes it by a measured amount, see
-`bench/RESULTS.md`), and nothing changes parameter names: the switches act on the modules in place or wrap
-them. The one entry point most callers need is
+`bench/RESULTS.md`), and nothing changes parameter names: the switches act on the modules in place, swap
+modules for ones holding the same Parameters, or wrap them. Two entry points:
 
-    fast_unet = optimize(unet, fused_qkv=True, channels_last=True, compile="default")
+    speed_up(unet, text, vae)             # what `sdxl.load` applies by default: only exact switches, in place
+    fast_unet = optimize(unet, fused_qkv=True, channels_last=True, compile="default")   # the benchmark's
 
 Where each switch pays off (measured numbers in bench/RESULTS.md):
 - fused_qkv: one matmul instead of three for self-attention q/k/v, one instead of two for cross-attention
-  k/v (GPU and CPU).
+  k/v (GPU and CPU): each `Attention` is swapped for a `FusedAttention` holding the same Parameters.
 - channels_last: NHWC activations. cuDNN and oneDNN convolutions prefer it, and the UNet's transformer
   blocks then read the feature map as [B, H*W, C] tokens without a transposing copy.
 - onednn (CPU only): linears through oneDNN instead of the BLAS that PyTorch's CPU build calls (MKL), which
   on AMD CPUs runs float32 matrix products at well under half of oneDNN's rate.
 - fp8 (GPU with float8 tensor cores, sm_89+): transformer linears as float8 e4m3 matmuls
   (`torch._scaled_mm`), weights scaled per output row, activations per token.
-- sdpa_backend: force one scaled-dot-product-attention kernel ("flash", "cudnn", "efficient", "math").
+- sdpa_backend: force one scaled-dot-product-attention kernel ("flash", "cudnn", "efficient", "math"), or
+  an order of preference.
 - compile: `torch.compile` with static shapes and no graph breaks (fullgraph=True).
 - `CUDAGraphRunner`: capture a whole UNet call (or a text encoder call) once and replay it each step.
 - `enable_compile_cache`: keep Inductor's compiled kernels on disk so a second start skips compilation.
@@ -34,7 +36,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
+
+from sdxl.models.unet import Attention, BasicTransformerBlock, ResBlock
 
 # ---------------------------------------------------------------------------------------------------------
 # What the machine can do
@@ -151,8 +156,8 @@ def _replace_children(model: nn.Module, make: Callable[[str, nn.Module], nn.Modu
 
 
 def use_onednn_linears(model: nn.Module, enabled: bool = True) -> int:
-    """Route every nn.Linear of `model` (and our attention's fused projections) through oneDNN, or, with
-    enabled=False, back through F.linear. Returns how many layers were switched.
+    """Route every nn.Linear of `model` (and the fused projections of `FusedAttention`) through oneDNN, or,
+    with enabled=False, back through F.linear. Returns how many layers were switched.
 
     Does nothing where oneDNN's linear is unavailable. The Parameters are shared, not copied.
     """
@@ -170,9 +175,133 @@ def use_onednn_linears(model: nn.Module, enabled: bool = True) -> int:
 
     count = _replace_children(model, make)
     for m in model.modules():
-        if hasattr(m, "project_fn"):
+        if isinstance(m, FusedAttention):
             m.project_fn = onednn_linear if enabled else F.linear
     return count
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fused projections: a module swap
+# ---------------------------------------------------------------------------------------------------------
+
+
+class FusedAttention(Attention):
+    """`Attention` that runs the projections reading the same input as ONE matmul: [to_q; to_k; to_v] for
+    self-attention (x feeds all three), [to_k; to_v] for cross-attention (the text context feeds both).
+    One large matmul keeps a GPU (or the CPU's vector units) busier than three small ones and reads its
+    input once.
+
+    Built by `fuse_qkv` from an existing `Attention`, whose child modules it takes over: the same to_q /
+    to_k / to_v / to_out objects and Parameters, so the state dict, LoRA matching and hooks see nothing
+    new. The weights are copied once, back to back, into `fused_weight` (a non-persistent buffer), and each
+    Parameter's storage becomes a view of its rows: no second copy and no per-call concatenation, and
+    in-place updates of the Parameters (load_state_dict, a fused LoRA, an optimizer step) reach the matrix.
+
+    What gives a Parameter new storage (`.to()`, deepcopy, `load_state_dict(assign=True)`) breaks the views;
+    the eager forward notices (one pointer comparison per weight) and lays the matrix out again. `_apply`
+    drops the matrix before a conversion so that `.to()` does not carry it as a second copy. Under
+    torch.compile the layout is not checked (prepare it before compiling: `lay_out()`).
+
+    `fused_qkv = False` runs the three Linear modules instead; LoRA forward hooks on to_q/k/v switch it off
+    while they are attached (`sdxl.weights.lora`), since the one matmul would bypass them. `project_fn` is
+    the matmul of the fused path (`onednn_linear` after `use_onednn_linears`); `sdpa_backends` restricts
+    the attention kernel (None = PyTorch's choice).
+    """
+
+    @classmethod
+    def from_attention(cls, attn: Attention) -> FusedAttention:
+        kv_dim = attn.to_k.in_features
+        with torch.device("meta"):  # the new Linear modules are replaced at once: allocate nothing
+            new = cls(attn.to_q.in_features, attn.heads, attn.dim_head,
+                      kv_dim if attn.is_cross_attention else None)
+        new.to_q, new.to_k, new.to_v, new.to_out = attn.to_q, attn.to_k, attn.to_v, attn.to_out
+        new.train(attn.training)
+        new.fused_qkv = True
+        new.project_fn = onednn_linear if isinstance(attn.to_q, OneDNNLinear) else F.linear
+        new.sdpa_backends = None
+        new.register_buffer("fused_weight", None, persistent=False)
+        new._row_ptrs = ()
+        new.lay_out()
+        return new
+
+    def to_plain(self) -> Attention:
+        """The literal `Attention` over the same child modules (the Parameters keep their values)."""
+        with torch.device("meta"):
+            plain = Attention(self.to_q.in_features, self.heads, self.dim_head,
+                              self.to_k.in_features if self.is_cross_attention else None)
+        plain.to_q, plain.to_k, plain.to_v, plain.to_out = self.to_q, self.to_k, self.to_v, self.to_out
+        return plain.train(self.training)
+
+    def _shared_input_layers(self) -> list[nn.Linear]:
+        if self.is_cross_attention:
+            return [self.to_k, self.to_v]
+        return [self.to_q, self.to_k, self.to_v]
+
+    def lay_out(self) -> None:
+        """Copy the shared-input weights back to back into `fused_weight`; the Parameters become its rows."""
+        layers = self._shared_input_layers()
+        # a normal tensor even inside inference_mode: the Parameters must stay usable outside it
+        with torch.inference_mode(False), torch.no_grad():
+            fused = torch.cat([layer.weight.detach() for layer in layers], dim=0)
+            row = 0
+            for layer in layers:
+                rows = layer.weight.shape[0]
+                layer.weight.data = fused[row:row + rows]  # the same Parameter object, now a view
+                row += rows
+        self.fused_weight = fused
+        self._row_ptrs = tuple(layer.weight.data_ptr() for layer in layers)
+
+    def views_intact(self) -> bool:
+        """Whether every shared-input Parameter is still the matching rows of `fused_weight`."""
+        layers = self._shared_input_layers()
+        return self.fused_weight is not None and all(
+            layer.weight.data_ptr() == ptr for layer, ptr in zip(layers, self._row_ptrs, strict=True))
+
+    def _apply(self, fn, recurse: bool = True):
+        self.fused_weight = None  # converted Parameters get storage of their own: lay out again afterwards
+        return super()._apply(fn, recurse)
+
+    def _fused_matrix(self) -> Tensor:
+        layers = self._shared_input_layers()
+        if torch.is_grad_enabled() and layers[0].weight.requires_grad:
+            return torch.cat([layer.weight for layer in layers], dim=0)  # differentiable (training)
+        if torch.compiler.is_compiling():
+            if self.fused_weight is None:  # moved after fusing and never run eagerly since: concatenate
+                return torch.cat([layer.weight for layer in layers], dim=0)
+        elif not self.views_intact():
+            self.lay_out()
+        return self.fused_weight
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        if not self.fused_qkv:
+            return super().forward(x, context)
+        if self.is_cross_attention:
+            q = self.to_q(x)
+            k, v = self.project_fn(context, self._fused_matrix()).chunk(2, dim=-1)
+        else:
+            q, k, v = self.project_fn(x, self._fused_matrix()).chunk(3, dim=-1)
+        return self.attend(q, k, v)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.sdpa_backends is None:
+            return super().attend(q, k, v)
+        with sdpa_kernel(self.sdpa_backends, set_priority=len(self.sdpa_backends) > 1):
+            return super().attend(q, k, v)
+
+
+def fuse_qkv(model: nn.Module) -> int:
+    """Swap every `Attention` in `model` for a `FusedAttention` over the same Parameters; returns how many."""
+    return _replace_children(
+        model, lambda name, m: FusedAttention.from_attention(m) if type(m) is Attention else None)
+
+
+def unfuse_qkv(model: nn.Module) -> int:
+    """Swap every `FusedAttention` back to a plain `Attention` (same Parameters); returns the count."""
+    return _replace_children(model, lambda name, m: m.to_plain() if isinstance(m, FusedAttention) else None)
+
+
+def is_fused(model: nn.Module) -> bool:
+    return any(isinstance(m, FusedAttention) for m in model.modules())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,14 +381,12 @@ def use_fp8_linears(model: nn.Module, include: Callable[[str], bool] = _in_trans
     """Replace the selected nn.Linear layers of `model` by `Float8Linear` (in place); returns the count.
 
     By default: every linear of the UNet's transformers (about 3/4 of the UNet's matmul work at 1024^2);
-    the convolutions and the small embedding MLPs stay in bf16. Fused attention projections are switched
-    off first (their q/k/v Parameters are replaced here); under torch.compile the repeated quantisation of
-    the shared input is computed once (common-subexpression elimination).
+    the convolutions and the small embedding MLPs stay in bf16. Fused attention projections are swapped
+    back to plain `Attention` first (their q/k/v Parameters are replaced here); under torch.compile the
+    repeated quantisation of the shared input is computed once (common-subexpression elimination).
     Both matrix sides must be multiples of 16 for the float8 kernels; smaller or odd layers are skipped.
     """
-    for m in model.modules():
-        if hasattr(m, "unfuse_projections"):
-            m.unfuse_projections()
+    unfuse_qkv(model)
 
     def make(name: str, m: nn.Module) -> nn.Module | None:
         if not isinstance(m, nn.Linear) or not include(name):
@@ -285,8 +412,6 @@ SDPA_BACKENDS = {
 
 def sdpa_backends(name: str | Iterable[str]) -> list:
     """["cudnn", "flash"] -> the torch.nn.attention.SDPBackend members, in that order of preference."""
-    from torch.nn.attention import SDPBackend
-
     names = [name] if isinstance(name, str) else list(name)
     out = []
     for n in names:
@@ -309,8 +434,6 @@ class WithSDPABackend(nn.Module):
         self._backends = sdpa_backends(self.backend_names)
 
     def forward(self, *args, **kwargs):
-        from torch.nn.attention import sdpa_kernel
-
         with sdpa_kernel(self._backends, set_priority=len(self._backends) > 1):
             return self.module(*args, **kwargs)
 
@@ -330,7 +453,7 @@ def enable_compile_cache(cache_dir: str | os.PathLike | None = None) -> Path:
     path = Path(cache_dir or os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default)
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
-    import torch._inductor.config as inductor_config
+    import torch._inductor.config as inductor_config  # lazy: the compiler stack (~1 s) only when compiling
 
     inductor_config.fx_graph_cache = True
     if hasattr(inductor_config, "autotune_local_cache"):
@@ -368,11 +491,14 @@ def configure_inductor(device_type: str) -> None:
     - conv_1x1_as_mm: 1x1 convolutions (UNet skip connections, VAE projections) as matmuls, which Inductor
       can fuse with their neighbours.
     - recompile limit raised: regional compilation compiles one code object for many block shapes.
+    - hooks guarded: Dynamo by default ignores forward hooks added after compiling, so a LoRA applied by
+      hooks (`sdxl.weights.lora.apply`) would silently not run; guarding them recompiles instead.
     """
-    import torch._dynamo.config as dynamo_config
+    import torch._dynamo.config as dynamo_config  # lazy: the compiler stack (~1 s) only when compiling
     import torch._inductor.config as inductor_config
 
     inductor_config.conv_1x1_as_mm = True
+    dynamo_config.skip_nnmodule_hook_guards = False
     if hasattr(dynamo_config, "recompile_limit"):
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
     else:  # older name
@@ -472,6 +598,66 @@ class CUDAGraphRunner:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The product's default: the exact switches, applied by `sdxl.load`
+# ---------------------------------------------------------------------------------------------------------
+
+
+def best_sdpa_backends(device: torch.device | str) -> list[str] | None:
+    """The attention kernels to prefer on `device`, or None for PyTorch's own order.
+
+    CUDA, compute capability 9.0 and newer (Hopper, Blackwell): cuDNN's fused attention first, then flash
+    (PyTorch 2.5's release notes give cuDNN up to 75% over FlashAttention-2 on H100; PyTorch's default order
+    puts it after flash). Elsewhere PyTorch's choice stands: on a CPU there is one fused kernel (flash for
+    CPU) and it is already the default.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    if cuda and torch.cuda.get_device_capability(device) >= (9, 0):
+        return ["cudnn", "flash", "efficient", "math"]
+    return None
+
+
+def speed_up(unet: nn.Module | None = None, text: nn.Module | None = None, vae: nn.Module | None = None,
+             *, compile: bool = False, cache_dir: str | os.PathLike | None = None) -> list[str]:
+    """Apply the switches that change nothing but float rounding, in place; returns what was applied.
+
+    UNet: fused projections (`fuse_qkv`), channels_last, oneDNN linears on a CPU (eager only), the SDPA
+    kernel order of `best_sdpa_backends`; with compile=True, `torch.compile` in place (fullgraph, static
+    shapes, `module.compile()`, so the UNet object and its parameters stay what callers hold) over an
+    Inductor cache on disk (`enable_compile_cache`), so a second process start loads the kernels.
+    Text towers: oneDNN linears on a CPU. VAE: channels_last.
+    The modules keep their parameter names and tensors: LoRA, state_dict and offloading work as before.
+    """
+    applied: list[str] = []
+    if unet is not None:
+        device = next(unet.parameters()).device
+        if fuse_qkv(unet):
+            applied.append("fused-qkv")
+        unet.use_channels_last(True)
+        applied.append("channels-last")
+        if device.type == "cpu" and not compile and use_onednn_linears(unet):
+            applied.append("onednn")
+        backends = best_sdpa_backends(device)
+        if backends:
+            chosen = sdpa_backends(backends)
+            for m in unet.modules():
+                if isinstance(m, FusedAttention):
+                    m.sdpa_backends = chosen
+            applied.append("sdpa=" + "/".join(backends))
+        if compile:
+            enable_compile_cache(cache_dir)
+            configure_inductor(device.type)
+            unet.compile(fullgraph=True, dynamic=False)
+            applied.append("compile")
+    if text is not None and next(text.parameters()).device.type == "cpu" and use_onednn_linears(text):
+        applied.append("text-onednn")
+    if vae is not None:
+        vae.to(memory_format=torch.channels_last)
+        applied.append("vae-channels-last")
+    return applied
+
+
+# ---------------------------------------------------------------------------------------------------------
 # One call for the UNet
 # ---------------------------------------------------------------------------------------------------------
 
@@ -498,11 +684,9 @@ def optimize(
       "regional" (compile each ResBlock / transformer block on its own: much faster to compile).
     The CUDA-graph runner is separate (`CUDAGraphRunner`), since it owns input buffers.
     """
-    from sdxl.models.unet import BasicTransformerBlock, ResBlock
-
     device = next(unet.parameters()).device
     if fused_qkv and not fp8:
-        unet.fuse_qkv()
+        fuse_qkv(unet)
     if channels_last:
         unet.use_channels_last(True)
     if onednn is None:

@@ -119,20 +119,8 @@ class Attention(nn.Module):
 
     Self-attention when `context` is None, cross-attention otherwise. The softmax attention itself is
     `F.scaled_dot_product_attention` (scale 1/sqrt(dim_head)), which picks a flash / memory-efficient
-    kernel when one is available (`sdxl.models.fast.optimize(sdpa_backend=...)` can force one).
-
-    Fused projections (`fuse_projections`, or `UNet.fuse_qkv()` for the whole network): the projections
-    that read the same input run as ONE matmul, [to_q; to_k; to_v] for self-attention (x feeds all
-    three) and [to_k; to_v] for cross-attention (the text context feeds both). One large matmul keeps a
-    GPU (or the CPU's vector units) busier than three small ones and reads the input once.
-
-    The parameters stay where they are (same names, same shapes: the state dict and LoRA matching are
-    untouched). What changes is their storage: the weights are copied once, back to back, into one
-    matrix `fused_weight`, and each Parameter becomes a view of its rows. The forward pass multiplies
-    by `fused_weight` directly, with no per-call concatenation; anything that updates the Parameters in
-    place (load_state_dict, an optimizer step, a fused LoRA) updates the fused matrix with them. Moving
-    the module (`.to`, `.half`, `.cuda`) or assigning new Parameters rebuilds it (see `_apply` and the
-    load-state-dict hook below).
+    kernel when one is available. `sdxl.models.fast.fuse_qkv` swaps these modules for a subclass that runs
+    the projections reading the same input as one matmul (same parameters, same names).
     """
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None):
@@ -146,113 +134,13 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(kv_dim, inner, bias=False)
         self.to_v = nn.Linear(kv_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim))  # to_out.0, as in sgm
-        # `fused_qkv` switches the one-matmul path on and off (LoRA hooks on to_q/k/v hold it off);
-        # `fused_weight` is the shared matrix, a non-persistent buffer so the state dict never sees it
-        # and torch.compile / CUDA graphs treat it as a fixed address, like a parameter.
-        self.fused_qkv = False
-        self.register_buffer("fused_weight", None, persistent=False)
-        # the matmul used for the fused projections; `sdxl.models.fast.use_onednn_linears` swaps it on
-        # CPUs where oneDNN beats the default BLAS (the unfused path goes through the Linear modules)
-        self.project_fn = F.linear
-        self.register_load_state_dict_post_hook(Attention._refresh_after_load)
 
-    # ---- fused projections ----
-    def _shared_input_layers(self) -> list[nn.Linear]:
-        """The projections that read the same input and can run as one matmul."""
-        if self.is_cross_attention:
-            return [self.to_k, self.to_v]
-        return [self.to_q, self.to_k, self.to_v]
-
-    def fuse_projections(self) -> Attention:
-        """Re-store the shared-input weights in one matrix and switch the one-matmul path on."""
-        self._build_fused_weight()
-        self.fused_qkv = True
-        return self
-
-    @torch.no_grad()
-    def _build_fused_weight(self) -> None:
-        """Copy the shared-input weights back to back into `fused_weight`; the Parameters become its rows."""
-        layers = self._shared_input_layers()
-        fused = torch.cat([layer.weight for layer in layers], dim=0)
-        row = 0
-        for layer in layers:
-            rows = layer.weight.shape[0]
-            layer.weight.data = fused[row:row + rows]  # same Parameter object, now a view of `fused`
-            row += rows
-        self.fused_weight = fused
-
-    def unfuse_projections(self) -> Attention:
-        """Back to separate matmuls (the Parameters keep their values; they may stay views of one block)."""
-        self.fused_qkv = False
-        self.fused_weight = None
-        return self
-
-    def _fused_views_intact(self) -> bool:
-        """True while every shared-input Parameter is still the matching rows of `fused_weight`."""
-        fused = self.fused_weight
-        if fused is None:
-            return False
-        row = 0
-        for layer in self._shared_input_layers():
-            w = layer.weight
-            if w.device != fused.device or w.dtype != fused.dtype or w.data_ptr() != fused[row].data_ptr():
-                return False
-            row += w.shape[0]
-        return True
-
-    @staticmethod
-    def _refresh_after_load(module: Attention, incompatible_keys) -> None:
-        """load_state_dict(assign=True) puts new Parameters in place: lay the fused matrix out again."""
-        if module.fused_weight is not None and not module._fused_views_intact():
-            module._build_fused_weight()
-
-    def _apply(self, fn, recurse: bool = True):
-        """`.to()` / `.half()` / `.cuda()` convert each Parameter on its own, which breaks the views: drop the
-        fused matrix first (so it is not converted as a second copy) and rebuild it afterwards."""
-        was_fused = self.fused_weight is not None
-        self.fused_weight = None
-        super()._apply(fn, recurse)
-        if was_fused:
-            self._build_fused_weight()
-        return self
-
-    def __getstate__(self):
-        """copy.deepcopy / pickle copy tensors one by one, which would leave the copy's `fused_weight` a
-        stale duplicate: copy without it and rebuild it in `__setstate__`."""
-        state = self.__dict__.copy()
-        buffers = dict(state["_buffers"])
-        state["_rebuild_fused"] = buffers.get("fused_weight") is not None
-        buffers["fused_weight"] = None
-        state["_buffers"] = buffers
-        return state
-
-    def __setstate__(self, state):
-        rebuild = state.pop("_rebuild_fused", False)
-        super().__setstate__(state)
-        if rebuild:
-            self._build_fused_weight()
-
-    def _fused_matrix(self) -> Tensor:
-        """[to_q; to_k; to_v] or [to_k; to_v] as one matrix. While gradients flow to the weights, it is built
-        with torch.cat (differentiable); otherwise it is the stored `fused_weight` (no copy)."""
-        layers = self._shared_input_layers()
-        needs_grad = torch.is_grad_enabled() and layers[0].weight.requires_grad
-        if self.fused_weight is not None and not needs_grad:
-            return self.fused_weight
-        return torch.cat([layer.weight for layer in layers], dim=0)
-
-    # ---- forward ----
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        if self.fused_qkv and context is None and not self.is_cross_attention:
-            q, k, v = self.project_fn(x, self._fused_matrix()).chunk(3, dim=-1)
-        elif self.fused_qkv and context is not None and self.is_cross_attention:
-            q = self.to_q(x)
-            k, v = self.project_fn(context, self._fused_matrix()).chunk(2, dim=-1)
-        else:
-            kv_in = x if context is None else context
-            q = self.to_q(x)
-            k = self.to_k(kv_in)
-            v = self.to_v(kv_in)
+        kv_in = x if context is None else context
+        return self.attend(self.to_q(x), self.to_k(kv_in), self.to_v(kv_in))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """softmax(q k^T / sqrt(dim_head)) v per head, then the output projection."""
         b, n, _ = q.shape
         # [B, tokens, heads * dim_head] -> [B, heads, tokens, dim_head] (views, no copies)
         q = q.reshape(b, n, self.heads, self.dim_head).transpose(1, 2)
@@ -459,24 +347,6 @@ class UNet(nn.Module):
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, enabled: bool) -> None:
         self.set_gradient_checkpointing(enabled)
-
-    def fuse_qkv(self) -> UNet:
-        """One matmul for self-attention q/k/v and one for cross-attention k/v, in every transformer block.
-
-        Same parameters, same names, same outputs (see `Attention`); the weights are re-stored once so that
-        no forward pass concatenates them.
-        """
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.fuse_projections()
-        return self
-
-    def unfuse_qkv(self) -> UNet:
-        """Back to separate q/k/v matmuls (the default)."""
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.unfuse_projections()
-        return self
 
     def use_channels_last(self, enabled: bool = True) -> UNet:
         """Store conv weights and feed activations NHWC; faster convolutions on recent GPUs (cuDNN)."""
