@@ -45,7 +45,6 @@ from sdxl.data.shapes import (
     SHAPES,
     eval_prompts,
     random_scene,
-    relation_between,
     render_scene,
 )
 
@@ -443,11 +442,6 @@ def detector_accuracy_on_renders(
         for key in scores[0]:
             out[f"{kind}_{key}"] = float(np.mean([s[key] for s in scores]))
     return out
-
-
-def reference_relation(spec: dict[str, Any], i: int, j: int) -> str:
-    """The relation between spec objects i and j computed from their layout (for checks)."""
-    return relation_between(spec["objects"][i], spec["objects"][j], spec.get("aspect", 1.0))
 
 
 # ---------------------------------------------------------------------------------------------- FD

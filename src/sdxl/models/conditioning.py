@@ -84,7 +84,8 @@ def conditioning_numbers(
     Sizes are (height, width). Base and inpaint models: original h, w | crop top, left | target h, w.
     The refiner has the aesthetic score in place of the target size (paper section 2.5).
     """
-    nums = [float(original_size[0]), float(original_size[1]), float(crop_top_left[0]), float(crop_top_left[1])]
+    nums = [float(original_size[0]), float(original_size[1])]
+    nums += [float(crop_top_left[0]), float(crop_top_left[1])]
     if kind == "refiner":
         if aesthetic_score is None:
             raise ValueError("the refiner's conditioning needs an aesthetic score")
@@ -94,6 +95,5 @@ def conditioning_numbers(
     return [*nums, float(target_size[0]), float(target_size[1])]
 
 
-def num_conditioning_numbers(kind: str) -> int:
-    """How many micro-conditioning numbers `kind` takes (base/inpaint 6, refiner 5)."""
-    return 5 if kind == "refiner" else 6
+# How many micro-conditioning numbers each kind of UNet takes (the layout of `conditioning_numbers`).
+CONDITIONING_NUMBERS = {"base": 6, "inpaint": 6, "refiner": 5}

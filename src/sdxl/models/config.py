@@ -195,11 +195,6 @@ class ModelConfig:
     fourier_dim: int = 256  # features per micro-conditioning number
     sample_size: int = 1024  # the native image side, used when a request gives no size
 
-    @property
-    def num_conditioning_numbers(self) -> int:
-        """How many scalars are Fourier-embedded into the ADM vector (6 base, 5 refiner)."""
-        return 5 if self.kind == "refiner" else 6
-
     @classmethod
     def base(cls) -> ModelConfig:
         return cls()

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Mapping
 
+from ..models.conditioning import CONDITIONING_NUMBERS
 from ..models.config import ModelConfig, TextConfig, UNetConfig, VAEConfig
 from .io import CheckpointError
 
@@ -319,10 +320,12 @@ def detect(f: Mapping, metadata: dict[str, str] | None = None, name: str = "chec
                     f"width {pooled} plus 256 per micro-conditioning number"
                 )
         else:  # UNet-only file: the refiner's context is bigG alone, whose width is also the pooled width
-            n_numbers = 5 if unet.adm_in_channels - 5 * 256 == unet.context_dim else 6
-        if n_numbers == 5:
+            refiner_numbers = CONDITIONING_NUMBERS["refiner"]
+            is_refiner = unet.adm_in_channels - refiner_numbers * 256 == unet.context_dim
+            n_numbers = CONDITIONING_NUMBERS["refiner" if is_refiner else "base"]
+        if n_numbers == CONDITIONING_NUMBERS["refiner"]:
             kind = "refiner"
-        elif n_numbers != 6:
+        elif n_numbers != CONDITIONING_NUMBERS["base"]:
             raise CheckpointError(
                 f"{name}: UNet expects {n_numbers} micro-conditioning numbers (5 or 6 known)"
             )
