@@ -24,8 +24,9 @@ from PIL import Image
 
 from sdxl import pipeline as P
 from sdxl.request import GenerationRequest, LoraSpec
-from sdxl.train import trainer as T
 from sdxl.train.config import TrainConfig
+from sdxl.train.loop import TrainResult
+from sdxl.train.runner import make_trainer
 
 RED, BLUE = (220, 30, 30), (30, 40, 220)
 SIZE = 32
@@ -74,9 +75,9 @@ def config(out: Path, data: Path, steps: int, **sections) -> TrainConfig:
     return TrainConfig.from_dict(d)
 
 
-def train_from_start(cfg: TrainConfig) -> tuple[Path, T.TrainResult]:
+def train_from_start(cfg: TrainConfig) -> tuple[Path, TrainResult]:
     """(a copy of the model exported BEFORE the first step, the finished run's result)."""
-    trainer = T.make_trainer(cfg)
+    trainer = make_trainer(cfg)
     trainer.setup()
     exported = trainer.export()
     initial = exported.with_name("initial-" + exported.name)

@@ -11,14 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from sdxl.models.config import tiny_config
 from sdxl.sampling.denoiser import DiscreteSchedule
 from sdxl.train import config as TC
+from sdxl.train import losses as TL
+from sdxl.train import runner as TR
 from sdxl.train import trainer as T
-from sdxl.train.config import ConfigError, TrainConfig, build_config
+from sdxl.train.config import ConfigError, TrainConfig, TrainingError, build_config
+from sdxl.train.feed import batch_conditioning_numbers
+from sdxl.train.models import DiffusionModel
 from sdxl.weights.io import open_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +78,7 @@ def test_noising_is_the_samplers_scaled_input():
     sch = DiscreteSchedule()
     x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     t = torch.tensor([0, 199, 999])
-    x_t = T.add_noise(x0, eps, t, sch.alphas_cumprod)
+    x_t = TL.add_noise(x0, eps, t, sch.alphas_cumprod)
     sigma = sch.sigmas[t].reshape(-1, 1, 1, 1)
     sampler_input = (x0 + sigma * eps) / (sigma**2 + 1).sqrt()
     torch.testing.assert_close(x_t, sampler_input, rtol=1e-5, atol=1e-6)
@@ -101,7 +106,7 @@ def test_oracle_unet_samples_its_training_target(prediction):
             ti = t.long().expand(x.shape[0])
             abar = ac[ti].float().reshape(-1, 1, 1, 1)
             eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
-            return T.prediction_target(x0.expand_as(x), eps, ti, ac, prediction)
+            return TL.prediction_target(x0.expand_as(x), eps, ti, ac, prediction)
 
     pipe = SDXL(mc, unet=Oracle(), vae=AutoencoderKL(mc.vae), text=TextEncoders(mc.text_l, mc.text_g))
     for sampler in ("euler", "dpmpp_2m"):
@@ -115,25 +120,25 @@ def test_min_snr_weights_and_v_target():
     ac = DiscreteSchedule().alphas_cumprod
     t = torch.tensor([0, 500, 999])
     snr = (ac[t] / (1 - ac[t])).float()
-    w_eps = T.loss_weights(t, ac, "eps", 5.0)
-    w_v = T.loss_weights(t, ac, "v", 5.0)
+    w_eps = TL.loss_weights(t, ac, "eps", 5.0)
+    w_v = TL.loss_weights(t, ac, "v", 5.0)
     torch.testing.assert_close(w_eps, snr.clamp(max=5) / snr)
     torch.testing.assert_close(w_v, snr.clamp(max=5) / (snr + 1))
     assert w_eps[0] < 0.01 and w_eps[2] == 1.0  # low noise is down-weighted, high noise keeps weight 1
-    assert torch.equal(T.loss_weights(t, ac, "eps", 0.0), torch.ones(3))
+    assert torch.equal(TL.loss_weights(t, ac, "eps", 0.0), torch.ones(3))
     x0, eps = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
-    v = T.prediction_target(x0, eps, t, ac, "v")
+    v = TL.prediction_target(x0, eps, t, ac, "v")
     a = ac[t].float().reshape(-1, 1, 1, 1)
     # v and x_t are an orthonormal rotation of (x0, eps): x0 = sqrt(a) x_t - sqrt(1-a) v
-    x_t = T.add_noise(x0, eps, t, ac)
+    x_t = TL.add_noise(x0, eps, t, ac)
     torch.testing.assert_close(a.sqrt() * x_t - (1 - a).sqrt() * v, x0, rtol=1e-5, atol=1e-5)
 
 
 def test_offset_noise_variants_and_per_sample_determinism():
-    gens = lambda: [T.sample_generator(0, 3, 1, i) for i in (5, 9)]  # noqa: E731
-    plain = T.draw_noise(gens(), (4, 8, 8), 0, 1000)
-    chan = T.draw_noise(gens(), (4, 8, 8), 0, 1000, 0.5, "channel")
-    samp = T.draw_noise(gens(), (4, 8, 8), 0, 1000, 0.5, "sample")
+    gens = lambda: [TL.sample_generator(0, 3, 1, i) for i in (5, 9)]  # noqa: E731
+    plain = TL.draw_noise(gens(), (4, 8, 8), 0, 1000)
+    chan = TL.draw_noise(gens(), (4, 8, 8), 0, 1000, 0.5, "channel")
+    samp = TL.draw_noise(gens(), (4, 8, 8), 0, 1000, 0.5, "sample")
     # same seed -> same posterior noise, timestep and base noise; the offset is constant over the pixels
     assert torch.equal(plain.t, chan.t) and torch.equal(plain.posterior, samp.posterior)
     off_c, off_s = chan.noise - plain.noise, samp.noise - plain.noise
@@ -141,9 +146,9 @@ def test_offset_noise_variants_and_per_sample_determinism():
     assert not torch.allclose(off_c[:, 0], off_c[:, 1])  # [B, C, 1, 1]: differs between channels
     assert torch.allclose(off_s, off_s[:, :1, :1, :1].expand_as(off_s))  # [B, 1, 1, 1]: one number
     # a sample's numbers depend on (seed, micro-batch, index) only, not on its batch neighbours
-    alone = T.draw_noise([T.sample_generator(0, 3, 1, 9)], (4, 8, 8), 0, 1000)
+    alone = TL.draw_noise([TL.sample_generator(0, 3, 1, 9)], (4, 8, 8), 0, 1000)
     assert torch.equal(alone.noise[0], plain.noise[1])
-    ranged = T.draw_noise([T.sample_generator(0, k, 0, 0) for k in range(200)], (1, 1, 1), 0, 200)
+    ranged = TL.draw_noise([TL.sample_generator(0, k, 0, 0) for k in range(200)], (1, 1, 1), 0, 200)
     assert int(ranged.t.max()) < 200 and int(ranged.t.min()) >= 0
 
 
@@ -151,18 +156,18 @@ def test_logit_normal_timesteps_train_the_middle_more():
     """`loss.timestep_sampling = logit_normal` (SD3): t stays in [t_min, t_max), is reproducible per sample,
     puts about half the draws in the middle third of the range for loc 0, scale 1 (P(|N| < ln 2) = 0.51;
     uniform: 1/3), and a positive loc moves the draws to the noisy end."""
-    gens = lambda: [T.sample_generator(0, k, 0, 0) for k in range(4000)]  # noqa: E731
-    uni = T.draw_noise(gens(), (1, 1, 1), 0, 1000).t.double()
-    ln = T.draw_noise(gens(), (1, 1, 1), 0, 1000, t_sampling=("logit_normal", 0.0, 1.0)).t
-    again = T.draw_noise(gens(), (1, 1, 1), 0, 1000, t_sampling=("logit_normal", 0.0, 1.0)).t
+    gens = lambda: [TL.sample_generator(0, k, 0, 0) for k in range(4000)]  # noqa: E731
+    uni = TL.draw_noise(gens(), (1, 1, 1), 0, 1000).t.double()
+    ln = TL.draw_noise(gens(), (1, 1, 1), 0, 1000, t_sampling=("logit_normal", 0.0, 1.0)).t
+    again = TL.draw_noise(gens(), (1, 1, 1), 0, 1000, t_sampling=("logit_normal", 0.0, 1.0)).t
     assert torch.equal(ln, again) and ln.dtype == torch.long
     assert 0 <= int(ln.min()) and int(ln.max()) < 1000
     middle = lambda t: float(((t >= 1000 / 3) & (t < 2000 / 3)).double().mean())  # noqa: E731
     assert abs(middle(uni) - 1 / 3) < 0.03 and abs(middle(ln) - 0.51) < 0.03
     assert abs(float(ln.double().mean()) - 499.5) < 10
-    noisy = T.draw_noise(gens(), (1, 1, 1), 0, 1000, t_sampling=("logit_normal", 1.0, 1.0)).t.double()
+    noisy = TL.draw_noise(gens(), (1, 1, 1), 0, 1000, t_sampling=("logit_normal", 1.0, 1.0)).t.double()
     assert float(noisy.mean()) > 650  # E[sigmoid(1 + N)] = 0.69
-    refiner = T.draw_noise(gens(), (1, 1, 1), 0, 200, t_sampling=("logit_normal", 0.0, 1.0)).t
+    refiner = TL.draw_noise(gens(), (1, 1, 1), 0, 200, t_sampling=("logit_normal", 0.0, 1.0)).t
     assert 0 <= int(refiner.min()) and int(refiner.max()) < 200
     with pytest.raises(ConfigError, match="timestep_scale"):
         TrainConfig.from_dict({"loss": {"timestep_sampling": "logit_normal", "timestep_scale": 0.0}})
@@ -174,8 +179,8 @@ def test_conditioning_numbers_and_caption_dropout():
     batch = {"original_size": torch.tensor([[64, 48], [32, 32]]),
              "crop_top_left": torch.tensor([[0, 8], [4, 0]]),
              "target_size": torch.tensor([[32, 24], [32, 32]]), "aesthetic_score": torch.tensor([5.5, 6.0])}
-    base = T.conditioning_numbers(batch, "base")
-    ref = T.conditioning_numbers(batch, "refiner")
+    base = batch_conditioning_numbers(batch, "base")
+    ref = batch_conditioning_numbers(batch, "refiner")
     assert base.tolist() == [[64, 48, 0, 8, 32, 24], [32, 32, 4, 0, 32, 32]]
     assert ref.tolist() == [[64, 48, 0, 8, 5.5], [32, 32, 4, 0, 6.0]]
 
@@ -186,7 +191,7 @@ def test_conditioning_numbers_and_caption_dropout():
             seen.update(context=context, y=y)
             return x
 
-    model = T.DiffusionModel(Probe(), None, "base", 256, 1)
+    model = DiffusionModel(Probe(), None, "base", 256, 1)
     ctx, pooled = torch.randn(2, 77, 96), torch.randn(2, 64)
     model(torch.zeros(2, 4, 4, 4), torch.tensor([1, 2]), base, torch.tensor([1.0, 0.0]), ctx, pooled)
     assert torch.equal(seen["context"][0], ctx[0]) and not seen["context"][1].any()  # dropped: zero context
@@ -238,7 +243,7 @@ def test_overfit_base_and_export(tmp_path, data):
     from sdxl.weights.checkpoint import read_checkpoint
 
     cfg = tiny_run(tmp_path / "out", data, 40)
-    result = T.run(cfg)
+    result = TR.run(cfg)
     assert result.step == 40 and len(result.losses) == 40
     assert fall_factor(result.losses) > 2.0, result.losses
     ck = read_checkpoint(result.exported)
@@ -258,14 +263,14 @@ def test_overfit_refiner_with_aesthetic_scores(tmp_path, monkeypatch):
     at least 1.25x (measured 1.5x: low noise levels are the hard ones)."""
     data = make_images(tmp_path / "data", manifest=True)
     seen_t, seen_numbers = [], []
-    real_numbers = T.conditioning_numbers
+    real_numbers = T.batch_conditioning_numbers
 
     def spy(batch, kind):
         out = real_numbers(batch, kind)
         seen_numbers.append((batch["index"].clone(), out))
         return out
 
-    monkeypatch.setattr(T, "conditioning_numbers", spy)
+    monkeypatch.setattr(T, "batch_conditioning_numbers", spy)
     real_add = T.add_noise
     def spy_noise(x0, noise, t, ac):
         seen_t.append(t.clone())
@@ -273,7 +278,7 @@ def test_overfit_refiner_with_aesthetic_scores(tmp_path, monkeypatch):
 
     monkeypatch.setattr(T, "add_noise", spy_noise)
     cfg = tiny_run(tmp_path / "out", data, 40, model={"preset": "tiny-refiner"}, optim={"lr": 3e-3})
-    result = T.run(cfg)
+    result = TR.run(cfg)
     assert max(int(t.max()) for t in seen_t) < 200
     for index, numbers in seen_numbers:
         assert numbers.shape[1] == 5
@@ -309,7 +314,7 @@ def test_lora_overfit_save_and_load(tmp_path, data):
     init = _write_tiny_model(tmp_path / "base.safetensors")
     cfg = tiny_run(tmp_path / "out", data, 40, model={"preset": "", "init": str(init)},
                    lora={"rank": 4, "alpha": 4.0, "text_encoders": True, "conv": True}, optim={"lr": 1e-2})
-    trainer = T.make_trainer(cfg)
+    trainer = TR.make_trainer(cfg)
     trainer.setup()
     result = trainer.train()
     assert result.exported.name == "lora.safetensors"
@@ -351,17 +356,17 @@ def test_masked_loss_is_the_mask_weighted_mean(tmp_path, data, monkeypatch):
             m[:16] = 255
             Image.fromarray(m).save(masked / f"img{i}.mask.png")
     seen = {}
-    real_mse = T.F.mse_loss
+    real_mse = F.mse_loss
 
     def spy(a, b, reduction="mean"):
         out = real_mse(a, b, reduction=reduction)
         seen["err"] = out.detach()
         return out
 
-    monkeypatch.setattr(T.F, "mse_loss", spy)
+    monkeypatch.setattr(F, "mse_loss", spy)
 
     def run(folder, **loss):
-        tr = T.make_trainer(tiny_run(tmp_path / f"o{len(seen)}{sorted(loss)}", folder, 1,
+        tr = TR.make_trainer(tiny_run(tmp_path / f"o{len(seen)}{sorted(loss)}", folder, 1,
                                      data={"crop": "center", "shuffle": False}, loss=loss))
         tr.setup()
         batch = tr.stream.next()
@@ -370,7 +375,7 @@ def test_masked_loss_is_the_mask_weighted_mean(tmp_path, data, monkeypatch):
 
     batch, value, err = run(masked, masked=True, mask_floor=0.25)
     assert batch["mask"].shape == (4, 1, 32, 32)
-    w = 0.25 + 0.75 * T.F.adaptive_avg_pool2d(batch["mask"], err.shape[-2:])
+    w = 0.25 + 0.75 * F.adaptive_avg_pool2d(batch["mask"], err.shape[-2:])
     expected = ((err * w).sum((1, 2, 3)) / (w.sum((1, 2, 3)) * err.shape[1])).mean()
     assert value == pytest.approx(float(expected), rel=1e-5)
     assert value != pytest.approx(float(err.mean()), rel=1e-3)  # the mask does change it
@@ -383,7 +388,7 @@ def test_masked_loss_is_the_mask_weighted_mean(tmp_path, data, monkeypatch):
         Image.new("L", (32, 32), 255).save(white / f"img{i}.mask.png")
     _, all_white, _ = run(white, masked=True)
     assert all_white == pytest.approx(plain, rel=1e-6)
-    with pytest.raises(T.TrainingError, match="no image .* has a loss mask"):
+    with pytest.raises(TrainingError, match="no image .* has a loss mask"):
         run(data, masked=True)
     with pytest.raises(ConfigError, match="mask_floor"):
         tiny_run(tmp_path / "bad", data, 1, loss={"mask_floor": 1.5}).validate()
@@ -393,7 +398,7 @@ def test_text_encoders_train_jointly(tmp_path, data):
     """train_text_encoders: both towers change (at text_lr), except CLIP-L's layers after the used hidden
     state, which never reach the loss; the exported file carries the trained towers."""
     cfg = tiny_run(tmp_path / "out", data, 5, train={"train_text_encoders": True}, optim={"text_lr": 1e-3})
-    trainer = T.make_trainer(cfg)
+    trainer = TR.make_trainer(cfg)
     trainer.setup()
     groups = trainer.optimizer.param_groups
     assert [g["lr"] for g in groups] == [2e-3, 1e-3]
@@ -418,7 +423,7 @@ def test_vae_overfit_and_export(tmp_path, data):
     from sdxl.weights.checkpoint import read_checkpoint
 
     cfg = tiny_run(tmp_path / "out", data, 40, train={"task": "vae"})
-    result = T.run(cfg)
+    result = TR.run(cfg)
     assert fall_factor(result.losses) > 1.8, result.losses
     ck = read_checkpoint(result.exported)
     assert list(ck.parts) == ["vae"] and ck.config.vae.scale_factor != tiny_config().vae.scale_factor
@@ -426,7 +431,7 @@ def test_vae_overfit_and_export(tmp_path, data):
 
     gan = tiny_run(tmp_path / "gan", data, 2, train={"task": "vae"}, vae={"gan": True, "gan_start": 0},
                    checkpoint={"every": 2})
-    T.run(gan)
+    TR.run(gan)
     rows = [json.loads(x) for x in (tmp_path / "gan" / "log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["d_loss"]) and "g_loss" in r for r in rows)
     state = open_tensors(tmp_path / "gan" / "checkpoints" / "step-00000002" / "model.safetensors")
@@ -447,7 +452,7 @@ def test_nan_loss_is_skipped_counted_and_stops(tmp_path, data, monkeypatch):
 
     monkeypatch.setattr(UNet, "forward", flaky)
     calls["bad"] = {2}
-    result = T.run(tiny_run(tmp_path / "once", data, 4))
+    result = TR.run(tiny_run(tmp_path / "once", data, 4))
     assert result.step == 4 and result.nan_steps == 1 and len(result.losses) == 3
     rows = [json.loads(x) for x in (tmp_path / "once" / "log.jsonl").read_text().splitlines()]
     assert rows[-1]["nan_steps"] == 1
@@ -455,11 +460,11 @@ def test_nan_loss_is_skipped_counted_and_stops(tmp_path, data, monkeypatch):
     # from the 3rd call on, every loss is NaN: 3 consecutive skipped steps stop the run with a clear message
     calls["n"], calls["bad"] = 0, set(range(3, 100))
     cfg = tiny_run(tmp_path / "stop", data, 20, train={"max_nan_steps": 3})
-    with pytest.raises(T.TrainingError, match=r"3 consecutive steps had a NaN/Inf loss.*max_nan_steps"):
-        T.run(cfg)
+    with pytest.raises(TrainingError, match=r"3 consecutive steps had a NaN/Inf loss.*max_nan_steps"):
+        TR.run(cfg)
     # the weights saved on stopping are those after the 2 good steps
     calls["n"], calls["bad"] = 0, set()
-    T.run(tiny_run(tmp_path / "clean", data, 2))
+    TR.run(tiny_run(tmp_path / "clean", data, 2))
     stopped = open_tensors(tmp_path / "stop" / "checkpoints" / "step-00000005" / "model.safetensors")
     clean = open_tensors(tmp_path / "clean" / "checkpoints" / "step-00000002" / "model.safetensors")
     assert all(torch.equal(stopped[k], clean[k]) for k in clean.keys())
@@ -469,13 +474,13 @@ def test_latent_and_text_caches_skip_the_encoders(tmp_path, data):
     """Center crop, 3 epochs: each image goes through the VAE and each caption through the towers once; the
     losses equal an uncached run's."""
     common = dict(train={"batch_size": 2})
-    cached = T.make_trainer(tiny_run(tmp_path / "c", data, 6, **common,
+    cached = TR.make_trainer(tiny_run(tmp_path / "c", data, 6, **common,
                                      data={"crop": "center", "cache_latents": True, "cache_text": True}))
     cached.setup()
     r1 = cached.train()
     assert cached.stats == {"vae_encodes": 4, "text_encodes": 4}
-    assert cached.latent_cache.hits == 8 and cached.text_cache.hits == 8
-    plain = T.make_trainer(tiny_run(tmp_path / "p", data, 6, **common, data={"crop": "center"}))
+    assert cached.latents.cache.hits == 8 and cached.texts.cache.hits == 8
+    plain = TR.make_trainer(tiny_run(tmp_path / "p", data, 6, **common, data={"crop": "center"}))
     plain.setup()
     r2 = plain.train()
     assert plain.stats == {"vae_encodes": 12, "text_encodes": 12}
@@ -489,7 +494,7 @@ def test_sampling_logging_and_mixed_precision(tmp_path, data):
                    train={"mixed_precision": "bf16", "gradient_checkpointing": True},
                    loss={"offset_noise": 0.05, "min_snr_gamma": 5.0}, model={"prediction": "v"},
                    sample={"every": 2, "prompts": ["a red square"], "steps": 2, "sampler": "euler"})
-    result = T.run(cfg)
+    result = TR.run(cfg)
     assert all(math.isfinite(x) for x in result.losses)
     assert (tmp_path / "out" / "samples" / "step-00000002-0.png").is_file()
     from sdxl.weights.checkpoint import read_checkpoint
@@ -499,16 +504,16 @@ def test_sampling_logging_and_mixed_precision(tmp_path, data):
 
 def test_train_main_exit_codes(tmp_path, data, capsys):
     missing = {"preset": "tiny", "data": str(tmp_path / "missing"), "output": str(tmp_path / "o")}
-    assert T.train_main(missing) == 1
+    assert TR.train_main(missing) == 1
     assert "data.path" in capsys.readouterr().err
-    assert T.train_main({"train.nonsense": 1}) == 2
+    assert TR.train_main({"train.nonsense": 1}) == 2
     opts = {"preset": "tiny", "data": str(data), "output": str(tmp_path / "ok"), "steps": 1, "batch_size": 2,
             "resolution": 32, "data.bucket_step": 8, "train.progress": False}
-    assert T.train_main(opts) == 0
+    assert TR.train_main(opts) == 0
     assert (tmp_path / "ok" / "model.safetensors").is_file()
     # a bad [sample] setting fails at setup, not at the first sample step hours later
     bad = {**opts, "sample.every": 1, "sample.prompts": '["a cat"]', "sample.sampler": "nope"}
-    assert T.train_main(bad) == 2
+    assert TR.train_main(bad) == 2
     assert "[sample]: unknown sampler 'nope'" in capsys.readouterr().err
 
 
@@ -523,7 +528,7 @@ def test_tensorboard_scalars_match_the_log(tmp_path, data, monkeypatch):
 
     cfg = tiny_run(tmp_path / "on", data, 3, train={"tensorboard": "on", "batch_size": 2},
                    optim={"warmup_steps": 3})
-    T.run(cfg)
+    TR.run(cfg)
     rows = [json.loads(x) for x in (tmp_path / "on" / "log.jsonl").read_text().splitlines()]
     acc = EventAccumulator(str(tmp_path / "on" / "tb"))
     acc.Reload()
@@ -537,12 +542,12 @@ def test_tensorboard_scalars_match_the_log(tmp_path, data, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` now raises ImportError
     with pytest.raises(ConfigError, match=r'train.tensorboard = "on" needs the tensorboard package'):
-        T.run(tiny_run(tmp_path / "missing", data, 1, train={"tensorboard": "on"}))
+        TR.run(tiny_run(tmp_path / "missing", data, 1, train={"tensorboard": "on"}))
     assert not (tmp_path / "missing").exists()  # failed before building anything
     opts = {"preset": "tiny", "data": str(data), "output": str(tmp_path / "cli"), "steps": 1,
             "resolution": 32, "data.bucket_step": 8, "train.progress": False, "train.tensorboard": "on"}
-    assert T.train_main(opts) == 2
-    T.run(tiny_run(tmp_path / "auto", data, 1))
+    assert TR.train_main(opts) == 2
+    TR.run(tiny_run(tmp_path / "auto", data, 1))
     assert (tmp_path / "auto" / "log.jsonl").is_file() and not (tmp_path / "auto" / "tb").exists()
 
 
@@ -556,7 +561,7 @@ def test_adamw8bit_trains_on_cpu_and_resumes_exactly(tmp_path, data):
         return tiny_run(tmp_path / out, data, 16, optim={"name": "adamw8bit"}, checkpoint={"every": 8},
                         train=train)
 
-    trainer = T.make_trainer(cfg("straight"))
+    trainer = TR.make_trainer(cfg("straight"))
     trainer.setup()
     assert isinstance(trainer.optimizer, bnb.optim.AdamW8bit)
     straight = trainer.train()
@@ -567,9 +572,9 @@ def test_adamw8bit_trains_on_cpu_and_resumes_exactly(tmp_path, data):
     saved = open_tensors(tmp_path / "straight" / "checkpoints" / "step-00000016" / "optimizer.safetensors")
     assert sum(1 for k in saved.keys() if k.endswith("state1") and saved[k].dtype == torch.uint8) == len(big)
 
-    first = T.run(cfg("split", stop_at=8))
+    first = TR.run(cfg("split", stop_at=8))
     assert first.step == 8 and first.interrupted
-    second = T.run(dataclasses.replace(cfg("split"), checkpoint=TC.CheckpointSection(every=8, resume=True)))
+    second = TR.run(dataclasses.replace(cfg("split"), checkpoint=TC.CheckpointSection(every=8, resume=True)))
     assert second.losses == straight.losses[8:]
     a, b = open_tensors(straight.exported), open_tensors(second.exported)
     assert all(torch.equal(a[k], b[k]) for k in a.keys())

@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdxl.train import trainer as T
+from sdxl.train import runner as TR
 from sdxl.train.config import TrainConfig
+from sdxl.train.models import load_models
 from sdxl.weights.io import open_tensors
 from trainsets import random_boxes
 
@@ -92,12 +93,12 @@ def single(data, tmp_path_factory) -> Path:
     """The reference: one process, batch 4."""
     out = tmp_path_factory.mktemp("single")
     with one_thread():
-        return T.run(config(out, data, 4)).exported
+        return TR.run(config(out, data, 4)).exported
 
 
 def _moved(path: Path) -> float:
     """How far training moved the UNet from its (seeded) initial weights."""
-    init = T.load_models(TrainConfig.from_dict({"model": {"preset": "tiny"}}), torch.device("cpu"), ("unet",))
+    init = load_models(TrainConfig.from_dict({"model": {"preset": "tiny"}}), torch.device("cpu"), ("unet",))
     final = open_tensors(path)
     sd = init.unet.state_dict()
     return max(float((final["model.diffusion_model." + k] - v).abs().max()) for k, v in sd.items())
@@ -107,7 +108,7 @@ def _moved(path: Path) -> float:
 def accumulated(data, tmp_path_factory) -> Path:
     """One process, batch 2, two accumulation steps."""
     with one_thread():
-        return T.run(config(tmp_path_factory.mktemp("accum"), data, 2, accum=2)).exported
+        return TR.run(config(tmp_path_factory.mktemp("accum"), data, 2, accum=2)).exported
 
 
 def test_gradient_accumulation_equals_the_big_batch(single, accumulated):

@@ -31,8 +31,8 @@ import torch
 
 import sdxl.weights.io as wio
 from sdxl.train import checkpointing as C
-from sdxl.train import trainer as T
-from sdxl.train.config import TrainConfig
+from sdxl.train import runner as TR
+from sdxl.train.config import TrainConfig, TrainingError
 from sdxl.weights.io import open_tensors
 from trainsets import coloured_squares
 
@@ -102,7 +102,7 @@ def reference(tmp_path_factory):
     disk = Disk()
     with pytest.MonkeyPatch.context() as mp:
         disk.install(mp.setattr)
-        result = T.run(config(tmp / "ref", data))
+        result = TR.run(config(tmp / "ref", data))
     ckpt_bytes = sum(n for p, n in disk.files.items() if f"{C.TMP_PREFIX}step-00000002" in p)
     return data, result, tmp / "ref", ckpt_bytes
 
@@ -139,8 +139,8 @@ def test_enospc_while_writing_a_checkpoint_stops_cleanly_and_resume_continues(re
     disk.install(monkeypatch.setattr)
     out = tmp_path / "out"
     ckpts = out / "checkpoints"
-    with pytest.raises(T.TrainingError) as info:
-        T.run(config(out, data))
+    with pytest.raises(TrainingError) as info:
+        TR.run(config(out, data))
     message = str(info.value)
     assert "\n" not in message
     for part in ("cannot write checkpoint step-00000004", str(ckpts), "No space left on device", "MiB free",
@@ -151,7 +151,7 @@ def test_enospc_while_writing_a_checkpoint_stops_cleanly_and_resume_continues(re
     assert not (out / "model.safetensors").exists()  # no export from a failed run
 
     Disk().install(monkeypatch.setattr)  # space freed (replaces the limited one)
-    done = T.run(config(out, data, resume=True))
+    done = TR.run(config(out, data, resume=True))
     assert done.step == STEPS and done.losses == ref.losses[2:]
     assert same_tensors(ref.exported, out / "model.safetensors")
     for f in ("model", "ema", "optimizer"):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sdxl.train import checkpointing as C
-from sdxl.train import trainer as T
+from sdxl.train import runner as TR
 from sdxl.train.config import TrainConfig
 from sdxl.weights.io import open_tensors
 from trainsets import coloured_squares
@@ -103,11 +103,11 @@ def test_resume_is_bitwise_exact(tmp_path, data, lora):
     epochs), caption dropout, RNG states (the LoRA dropout draws from the global torch RNG).
     """
     extra = {"lora": {"rank": 4, "dropout": 0.2, "text_encoders": True}} if lora else {}
-    straight = T.run(TrainConfig.from_dict(config_dict(tmp_path / "a", data, 8, **extra)))
-    first = T.run(TrainConfig.from_dict(config_dict(tmp_path / "b", data, 8, train={"stop_at": 4}, **extra)))
+    straight = TR.run(TrainConfig.from_dict(config_dict(tmp_path / "a", data, 8, **extra)))
+    first = TR.run(TrainConfig.from_dict(config_dict(tmp_path / "b", data, 8, train={"stop_at": 4}, **extra)))
     assert first.interrupted and first.stop_reason == "stop_at" and first.step == 4
-    second = T.run(TrainConfig.from_dict(config_dict(tmp_path / "b", data, 8, checkpoint={"resume": True},
-                                                     **extra)))
+    second = TR.run(TrainConfig.from_dict(config_dict(tmp_path / "b", data, 8, checkpoint={"resume": True},
+                                                      **extra)))
     assert second.step == 8 and len(second.losses) == 4
     assert second.losses == straight.losses[4:]
     name = "lora.safetensors" if lora else "model.safetensors"
@@ -147,7 +147,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(tmp_path, data):
     """SIGKILL while checkpoint 4 is half-written: resume picks checkpoint 2, and the finished run equals an
     uninterrupted one bit for bit."""
     steps = 6
-    ref = T.run(TrainConfig.from_dict(config_dict(tmp_path / "ref", data, steps)))
+    ref = TR.run(TrainConfig.from_dict(config_dict(tmp_path / "ref", data, steps)))
     cfg = _write_config(tmp_path / "run.toml", config_dict(tmp_path / "out", data, steps))
     cmd = [sys.executable, "-m", "sdxl.train", "--config", str(cfg)]
     proc = subprocess.Popen(cmd, env=_env(**{C.SLEEP_HOOK_ENV: "4:60"}), stdout=subprocess.PIPE,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .trainer import train_main
+from .runner import train_main
 
 
 def parser() -> argparse.ArgumentParser:

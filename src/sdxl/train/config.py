@@ -42,6 +42,10 @@ class ConfigError(ValueError):
     """A training configuration that cannot be used; the message names the key."""
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on (bad data, NaN losses, an unusable checkpoint); the message says why."""
+
+
 def _f(default: Any, doc: str, choices: tuple | None = None) -> Any:
     """A field with its documentation (and, for string options, the allowed values)."""
     md = {"doc": doc}

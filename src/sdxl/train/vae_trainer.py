@@ -35,19 +35,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.buckets import BucketBatchSampler, scaled_buckets
+from ..data.dataset import ImageCaptionDataset, collate
+from ..data.images import tensor_to_pil
+from ..models.config import ModelConfig
+from ..models.vae import AutoencoderKL
+from ..weights.checkpoint import Checkpoint, write_single_file
 from . import checkpointing as C
-from .config import ConfigError
-from .trainer import (
-    BatchStream,
-    TrainerBase,
-    TrainingError,
-    _full,
-    all_true,
-    autocast_context,
-    barrier,
-    load_models,
-    sample_generator,
-)
+from .config import ConfigError, TrainingError
+from .distributed import all_true, barrier, ddp, full_tensor
+from .feed import BatchStream
+from .loop import TrainerBase
+from .losses import sample_generator
+from .models import autocast_context, load_models
 
 log = logging.getLogger("sdxl.train")
 
@@ -117,19 +117,13 @@ class VAETrainer(TrainerBase):
                                            v.disc_layers).to(device)
             self.disc_wrapped = self.disc
             if self.info.distributed:
-                from torch.nn.parallel import DistributedDataParallel as DDP
-
-                ids = [device.index] if device.type == "cuda" else None
-                self.disc_wrapped = DDP(self.disc, device_ids=ids)
+                self.disc_wrapped = ddp(self.disc, self.info)
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=v.disc_lr or cfg.optim.lr,
                                               betas=(0.5, 0.9), weight_decay=0.0)
         self._last: tuple[Tensor, Tensor] | None = None
         self.build_data()
 
     def build_data(self) -> None:
-        from ..data.buckets import BucketBatchSampler, scaled_buckets
-        from ..data.dataset import ImageCaptionDataset, collate
-
         d = self.cfg.data
         if not d.path:
             raise ConfigError("data.path is empty: give a folder of images (captions are not needed)")
@@ -166,7 +160,6 @@ class VAETrainer(TrainerBase):
             left = int(torch.randint(0, (w - p) // grid + 1, (1,), generator=g)) * grid
             boxes.append((top, left, p))
         return boxes
-
 
     def gan_active(self) -> bool:
         return self.disc is not None and self.step >= self.cfg.vae.gan_start
@@ -254,11 +247,7 @@ class VAETrainer(TrainerBase):
 
     def export(self) -> Path | None:
         """`<output>/vae.safetensors`: a VAE-only official-layout file (EMA weights if `ema.export`)."""
-        from ..models.config import ModelConfig
-        from ..models.vae import AutoencoderKL
-        from ..weights.checkpoint import Checkpoint, write_single_file
-
-        sd = {k: _full(v).detach().cpu() for k, v in self.vae.state_dict().items()}
+        sd = {k: full_tensor(v).detach().cpu() for k, v in self.vae.state_dict().items()}
         if self.cfg.ema.enabled and self.cfg.ema.export and self.ema is not None:
             ema = self.ema.state_dict()
             sd = {k: ema.get(f"vae.{k}", v) for k, v in sd.items()}
@@ -273,8 +262,8 @@ class VAETrainer(TrainerBase):
                     vae_cfg = dataclasses.replace(vae_cfg, scale_factor=round(1.0 / std, 5))
                     log.info("latent std %.4f: scale_factor set to %.5f", std, vae_cfg.scale_factor)
             mc = ModelConfig(kind="base", unet=None, vae=vae_cfg, text_l=None, text_g=None)
-            dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[self.cfg.train.save_dtype]
-            write_single_file(Checkpoint(path=path, config=mc, parts={"vae": sd}), path, dtype=dtype)
+            ckpt = Checkpoint(path=path, config=mc, parts={"vae": sd})
+            write_single_file(ckpt, path, dtype=self.save_dtype())
             log.info("wrote %s", path)
         barrier(self.info)
         return path
@@ -285,8 +274,6 @@ class VAETrainer(TrainerBase):
         if not self.info.is_main:
             barrier(self.info)
             return
-        from ..data.images import tensor_to_pil
-
         folder = self.output / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         self.vae.eval()
