@@ -18,23 +18,31 @@ from hypothesis import strategies as st
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from sdxl import metadata
 from sdxl.metadata import (
-    SAMPLER_LABELS,
-    SCHEDULE_LABELS,
     addnet_hash,
     embedding_hash,
     format_a1111,
+    hashes,
     info_from_chunks,
     legacy_hash,
     lora_hash,
     parse_a1111,
     read_info,
-    request_to_a1111,
+    request_infotext,
     sha256_file,
     short_hash,
     write_png,
 )
+from sdxl.request import GenerationRequest, LoraSpec
+from sdxl.sampling.names import A1111_SAMPLER_NAMES, A1111_SCHEDULE_NAMES, parse_sampler_label
+
+
+@pytest.fixture(autouse=True)
+def private_hash_cache(tmp_path, monkeypatch):
+    """Each test gets its own hash cache (never the user's), and an empty in-memory one."""
+    monkeypatch.setenv("SDXL_CACHE_DIR", str(tmp_path / "user-cache"))
+    monkeypatch.setattr(hashes, "_memory", {})
+
 
 A1111_110 = (
     "a photo of an astronaut riding a horse, <lora:film_grain:0.6>, (masterpiece:1.2)\n"
@@ -198,8 +206,11 @@ value_text = st.text(alphabet="abcXYZ01 _-.,:\"'\\/", min_size=1, max_size=20).m
             "prompt": prompt_text,
             "negative_prompt": prompt_text,
             "steps": st.integers(1, 150),
-            "sampler": st.sampled_from(sorted(SAMPLER_LABELS)),
-            "schedule": st.sampled_from(sorted(SCHEDULE_LABELS)),
+            # every name whose label reads back to it (unipc_bh1 shares "UniPC" with unipc)
+            "sampler": st.sampled_from(
+                sorted(n for n, label in A1111_SAMPLER_NAMES.items() if parse_sampler_label(label)[0] == n)
+            ),
+            "schedule": st.sampled_from(sorted(A1111_SCHEDULE_NAMES)),
             "cfg": st.sampled_from([1.0, 4.5, 7.0, 7.25, 12.0]),
             "seed": st.integers(0, 2**64 - 1),
             "width": st.integers(8, 512).map(lambda x: x * 8),
@@ -242,7 +253,7 @@ def test_write_png_round_trip(tmp_path):
         "crop_top": 0,
     }
     record = {"request": request, "model": "tiny", "model_hash": "0123456789", "version": "0.1.0"}
-    parameters = format_a1111(request_to_a1111(request, model="tiny", model_hash="0123456789"))
+    parameters = request_infotext(request, model="tiny", model_hash="0123456789")
     path = write_png(image, tmp_path / "out" / "img.png", parameters, record)
     assert sorted(os.listdir(tmp_path / "out")) == ["img.png"]  # no temporary file left behind
     umask = os.umask(0)
@@ -279,23 +290,63 @@ def test_write_png_failure_keeps_old_file(tmp_path):
     assert target.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["keep.png"]
 
 
-def test_request_to_a1111_adds_lora_tags_once():
-    params = request_to_a1111(
+def test_request_infotext_adds_each_lora_tag_once():
+    params = request_infotext(
         {
             "prompt": "a <lora:a:1>",
             "loras": [{"name": "a", "weight": 1.0}, {"name": "b", "weight": 0.25}],
             "steps": 3,
             "init_image": None,
             "strength": 0.5,
-            "refiner": "r",
             "refiner_switch": 0.7,
         },
+        refiner="r",
         version="x",
     )
-    assert params["prompt"] == "a <lora:a:1> <lora:b:0.25>"
-    assert (
-        params["denoising_strength"] is None and params["refiner_switch"] == 0.7 and params["version"] == "x"
+    assert params == "a <lora:a:1> <lora:b:0.25>\nSteps: 3, Refiner: r, Refiner switch at: 0.7, Version: x"
+
+
+def test_request_infotext_of_a_request():
+    """What the pipeline writes for one image: every field A1111 shows, in its order; LoRAs named by their
+    file stem, once; the refiner switch only where the refiner finishes the base schedule."""
+    req = GenerationRequest(
+        prompt="a cat <lora:film:0.5>",
+        negative_prompt="dog",
+        steps=20,
+        sampler="dpmpp_2m",
+        schedule="karras",
+        cfg=6.0,
+        width=832,
+        height=1216,
+        clip_skip=2,
+        guidance_rescale=0.7,
+        init_image="in.png",
+        strength=0.4,
+        loras=(LoraSpec("film", 0.5), LoraSpec("loras/grain.safetensors", 0.8)),
     )
+    text = request_infotext(
+        req,
+        seed=42,
+        model="base",
+        model_hash="0123456789",
+        refiner="ref",
+        refiner_hash="abcdef0123",
+        lora_hashes={"film": "111111111111", "grain": "222222222222"},
+        version="sdxl 0.1.0",
+    )
+    assert text == (
+        "a cat <lora:film:0.5> <lora:grain:0.8>\nNegative prompt: dog\n"
+        "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6, Seed: 42, Size: 832x1216, "
+        "Model hash: 0123456789, Model: base, Denoising strength: 0.4, Clip skip: 3, CFG rescale phi: 0.7, "
+        'Refiner: ref [abcdef0123], Refiner switch at: 0.8, Lora hashes: "film: 111111111111, '
+        'grain: 222222222222", Version: sdxl 0.1.0'
+    )
+    sdedit = request_infotext(req.replace(refiner_mode="sdedit", init_image=None), seed=1, refiner="ref")
+    assert sdedit.endswith(", Refiner: ref") and "Refiner switch at" not in sdedit
+    assert "Denoising" not in sdedit
+    assert request_infotext(req.to_dict(), seed=42, refiner="ref").split("\n")[0] == (
+        "a cat <lora:film:0.5> <lora:grain:0.8>"
+    )  # a request's to_dict() works the same
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -836,13 +887,82 @@ def test_hash_cache_file(tmp_path):
     # The cache file is trusted while size and mtime match: prove it is read (not recomputed) ...
     entry["sha256"] = "f" * 64
     cache.write_text(json.dumps(stored))
-    metadata._HASH_CACHE.clear()
+    hashes._memory.clear()
     assert sha256_file(path, cache_file=cache) == "f" * 64
     # ... and ignored once the file changes.
     path.write_bytes(b"abcd")
     os.utime(path, ns=(1, 1))
-    metadata._HASH_CACHE.clear()
+    hashes._memory.clear()
     assert sha256_file(path, cache_file=cache) == hashlib.sha256(b"abcd").hexdigest()
     cache.write_text("not json")
-    metadata._HASH_CACHE.clear()
+    hashes._memory.clear()
     assert short_hash(path, cache_file=cache) == hashlib.sha256(b"abcd").hexdigest()[:10]
+
+
+class CountingOpen:
+    """Counts the opens of one file by `sdxl.metadata.hashes` (monkeypatched over its `open`)."""
+
+    def __init__(self, target):
+        self.target, self.count = str(target.resolve()), 0
+
+    def __call__(self, file, *args, **kwargs):
+        if str(file) == self.target:
+            self.count += 1
+        return open(file, *args, **kwargs)
+
+
+def test_model_hash_is_cached_on_disk_per_file_version(tmp_path, monkeypatch):
+    """`short_hash` (the PNG's "Model hash") reads a file once per version, also across processes: the
+    second call, and a call with an empty memory (a new process), answer from `$SDXL_CACHE_DIR/hashes.json`
+    without opening the file; a touched file (new mtime) is hashed again."""
+    monkeypatch.setenv("SDXL_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"weights" * 1000)
+    opens = CountingOpen(path)
+    monkeypatch.setattr(hashes, "open", opens, raising=False)
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+
+    assert short_hash(path) == expected and opens.count == 1
+    assert short_hash(path) == expected and opens.count == 1  # from memory
+    assert hashes.hash_cache_file() == tmp_path / "cache" / "hashes.json"
+    assert hashes.hash_cache_file().is_file()
+    hashes._memory.clear()  # a new process
+    assert short_hash(path) == expected and opens.count == 1  # from the file, not re-read
+
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # touched, same content
+    assert short_hash(path) == expected and opens.count == 2
+    hashes._memory.clear()
+    assert short_hash(path) == expected and opens.count == 2  # the new version is cached too
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert hashes.hash_cache_file().stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize(
+    "content", ["not json", "[1, 2]", '{"sha256:x": 3}', "\udcff", '{"sha256:/x": {"sha256": 1}}']
+)
+def test_a_corrupt_hash_cache_is_recomputed_and_replaced(tmp_path, monkeypatch, content):
+    monkeypatch.setenv("SDXL_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"abc")
+    cache = hashes.hash_cache_file()
+    cache.parent.mkdir()
+    cache.write_text(content, errors="surrogateescape")
+    assert sha256_file(path) == hashlib.sha256(b"abc").hexdigest()
+    assert list(json.loads(cache.read_text())) == [f"sha256:{path.resolve()}"]  # rewritten, valid
+
+
+def test_hash_cache_forgets_deleted_files_and_survives_a_read_only_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDXL_CACHE_DIR", str(tmp_path / "cache"))
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+    sha256_file(a)
+    a.unlink()
+    sha256_file(b)
+    assert list(json.loads(hashes.hash_cache_file().read_text())) == [f"sha256:{b.resolve()}"]
+    monkeypatch.setenv("SDXL_CACHE_DIR", str(b / "not-a-folder"))  # the cache cannot be written
+    b.write_bytes(b"bb")
+    assert sha256_file(b) == hashlib.sha256(b"bb").hexdigest()

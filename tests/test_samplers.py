@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from sdxl.sampling import names as N
 from sdxl.sampling import samplers as S
 from sdxl.sampling import schedules as sch
 from sdxl.sampling.denoiser import DiscreteSchedule
@@ -344,12 +345,12 @@ def test_extra_reaches_the_denoiser(schedule):
     ],
 )
 def test_resolve_sampler(name, expected):
-    assert S.resolve_sampler(name) == expected
+    assert N.resolve_sampler(name) == expected
 
 
 def test_resolve_sampler_unknown_lists_valid_names():
     with pytest.raises(ValueError, match="valid: .*euler.*DPM\\+\\+ 2M"):
-        S.resolve_sampler("PLMS")
+        N.resolve_sampler("PLMS")
 
 
 @pytest.mark.parametrize(
@@ -361,18 +362,18 @@ def test_resolve_sampler_unknown_lists_valid_names():
      ("leading", "leading"), ("trailing", "trailing"), ("linspace", "linspace")],
 )
 def test_resolve_schedule(name, expected):
-    assert S.resolve_schedule(name) == expected
+    assert N.resolve_schedule(name) == expected
 
 
 def test_automatic_schedule():
     """A1111's "Automatic": the sampler's preferred schedule, else the model's default (uniform)."""
-    assert S.resolve_schedule("Automatic", "DPM++ 2M") == "karras"
-    assert S.resolve_schedule(None, "dpmpp_2m_sde") == "exponential"
-    assert S.resolve_schedule("", "dpmpp_3m_sde") == "exponential"
-    assert S.resolve_schedule("automatic", "Euler a") == "uniform"
-    assert S.resolve_schedule("Automatic") == "uniform"
+    assert N.resolve_schedule("Automatic", "DPM++ 2M") == "karras"
+    assert N.resolve_schedule(None, "dpmpp_2m_sde") == "exponential"
+    assert N.resolve_schedule("", "dpmpp_3m_sde") == "exponential"
+    assert N.resolve_schedule("automatic", "Euler a") == "uniform"
+    assert N.resolve_schedule("Automatic") == "uniform"
     with pytest.raises(ValueError, match="valid: normal"):
-        S.resolve_schedule("polyexponential-ish")
+        N.resolve_schedule("polyexponential-ish")
 
 
 def test_registry_is_complete():
@@ -383,10 +384,27 @@ def test_registry_is_complete():
     assert required <= set(S.SAMPLERS)
     for name, fn in S.SAMPLERS.items():
         assert list(inspect.signature(fn).parameters)[:3] == ["denoiser", "x", "sigmas"]
-        label = S.A1111_SAMPLER_NAMES[name]
-        assert S.resolve_sampler(label)[0] == (name if name != "unipc_bh1" else "unipc")
+        label = N.A1111_SAMPLER_NAMES[name]
+        assert N.resolve_sampler(label)[0] == (name if name != "unipc_bh1" else "unipc")
     for name in sch.SCHEDULES:
-        assert S.resolve_schedule(S.A1111_SCHEDULE_NAMES[name]) == name
+        assert N.resolve_schedule(N.A1111_SCHEDULE_NAMES[name]) == name
+    # names.py's `runnable` columns are exactly the registries
+    assert N.RUNNABLE_SAMPLERS == tuple(S.SAMPLER_INFO)
+    assert set(N.RUNNABLE_SCHEDULES) == set(sch.SCHEDULES)
+
+
+def test_a1111_samplers_we_cannot_run_are_named_not_run():
+    """PLMS, DPM fast, Polyexponential, ...: known labels (infotexts read back), refused by requests."""
+    assert N.parse_sampler_label("PLMS") == ("plms", None)
+    assert N.parse_sampler_label("DPM adaptive") == ("dpm_adaptive", None)
+    assert N.parse_schedule_label("Align Your Steps") == "align_your_steps"
+    assert N.sampler_label("restart") == "Restart" and N.schedule_label("kl_optimal") == "KL Optimal"
+    with pytest.raises(ValueError, match="does not implement"):
+        N.resolve_sampler("DPM fast")
+    with pytest.raises(ValueError, match="does not implement"):
+        N.resolve_schedule("Polyexponential")
+    assert N.parse_sampler_label("Mystery Karras") == ("Mystery", "karras")
+    assert N.parse_sampler_label("Mystery") == ("Mystery", None)
 
 
 # ---------------------------------------------------------------------------------- cutting schedules

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import sys
 import typing
@@ -23,7 +24,7 @@ from typing import Any
 import typer
 
 from .assets import DEFAULT_NAME, default_model_path
-from .errors import BadName, CheckpointError, NameNotFound, RequestError
+from .errors import BadName, CheckpointError, Interrupted, NameNotFound, NumericsError, RequestError
 from .files import resolve_in_folder
 from .metadata import read_info, write_png
 from .request import GenerationRequest, LoraSpec, RunOptions, iteration_seeds
@@ -61,7 +62,7 @@ def fail(msg: str, code: int = 2) -> None:
 
 
 def _dtype(name: str):
-    import torch
+    import torch  # lazy: torch loads only for commands that run a model (`sdxl --help` stays fast)
 
     if name not in DTYPES:
         fail(f"--dtype {name!r}: choose one of fp32, fp16, bf16")
@@ -82,7 +83,6 @@ def _size(text: str | None, flag: str) -> tuple[int | None, int | None]:
 def config_path() -> Path:
     """The user's defaults file: $SDXL_CONFIG, else $XDG_CONFIG_HOME/sdxl/config.toml
     (~/.config/sdxl/config.toml)."""
-    import os
 
     if os.environ.get("SDXL_CONFIG"):
         return Path(os.environ["SDXL_CONFIG"])
@@ -100,9 +100,9 @@ def user_defaults() -> dict:
     sampler = "DPM++ 2M Karras"
     """
     try:
-        import tomllib
+        import tomllib  # lazy: read only when a config file exists
     except ImportError:  # Python 3.10
-        import tomli as tomllib
+        import tomli as tomllib  # lazy: Python 3.10's tomllib
 
     p = config_path()
     if not p.is_file():
@@ -318,7 +318,7 @@ def load_for_run(run: RunOptions, path: str, kind: str = "base"):
     """Load a model for `run` (device, dtypes, speed switches); a bad file is a one-line error."""
     import torch  # lazy: torch and the models load only to run; --help and bad flags do not need them
 
-    from .pipeline import SDXL
+    from .pipeline import SDXL  # lazy: the pipeline pulls torch and the models
 
     if run.threads is not None:
         if run.threads < 1:
@@ -344,10 +344,16 @@ def run_generate(
     embeddings: Path | None = None,
 ) -> None:
     """Load the model(s), then run `req` `n` times (seeds advancing by the batch), writing PNGs."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    # lazy: rich's progress bar, torch and the pipeline load only to run
+    from rich.progress import (  # lazy: as above
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    from .pipeline import Interrupted, NumericsError  # lazy: see load_for_run
-    from .weights.io import save_safetensors
+    from .weights.io import save_safetensors  # lazy: torch
 
     if n < 1:
         fail(f"--n {n}: must be at least 1")
@@ -439,8 +445,7 @@ def inspect(
     allow_pickle: bool = typer.Option(False, help="Allow .ckpt pickle files (weights-only loading)."),
 ):
     """Detect what a checkpoint is: kind, every config number, parameters per component and dtypes."""
-    from .weights.checkpoint import read_checkpoint
-    from .weights.io import CheckpointError
+    from .weights.checkpoint import read_checkpoint  # lazy: torch
 
     try:
         ck = read_checkpoint(path, allow_pickle=allow_pickle)
@@ -466,8 +471,8 @@ def inspect(
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
+    from rich.console import Console  # lazy: rich's renderers load only when printing
+    from rich.table import Table  # lazy: rich's renderers load only when printing
 
     con = Console()
     con.print(
@@ -498,8 +503,7 @@ def convert(
     allow_pickle: bool = typer.Option(False, help="Allow .ckpt pickle files (weights-only loading)."),
 ):
     """Convert between the official single-file layout and diffusers folders (lossless unless --dtype)."""
-    from .weights.checkpoint import read_checkpoint, write_diffusers, write_single_file
-    from .weights.io import CheckpointError
+    from .weights.checkpoint import read_checkpoint, write_diffusers, write_single_file  # lazy: torch
 
     if to not in ("single-file", "diffusers"):
         fail(f"--to {to!r}: choose single-file or diffusers")
@@ -517,7 +521,6 @@ def convert(
 @app.command()
 def info(image: Path = typer.Argument(..., help="A PNG from sdxl, A1111, ComfyUI, Fooocus or InvokeAI.")):
     """Show how an image was made (its generation parameters)."""
-    from .metadata import read_info
 
     if not image.exists():
         fail(f"{image}: no such file")
@@ -526,9 +529,9 @@ def info(image: Path = typer.Argument(..., help="A PNG from sdxl, A1111, ComfyUI
     except (OSError, ValueError) as e:
         fail(f"{image}: {e}")
     try:
-        from PIL import Image
+        from PIL import Image  # lazy: Pillow loads only to read an image
 
-        from .watermark import WatermarkUnavailable, detect_watermark
+        from .watermark import WatermarkUnavailable, detect_watermark  # lazy: torch (the watermark decoder)
 
         with Image.open(image) as im:
             data["watermark"] = detect_watermark(im)
@@ -550,7 +553,7 @@ def data_shapes(
                              "each object) or `outline` (the object's edges weigh most, then its disc)."),
 ):
     """Render the procedural shapes dataset (captioned scenes of 1-3 objects, many aspect ratios)."""
-    from .data.shapes import MASK_STYLES, generate_shapes_dataset
+    from .data.shapes import MASK_STYLES, generate_shapes_dataset  # lazy: numpy and the renderer
 
     if n < 1:
         fail("--n must be at least 1")
@@ -584,12 +587,11 @@ def eval_shapes(
     ),
 ):
     """Prompt accuracy (detector) and Frechet distance of a shapes model on held-out prompts."""
-    from rich.console import Console
+    from rich.console import Console  # lazy: rich's renderers load only when printing
 
-    from .data.evaluate import detector_accuracy_on_renders
-    from .eval_shapes import evaluate_pipe, format_table
-    from .pipeline import SDXL
-    from .weights.io import CheckpointError
+    from .data.evaluate import detector_accuracy_on_renders  # lazy: numpy and the renderer
+    from .eval_shapes import evaluate_pipe, format_table  # lazy: torch
+    from .pipeline import SDXL  # lazy: the pipeline pulls torch and the models
 
     con = Console(stderr=True)
     if n < 2:
@@ -604,7 +606,7 @@ def eval_shapes(
         fail(str(e))
     ceiling = None
     if detector_check and pipe.vae is not None:
-        from .pipeline import from_pil, to_pil
+        from .pipeline import from_pil, to_pil  # lazy: the pipeline pulls torch and the models
 
         side = size or pipe.config.sample_size
 
@@ -649,7 +651,7 @@ def train(ctx: typer.Context):
     --lr F [--lora-rank R] [--resume] [--config FILE.toml]. Several GPUs:
     torchrun --nproc_per_node N -m sdxl train --config FILE.toml
     """
-    from .train.__main__ import main as train_cli
+    from .train.__main__ import main as train_cli  # lazy: the trainer and torch
 
     raise typer.Exit(train_cli(list(ctx.args)))
 
@@ -660,7 +662,7 @@ def serve(ctx: typer.Context):
 
     sdxl serve --host 127.0.0.1 --port 7860 [--model FILE] [--models-dir DIR] [--api-key KEY]
     """
-    from .serve.__main__ import main as serve_cli
+    from .serve.__main__ import main as serve_cli  # lazy: the optional server extra (fastapi, uvicorn)
 
     raise typer.Exit(serve_cli(list(ctx.args)))
 
@@ -669,7 +671,7 @@ def serve(ctx: typer.Context):
 def bench(ctx: typer.Context):
     """Benchmark UNet step, text encoding, VAE decode, 30-step end to end and memory, ours vs diffusers
     (`sdxl bench --help`)."""
-    from .bench import main as bench_cli
+    from .bench import main as bench_cli  # lazy: the benchmark and torch
 
     raise typer.Exit(bench_cli(list(ctx.args)))
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from .assets import DEFAULT_NAME, default_model_path
 from .errors import Interrupted, NumericsError
-from .metadata import short_hash
+from .metadata import lora_hash, request_infotext, short_hash
 from .models.conditioning import conditioning_numbers, micro_conditioning
 from .models.config import ModelConfig
 from .models.text import TextEncoders
@@ -547,46 +547,24 @@ def _masked(denoiser, init: torch.Tensor, noise: torch.Tensor, mask: torch.Tenso
 
 
 def a1111_parameters(pipe: SDXL, req: GenerationRequest, seed: int, refiner: SDXL | None = None) -> str:
-    """The A1111 `parameters` text for one image."""
-    from .metadata import format_a1111
-
-    p: dict[str, Any] = {
-        "prompt": req.prompt,
-        "negative_prompt": req.negative_prompt or "",
-        "Steps": req.steps,
-        "Sampler": S.A1111_SAMPLER_NAMES.get(req.sampler, req.sampler),
-        "Schedule type": S.A1111_SCHEDULE_NAMES.get(req.schedule, req.schedule),
-        "CFG scale": req.cfg,
-        "Seed": seed,
-        "Size": f"{req.width}x{req.height}",
-    }
-    if pipe.model_hash():
-        p["Model hash"] = pipe.model_hash()
-        p["Model"] = pipe.path.stem
-    if req.init_image is not None:
-        p["Denoising strength"] = req.strength
-    if req.clip_skip != 1:
-        p["Clip skip"] = req.clip_skip + 1  # A1111 counts from the last layer (its 2 = our default 1)
-    if req.guidance_rescale:
-        p["CFG rescale phi"] = req.guidance_rescale
-    if refiner is not None and refiner.path is not None:
-        rh = refiner.model_hash()
-        p["Refiner"] = f"{refiner.path.stem} [{rh}]" if rh else refiner.path.stem
-        p["Refiner switch at"] = req.refiner_switch
-    if req.loras:  # A1111 puts LoRAs in the prompt as tags and their hashes in "Lora hashes"
-        from .metadata import lora_hash
-
-        p["prompt"] += "".join(f" <lora:{Path(x.name).stem}:{x.weight:g}>" for x in req.loras)
-        hashes = []
-        for x in req.loras:
-            try:
-                hashes.append(
-                    f"{Path(x.name).stem}: "
-                    f"{lora_hash(resolve_lora(x.name, pipe.lora_dirs, pipe.allow_lora_paths))}"
-                )
-            except (RequestError, OSError):
-                pass
-        if hashes:
-            p["Lora hashes"] = ", ".join(hashes)
-    p["Version"] = f"sdxl {__version__}"
-    return format_a1111(p)
+    """The A1111 `parameters` text for one image: `metadata.request_infotext` with the files' names and
+    hashes."""
+    model_hash = pipe.model_hash()
+    lora_hashes = {}
+    for x in req.loras:
+        try:
+            path = resolve_lora(x.name, pipe.lora_dirs, pipe.allow_lora_paths)
+            lora_hashes[Path(x.name).stem] = lora_hash(path)
+        except (RequestError, OSError):
+            pass
+    used_refiner = refiner is not None and refiner.path is not None
+    return request_infotext(
+        req,
+        seed=seed,
+        model=pipe.path.stem if model_hash else None,
+        model_hash=model_hash,
+        refiner=refiner.path.stem if used_refiner else None,
+        refiner_hash=refiner.model_hash() if used_refiner else None,
+        lora_hashes=lora_hashes,
+        version=f"sdxl {__version__}",
+    )

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import RequestError
-from .sampling import is_automatic, resolve_sampler, resolve_schedule
+from .sampling.names import is_automatic, resolve_sampler, resolve_schedule
 
 
 def _f(default: Any = None, help: str = "", *, flags: tuple[str, ...] = (), cli: bool = True, **kw: Any):

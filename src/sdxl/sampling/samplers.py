@@ -49,6 +49,7 @@ import torch
 
 from ..errors import Interrupted
 from .denoiser import DiscreteSchedule
+from .names import A1111_SAMPLER_NAMES
 
 Tensor = torch.Tensor
 Denoiser = Callable[..., Tensor]
@@ -628,162 +629,42 @@ def unipc_bh1(run: _Run, x: Tensor, *, order: int = 2, corrector: bool = True) -
 # -------------------------------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class SamplerInfo:
-    """What callers need to know about a sampler besides its function."""
+    """What callers need to know about a sampler besides its function. Names and labels: `names.py`."""
 
     name: str
     fn: Callable[..., Tensor]
-    label: str  # A1111's display name (written into PNG metadata)
     stochastic: bool  # draws noise (uses the generator)
     evaluations_per_step: int  # model calls per step (the final step to sigma = 0 may use fewer)
-    automatic_schedule: str  # the schedule A1111's "Automatic" picks for it
 
+    @property
+    def label(self) -> str:
+        """A1111's display name (written into PNG metadata)."""
+        return A1111_SAMPLER_NAMES[self.name]
 
-_AUTOMATIC_FALLBACK = "uniform"  # A1111: a sampler without a preference gets the model's get_sigmas
 
 SAMPLER_INFO: dict[str, SamplerInfo] = {
     info.name: info
     for info in [
-        SamplerInfo("euler", euler, "Euler", False, 1, _AUTOMATIC_FALLBACK),
-        SamplerInfo("euler_a", euler_a, "Euler a", True, 1, _AUTOMATIC_FALLBACK),
-        SamplerInfo("heun", heun, "Heun", False, 2, _AUTOMATIC_FALLBACK),
-        SamplerInfo("dpm_2", dpm_2, "DPM2", False, 2, "karras"),
-        SamplerInfo("dpm_2_a", dpm_2_a, "DPM2 a", True, 2, "karras"),
-        SamplerInfo("lms", lms, "LMS", False, 1, _AUTOMATIC_FALLBACK),
-        SamplerInfo("dpmpp_2m", dpmpp_2m, "DPM++ 2M", False, 1, "karras"),
-        SamplerInfo("dpmpp_2m_sde", dpmpp_2m_sde, "DPM++ 2M SDE", True, 1, "exponential"),
-        SamplerInfo("dpmpp_2m_sde_heun", dpmpp_2m_sde_heun, "DPM++ 2M SDE Heun", True, 1, "exponential"),
-        SamplerInfo("dpmpp_3m_sde", dpmpp_3m_sde, "DPM++ 3M SDE", True, 1, "exponential"),
-        SamplerInfo("dpmpp_sde", dpmpp_sde, "DPM++ SDE", True, 2, "karras"),
-        SamplerInfo("dpmpp_2s_a", dpmpp_2s_a, "DPM++ 2S a", True, 2, "karras"),
-        SamplerInfo("ddim", ddim, "DDIM", False, 1, "ddim_uniform"),
-        SamplerInfo("unipc", unipc, "UniPC", False, 1, _AUTOMATIC_FALLBACK),
-        SamplerInfo("unipc_bh1", unipc_bh1, "UniPC", False, 1, _AUTOMATIC_FALLBACK),
-        SamplerInfo("lcm", lcm, "LCM", True, 1, _AUTOMATIC_FALLBACK),
+        SamplerInfo("euler", euler, False, 1),
+        SamplerInfo("euler_a", euler_a, True, 1),
+        SamplerInfo("heun", heun, False, 2),
+        SamplerInfo("dpm_2", dpm_2, False, 2),
+        SamplerInfo("dpm_2_a", dpm_2_a, True, 2),
+        SamplerInfo("lms", lms, False, 1),
+        SamplerInfo("dpmpp_2m", dpmpp_2m, False, 1),
+        SamplerInfo("dpmpp_2m_sde", dpmpp_2m_sde, True, 1),
+        SamplerInfo("dpmpp_2m_sde_heun", dpmpp_2m_sde_heun, True, 1),
+        SamplerInfo("dpmpp_3m_sde", dpmpp_3m_sde, True, 1),
+        SamplerInfo("dpmpp_sde", dpmpp_sde, True, 2),
+        SamplerInfo("dpmpp_2s_a", dpmpp_2s_a, True, 2),
+        SamplerInfo("ddim", ddim, False, 1),
+        SamplerInfo("unipc", unipc, False, 1),
+        SamplerInfo("unipc_bh1", unipc_bh1, False, 1),
+        SamplerInfo("lcm", lcm, True, 1),
     ]
 }
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {name: info.fn for name, info in SAMPLER_INFO.items()}
-
-# Display names for PNG metadata ("Sampler: ...", "Schedule type: ..."). A1111 has no diffusers spacings, and
-# its "Normal" is k-diffusion's fractional-timestep schedule (our `uniform`), close to but not sgm's `normal`.
-A1111_SAMPLER_NAMES: dict[str, str] = {name: info.label for name, info in SAMPLER_INFO.items()}
-A1111_SCHEDULE_NAMES: dict[str, str] = {
-    "normal": "Normal",
-    "uniform": "Uniform",
-    "karras": "Karras",
-    "exponential": "Exponential",
-    "sgm_uniform": "SGM Uniform",
-    "simple": "Simple",
-    "ddim_uniform": "DDIM",
-    "beta": "Beta",
-    "leading": "Leading",
-    "trailing": "Trailing",
-    "linspace": "Linspace",
-    "automatic": "Automatic",
-}
-
-_SCHEDULE_NAMES = (
-    "normal", "uniform", "leading", "trailing", "linspace", "karras", "exponential", "sgm_uniform", "simple",
-    "ddim_uniform", "beta",
-)
-
-
-def _norm(name: str) -> str:
-    return " ".join(str(name).strip().lower().split())
-
-
-# Every accepted spelling (normalised) -> canonical sampler name.
-_SAMPLER_ALIASES: dict[str, str] = {name: name for name in SAMPLER_INFO}
-_SAMPLER_ALIASES.update(
-    {_norm(info.label): name for name, info in SAMPLER_INFO.items() if name != "unipc_bh1"}  # UniPC -> bh2
-)
-_SAMPLER_ALIASES.update(
-    {
-        # ComfyUI
-        "euler_ancestral": "euler_a",
-        "dpm_2_ancestral": "dpm_2_a",
-        "dpmpp_2s_ancestral": "dpmpp_2s_a",
-        "dpmpp_sde_gpu": "dpmpp_sde",
-        "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
-        "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
-        "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
-        "uni_pc": "unipc_bh1",
-        "uni_pc_bh2": "unipc",
-        # A1111 aliases (the "_ka" / "_exp" suffixed ones are handled in resolve_sampler)
-        "k_euler": "euler",
-        "k_euler_a": "euler_a",
-        "k_euler_ancestral": "euler_a",
-        "k_heun": "heun",
-        "k_lms": "lms",
-        "k_dpm_2": "dpm_2",
-        "k_dpm_2_a": "dpm_2_a",
-        "k_dpmpp_2s_a": "dpmpp_2s_a",
-        "k_dpmpp_2m": "dpmpp_2m",
-        "k_dpmpp_sde": "dpmpp_sde",
-        "k_dpmpp_2m_sde": "dpmpp_2m_sde",
-        "k_dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun",
-        "k_dpmpp_3m_sde": "dpmpp_3m_sde",
-        "unipc": "unipc",
-        "euler ancestral": "euler_a",
-    }
-)
-
-# Every accepted schedule spelling (normalised) -> canonical schedule name ("automatic" is resolved later).
-_SCHEDULE_ALIASES: dict[str, str] = {name: name for name in _SCHEDULE_NAMES}
-_SCHEDULE_ALIASES.update({_norm(label): name for name, label in A1111_SCHEDULE_NAMES.items()})
-_SCHEDULE_ALIASES.update({"sgmuniform": "sgm_uniform", "ddim": "ddim_uniform", "auto": "automatic"})
-
-
-def resolve_sampler(name: str) -> tuple[str, str | None]:
-    """A sampler name in our, A1111's or ComfyUI's spelling -> (canonical name, implied schedule or None).
-
-    Old A1111 names carry the schedule ("DPM++ 2M Karras" -> ("dpmpp_2m", "karras"), as do its aliases
-    "k_dpmpp_2m_ka" / "..._exp"); A1111 1.9+ keeps it in a separate "Schedule type" and plain names imply
-    none.
-    Matching ignores case and repeated spaces. Raises ValueError listing the valid names.
-    """
-    key = _norm(name)
-    if key in _SAMPLER_ALIASES:
-        return _SAMPLER_ALIASES[key], None
-    for label in sorted(_SCHEDULE_ALIASES, key=len, reverse=True):  # "DPM++ 2M SDE Karras", "... SGM Uniform"
-        if key.endswith(" " + label) and _SCHEDULE_ALIASES[label] != "automatic":
-            base = key[: -len(label) - 1]
-            if base in _SAMPLER_ALIASES:
-                return _SAMPLER_ALIASES[base], _SCHEDULE_ALIASES[label]
-    for suffix, schedule in (("_ka", "karras"), ("_exp", "exponential")):
-        if key.endswith(suffix) and key[: -len(suffix)] in _SAMPLER_ALIASES:
-            return _SAMPLER_ALIASES[key[: -len(suffix)]], schedule
-    valid = ", ".join(list(SAMPLER_INFO) + sorted({info.label for info in SAMPLER_INFO.values()}))
-    raise ValueError(
-        f"unknown sampler {name!r}; valid: {valid} (ComfyUI names and A1111 '<sampler> <schedule>' also work)"
-    )
-
-
-def automatic_schedule(sampler: str | None) -> str:
-    """The schedule A1111's "Automatic" gives `sampler`: its preferred one (DPM++ 2M -> karras,
-    DPM++ 2M SDE -> exponential, ...), otherwise the model's default `uniform`."""
-    if sampler is None:
-        return _AUTOMATIC_FALLBACK
-    return SAMPLER_INFO[resolve_sampler(sampler)[0]].automatic_schedule
-
-
-def is_automatic(schedule: str | None) -> bool:
-    """Whether a schedule name leaves the choice to the sampler (None, "", "Automatic", "auto")."""
-    return schedule is None or _norm(schedule) in ("", "automatic", "auto")
-
-
-def resolve_schedule(name: str | None, sampler: str | None = None) -> str:
-    """A schedule name in our, A1111's ("Karras", "SGM Uniform", "Automatic", ...) or ComfyUI's spelling ->
-    canonical name. None, "" and "Automatic" resolve through `automatic_schedule(sampler)`.
-    Raises ValueError listing the valid names."""
-    if is_automatic(name):
-        return automatic_schedule(sampler)
-    key = _norm(name)
-    if key in _SCHEDULE_ALIASES:
-        return _SCHEDULE_ALIASES[key]
-    labels = sorted(set(A1111_SCHEDULE_NAMES.values()))
-    valid = ", ".join(_SCHEDULE_NAMES)
-    raise ValueError(f"unknown schedule {name!r}; valid: {valid} (or {', '.join(labels)})")
 
 
 # ------------------------------------------------------------------------------------------ cutting schedules

@@ -156,13 +156,12 @@ def a1111_labels(parsed: dict[str, Any]) -> dict[str, Any]:
     """`parse_a1111`'s normalised dict -> the dict A1111's /png-info returns ("Steps", "Sampler",
     "Size-1" (width), "Size-2" (height), ...). Keys without a known label keep the label they were read
     with."""
-    from ..metadata import SAMPLER_LABELS
-    from ..sampling.samplers import A1111_SCHEDULE_NAMES
+    from ..sampling.names import A1111_SAMPLER_NAMES, A1111_SCHEDULE_NAMES
 
     out: dict[str, Any] = {}
     for key, value in parsed.items():
         if key == "sampler":
-            out["Sampler"] = SAMPLER_LABELS.get(value, value)
+            out["Sampler"] = A1111_SAMPLER_NAMES.get(value, value)
         elif key == "schedule":
             out["Schedule type"] = A1111_SCHEDULE_NAMES.get(value, value)
         elif key in ("width", "height"):
@@ -234,7 +233,7 @@ class A1111:
 
     # ---------------------------------------------------------- requests
     def to_request(self, body: _A1111Body, width_height: tuple[int, int] | None = None) -> GenerationRequest:
-        from ..sampling.samplers import is_automatic, resolve_sampler, resolve_schedule
+        from ..sampling.names import is_automatic, resolve_sampler, resolve_schedule
 
         _refuse_unsupported(body)
         opts = {**self.options, **(body.override_settings or {})}
@@ -284,7 +283,7 @@ class A1111:
         seeds = job.seeds or [req.get("seed")]
         prompts = [req["prompt"]] * len(seeds)
         negatives = [req.get("negative_prompt") or ""] * len(seeds)
-        from ..sampling.samplers import A1111_SAMPLER_NAMES
+        from ..sampling.names import A1111_SAMPLER_NAMES
 
         path = self.service.models.default_path() if req.get("model") is None else None
         return json.dumps({
@@ -456,7 +455,7 @@ def make_router(service: Service) -> APIRouter:
 
     @r.get("/schedulers")
     def schedulers() -> list[dict[str, Any]]:
-        from ..sampling.samplers import A1111_SCHEDULE_NAMES
+        from ..sampling.names import A1111_SCHEDULE_NAMES
         from ..sampling.schedules import SCHEDULES
 
         names = ["automatic", *SCHEDULES]

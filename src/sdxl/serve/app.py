@@ -330,7 +330,8 @@ class Service:
         return out
 
     def info(self) -> dict[str, Any]:
-        from ..sampling.samplers import A1111_SCHEDULE_NAMES, SAMPLER_INFO
+        from ..sampling.names import A1111_SCHEDULE_NAMES
+        from ..sampling.samplers import SAMPLER_INFO
         from ..sampling.schedules import SCHEDULES
 
         defaults = GenerationRequest()

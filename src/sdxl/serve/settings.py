@@ -6,9 +6,10 @@ every route depends on them:
 
 - `check_bind`: the server listens on the loopback interface unless an API key is set. Anyone who can reach
   the port can run jobs on the GPU and read every generated image, so an open address needs a key.
-- `resolve_name`: a model, LoRA or image name sent by a client is a *name inside a configured folder*,
-  never a path. Absolute paths, `..` components and symlinks that lead out of the folder are refused, so a
-  request cannot make the server read (or reveal the existence of) files elsewhere on the machine.
+- `resolve_name` (`sdxl.files.resolve_in_folder`): a model, LoRA or image name sent by a client is a
+  *name inside a configured folder*, never a path. Absolute paths, `..` components and symlinks that lead
+  out of the folder are refused, so a request cannot make the server read (or reveal the existence of)
+  files elsewhere on the machine.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import ipaddress
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
-from ..errors import BadName, NameNotFound
+from ..errors import BadName, NameNotFound  # noqa: F401 - re-exported for the routes
+from ..files import resolve_in_folder as resolve_name  # noqa: F401 - the name rule, re-exported
 from ..request import Limits
 
 
@@ -135,37 +137,3 @@ def check_bind(settings: ServeSettings) -> None:
             "API key is required. Pass --api-key KEY (clients then send 'Authorization: Bearer KEY' or "
             "'X-API-Key: KEY'), or listen on 127.0.0.1."
         )
-
-
-def resolve_name(folder: Path | None, name: str, what: str, suffixes: tuple[str, ...] = (),
-                 files_only: bool = False) -> Path:
-    """Resolve a client-supplied `name` to an existing file (or, unless `files_only`, folder) inside `folder`.
-
-    `name` may contain sub-folders (`sdxl/juggernaut`) and may omit one of `suffixes`. Raises `BadName`
-    (HTTP 400) for absolute paths, drive letters, `..` components, NUL bytes, the folder itself, or a match
-    that resolves, through symlinks, to somewhere outside `folder`; `NameNotFound` (HTTP 404) when nothing
-    matches.
-    """
-    if not isinstance(name, str) or not name.strip():
-        raise BadName(f"{what}: empty name")
-    if "\x00" in name or len(name) > 1024:
-        raise BadName(f"{what} {name[:64]!r}: not a valid name")
-    # Backslashes are separators on Windows; treating them as such everywhere refuses `..\\x` too.
-    rel = PurePosixPath(name.replace("\\", "/"))
-    if rel.is_absolute() or PureWindowsPath(name).drive or name.startswith("~"):
-        raise BadName(f"{what} {name!r}: give a name inside the {what} folder, not a path")
-    if any(part == ".." for part in rel.parts):
-        raise BadName(f"{what} {name!r}: '..' is not allowed in names")
-    if folder is None:
-        raise NameNotFound(f"{what} {name!r}: the server has no {what} folder configured")
-    root = folder.resolve()
-    candidates = [root / rel] + [root / (str(rel) + s) for s in suffixes if not str(rel).endswith(s)]
-    for cand in candidates:
-        if not os.path.lexists(cand):
-            continue
-        real = cand.resolve()
-        if root not in real.parents:
-            raise BadName(f"{what} {name!r}: not a name inside the {what} folder")
-        if real.is_file() or (real.is_dir() and not files_only):
-            return real
-    raise NameNotFound(f"{what} {name!r}: not found in the {what} folder")

@@ -46,7 +46,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..weights.io import CheckpointError, atomic_write_bytes, open_tensors, save_safetensors
+from ..files import atomic_write_bytes, fsync_dir
+from ..weights.io import CheckpointError, open_tensors, save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -161,19 +162,6 @@ def _sleep_hook(root: Path, step: int) -> None:
         time.sleep(float(seconds))
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class CheckpointWriteError(OSError):
     """A checkpoint that could not be written (disk full, quota, I/O error). Nothing of it is left that
     `find_checkpoint` could pick, and older checkpoints are untouched. The message names the folder, the free
@@ -255,12 +243,12 @@ def _write_checkpoint(root: Path, tmp: Path, final: Path, state: TrainingState, 
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     atomic_write_bytes(tmp / "state.json", json.dumps(doc, indent=1).encode())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
     if final.exists():  # the same step saved twice (e.g. a signal right after a periodic save)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     atomic_write_bytes(root / LATEST, (final.name + "\n").encode())
     _prune(root, keep, final.name)
     return final

@@ -4,24 +4,24 @@
 overlaps) before any tensor is touched, then hands out tensors that are views of a copy-on-write memory map:
 loading a 7 GB file costs page cache, not a second copy in RAM. Pickle files (`.ckpt`, `.pt`, `.bin`) are
 refused unless the caller opts in, and then only go through `torch.load(weights_only=True)`.
-Writes are atomic: a temporary file in the same folder, fsync, then rename.
+Writes are atomic (`sdxl.files.atomic_write`: a temporary file in the same folder, fsync, then rename).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
+from .. import files
 from ..errors import CheckpointError
-
 
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8),
@@ -210,8 +210,17 @@ def open_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> Mapping
     return SafetensorsFile(path)
 
 
+def _tensor_bytes(tensors: Mapping[str, torch.Tensor], order: list[str]) -> Iterator[bytes]:
+    """The data section of a safetensors file: each tensor's raw bytes (CPU, contiguous) in `order`."""
+    for k in order:
+        t = tensors[k].detach().to("cpu").contiguous()
+        if t.numel():
+            yield t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> Path:
-    """Write a safetensors file atomically, streaming tensor by tensor (no second copy in RAM)."""
+    """Write a safetensors file atomically (`sdxl.files.atomic_write`), streaming tensor by tensor (no
+    second copy in RAM). Tensors are stored in sorted key order."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header: dict = {}
@@ -236,40 +245,17 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     def write(f):
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
-        for k in order:
-            t = tensors[k].detach().to("cpu").contiguous()
-            if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        for block in _tensor_bytes(tensors, order):
+            f.write(block)
 
-    atomic_write(path, write)
+    files.atomic_write(path, write)  # looked up on the module, so tests can wrap the one write path
     return path
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Run `write(fileobj)` into a temp file, then rename: `path` is the old or the complete new file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+def tensor_data_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of the data section `save_safetensors` writes for `tensors`, without writing it: the
+    "addnet" hash kohya stores as `sshs_model_hash`, equal to `sdxl.metadata.addnet_hash` of the file."""
+    h = hashlib.sha256()
+    for block in _tensor_bytes(tensors, sorted(tensors)):  # save_safetensors' order
+        h.update(block)
+    return h.hexdigest()
