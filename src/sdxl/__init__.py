@@ -5,16 +5,16 @@
     images = pipe.generate(sdxl.GenerationRequest(prompt="a photo of a cat", seed=1)).images
 """
 
-from .version import __version__
+from .version import __version__ as __version__
 
 
 def __getattr__(name):  # lazy: `import sdxl` stays cheap (no torch) until something is used
     if name in ("load", "SDXL", "GenerationResult"):
-        from . import pipeline
+        from . import pipeline  # lazy: `import sdxl` stays torch-free until a model is used
 
         return getattr(pipeline, name)
     if name in ("GenerationRequest", "LoraSpec", "RequestError"):
-        from . import request
+        from . import request  # lazy: as above
 
         return getattr(request, name)
     raise AttributeError(name)

@@ -16,6 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .data.evaluate import frechet_distance, image_features, prompt_accuracy
+from .data.shapes import eval_prompts, render_scene
+from .metadata import write_png
+from .request import GenerationRequest
+
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion k/n."""
@@ -64,11 +69,6 @@ def evaluate_pipe(
     guidance_rescale: float = 0.0,
     save_dir=None,
 ) -> list[KindResult]:
-    from .data.evaluate import frechet_distance, image_features, prompt_accuracy
-    from .data.shapes import eval_prompts, render_scene
-    from .metadata import write_png
-    from .request import GenerationRequest
-
     size = size or pipe.config.sample_size
     results = []
     for kind in kinds:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .prompts import PromptChunks, apply_weights, build_input_embeddings, prepare_prompt
+
 CHUNK = 77
 
 
@@ -23,8 +25,6 @@ def _plain(text: str) -> bool:
 
 def _tower(pipe, which: str, text: str, clip_skip: int, emphasis: str):
     """Hidden states [1, 77*k, W] and pooled [1, P] (first chunk) for one tower."""
-    from .prompts import PromptChunks, apply_weights, build_input_embeddings
-
     tower = pipe.text.clip_l if which == "clip_l" else pipe.text.clip_g
     tok = pipe.tok_l if which == "clip_l" else pipe.tok_g
     dev = next(tower.parameters()).device
@@ -90,8 +90,6 @@ def encode_schedule(
     pipe, prompt: str, prompt_2: str | None, steps: int, clip_skip: int = 1, emphasis: str = "original"
 ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """[(end_step, context, pooled)] for a prompt with A1111 prompt editing; LoRA tags are removed."""
-    from .prompts import prepare_prompt
-
     plan = prepare_prompt(prompt, steps)
     plan2 = prepare_prompt(prompt_2, steps) if prompt_2 is not None else None
     ends = sorted({e for e, _ in plan.schedule} | ({e for e, _ in plan2.schedule} if plan2 else set()))

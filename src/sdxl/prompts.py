@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
-    import torch
+    import torch  # lazy: parsing prompts (PNG readers, request checks) needs no torch
 
 CHUNK_TOKENS = 75  # prompt tokens per chunk
 CHUNK_LENGTH = CHUNK_TOKENS + 2  # with BOS and EOS: the 77 positions of the CLIP text towers
@@ -855,7 +855,7 @@ def build_input_embeddings(
     `key` picks the vectors: "clip_l" for the CLIP-L tower, "clip_g" for OpenCLIP bigG. Position
     embeddings are added by the tower itself, after this.
     """
-    import torch
+    import torch  # lazy: parsing prompts (PNG readers, request checks) needs no torch
 
     weight = getattr(token_embedding, "weight", None)
     device = weight.device if weight is not None else torch.device("cpu")
@@ -890,7 +890,7 @@ def apply_weights(hidden: torch.Tensor, weights: Any, mode: str = "original") ->
     Math is done in float32 and the result has `hidden`'s dtype. A chunk whose mean becomes exactly 0 is
     left unrescaled instead of dividing by zero.
     """
-    import torch
+    import torch  # lazy: parsing prompts (PNG readers, request checks) needs no torch
 
     if mode == "ignore":
         return hidden

@@ -21,7 +21,7 @@ class WatermarkUnavailable(RuntimeError):
 
 def _lib():
     try:
-        from imwatermark import WatermarkDecoder, WatermarkEncoder
+        from imwatermark import WatermarkDecoder, WatermarkEncoder  # lazy: the optional watermark extra
     except ImportError:
         raise WatermarkUnavailable(
             "the invisible watermark needs the optional extra: pip install 'sdxl[watermark]'"

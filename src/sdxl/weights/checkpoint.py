@@ -21,7 +21,18 @@ from ..models.factory import build_modules, randomize_
 from ..tokenizer import write_hf_tokenizer_files
 from ..version import __version__
 from . import detect as D
+from .diffusers_layout import (
+    unet_config_from_diffusers,
+    unet_diffusers_config,
+    unet_diffusers_to_sgm,
+    unet_sgm_to_diffusers,
+    vae_config_from_diffusers,
+    vae_diffusers_config,
+    vae_diffusers_to_sgm,
+    vae_sgm_to_diffusers,
+)
 from .io import CheckpointError, open_tensors, save_safetensors
+from .text_layout import hf_clip_to_ours, openclip_to_ours, ours_to_hf_clip, ours_to_openclip
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +60,6 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
         return read_diffusers(path)
-    from .text_layout import hf_clip_to_ours, openclip_to_ours
-
     f = open_tensors(path, allow_pickle=allow_pickle)
     metadata = dict(getattr(f, "metadata", {}) or {})
     config = D.detect(f, metadata, name=str(path))
@@ -150,14 +159,6 @@ def text_config_to_hf(cfg: TextConfig, projection: bool) -> dict:
 
 
 def read_diffusers(folder: Path) -> Checkpoint:
-    from .diffusers_layout import (
-        unet_config_from_diffusers,
-        unet_diffusers_to_sgm,
-        vae_config_from_diffusers,
-        vae_diffusers_to_sgm,
-    )
-    from .text_layout import hf_clip_to_ours
-
     subs = [s for s in ("unet", "vae", "text_encoder", "text_encoder_2") if (folder / s).is_dir()]
     if not subs:
         raise CheckpointError(
@@ -247,8 +248,6 @@ def single_file_state(
     config: ModelConfig, parts: Mapping[str, Mapping[str, torch.Tensor]], dtype=None
 ) -> dict:
     """Our per-component state dicts -> one official-layout state dict."""
-    from .text_layout import ours_to_hf_clip, ours_to_openclip
-
     def cast(t):
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
@@ -288,14 +287,6 @@ def write_single_file(ckpt: Checkpoint, dst: str | Path, dtype=None, record_conf
 
 def write_diffusers(ckpt: Checkpoint, dst: str | Path, dtype=None) -> Path:
     """A diffusers-format folder (loads with `StableDiffusionXLPipeline.from_pretrained`)."""
-    from .diffusers_layout import (
-        unet_diffusers_config,
-        unet_sgm_to_diffusers,
-        vae_diffusers_config,
-        vae_sgm_to_diffusers,
-    )
-    from .text_layout import ours_to_hf_clip
-
     dst = Path(dst)
     cfg = ckpt.config
     if cfg.unet is not None:  # a UNet diffusers cannot express fails here, before anything is written
