@@ -7,7 +7,7 @@ without checkpoints would risk losing unbounded work and the final export would 
 stop loses at most `checkpoint.every` steps, which the resumed run redoes identically.
 
 The full disk is made two ways:
-  - always (any user, CI): `Disk` wraps the one write path of `sdxl.weights.io` (`atomic_write`, used by
+  - always (any user, CI): `Disk` wraps the one write path, `sdxl.files.atomic_write` (used by
     `save_safetensors` and `atomic_write_bytes`, so by every checkpoint file and `latest`) and raises
     OSError(ENOSPC) once a byte budget is used up, after writing the bytes that still fit, as a kernel does;
   - as root, where `mount -t tmpfs` works (CI runs as root): a real tmpfs a checkpoint and a half in size,
@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import sdxl.weights.io as wio
+import sdxl.files as atomic_files
 from sdxl.train import checkpointing as C
 from sdxl.train import runner as TR
 from sdxl.train.config import TrainConfig, TrainingError
@@ -38,11 +38,11 @@ from trainsets import coloured_squares
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
-REAL_ATOMIC_WRITE = wio.atomic_write
+REAL_ATOMIC_WRITE = atomic_files.atomic_write
 
 
 class Disk:
-    """The bytes written through `sdxl.weights.io.atomic_write`, per file, and an optional capacity beyond
+    """The bytes written through `sdxl.files.atomic_write`, per file, and an optional capacity beyond
     which a write fails with ENOSPC (the real `atomic_write` then deletes its temp file)."""
 
     def __init__(self, capacity: int | None = None):
@@ -75,7 +75,7 @@ class Disk:
         def atomic_write(path, write):
             return real(path, lambda f: write(File(f, path)))
 
-        (setattr_ or setattr)(wio, "atomic_write", atomic_write)
+        (setattr_ or setattr)(atomic_files, "atomic_write", atomic_write)
 
 
 def config(out: Path, data: Path, resume: bool = False) -> TrainConfig:
