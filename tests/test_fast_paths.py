@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,9 @@ from sdxl.models.config import tiny_config
 from sdxl.models.factory import randomize_
 from sdxl.models.unet import Attention, BasicTransformerBlock, ResBlock, UNet
 from sdxl.models.vae import AutoencoderKL
+from sdxl.pipeline import SDXL
+from sdxl.request import GenerationRequest, LoraSpec
+from test_lora import write_kohya
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -142,6 +146,69 @@ def test_fused_projections_train_like_unfused():
     assert rel_err(out_b, out_a) <= 1e-6
     assert all(torch.allclose(g_a[n], g_b[n], rtol=1e-4, atol=1e-8) for n in g_a)
     assert g_b["input_blocks.4.1.transformer_blocks.0.attn1.to_k.weight"].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The product path: SDXL.load applies the exact switches by default
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_load_applies_the_exact_switches_and_generates_the_eager_image(tiny_files, tmp_path):
+    """fast=True (the default) vs fast=False on the same file: the same PNG (8-bit difference <= 1) and the
+    same latents to float32 rounding (max |a - b| <= 1e-5 * max |a|; measured 4e-8 to 2e-7: only the summation
+    order inside the fused / oneDNN / NHWC kernels differs), without and with a LoRA (forward hooks, which
+    hold the fused projections off)."""
+    plain = SDXL.load(tiny_files["base"], fast=False)
+    quick = SDXL.load(tiny_files["base"])
+    assert not fast.is_fused(plain.unet) and fast.is_fused(quick.unet)
+    assert quick.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert quick.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    if fast.onednn_linear_available():
+        assert isinstance(quick.unet.time_embed[0], fast.OneDNNLinear)
+        assert isinstance(quick.text.clip_g.text_projection, fast.OneDNNLinear)
+    assert not any(isinstance(m, fast.OneDNNLinear) for m in plain.unet.modules())
+    assert quick.unet.state_dict().keys() == plain.unet.state_dict().keys()
+
+    lora = write_kohya(tmp_path, seed=3)[0]
+    latents = []
+    for loras in ((), (LoraSpec(str(lora), 0.8),)):
+        req = GenerationRequest(prompt="a red cube", seed=7, steps=4, width=64, height=64, sampler="euler",
+                                loras=loras)
+        a, b = plain.generate(req), quick.generate(req)
+        img_a = np.asarray(a.images[0], dtype=np.int16)
+        img_b = np.asarray(b.images[0], dtype=np.int16)
+        assert img_a.std() > 1.0 and np.abs(img_a - img_b).max() <= 1
+        err = ((a.latents - b.latents).abs().max() / a.latents.abs().max()).item()
+        assert err <= 1e-5, err
+        latents.append(a.latents)
+    assert not torch.allclose(latents[0], latents[1], atol=1e-3)  # the LoRA did change the image
+
+
+def test_compile_guards_hooks_so_a_later_lora_runs():
+    """Dynamo ignores forward hooks added after compiling unless told to guard them: `configure_inductor`
+    turns the guard on, so a LoRA hooked on a compiled model recompiles instead of being skipped."""
+    torch._dynamo.reset()
+    fast.configure_inductor("cpu")
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x).relu()
+
+    net = Net()
+    net.compile(backend="eager", fullgraph=True)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        before = net(x)
+        handle = net.proj.register_forward_hook(lambda m, args, out: out + 1.0)  # as a LoRA hooks a layer
+        after = net(x)
+        handle.remove()
+        again = net(x)
+    assert torch.allclose(after, (net.proj(x) + 1.0).relu())
+    assert not torch.allclose(after, before) and torch.equal(again, before)
+    torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -618,18 +618,19 @@ def best_sdpa_backends(device: torch.device | str) -> list[str] | None:
 
 
 def speed_up(unet: nn.Module | None = None, text: nn.Module | None = None, vae: nn.Module | None = None,
-             *, compile: bool = False, cache_dir: str | os.PathLike | None = None) -> list[str]:
+             *, exact: bool = True, compile: bool = False,
+             cache_dir: str | os.PathLike | None = None) -> list[str]:
     """Apply the switches that change nothing but float rounding, in place; returns what was applied.
 
-    UNet: fused projections (`fuse_qkv`), channels_last, oneDNN linears on a CPU (eager only), the SDPA
-    kernel order of `best_sdpa_backends`; with compile=True, `torch.compile` in place (fullgraph, static
-    shapes, `module.compile()`, so the UNet object and its parameters stay what callers hold) over an
-    Inductor cache on disk (`enable_compile_cache`), so a second process start loads the kernels.
-    Text towers: oneDNN linears on a CPU. VAE: channels_last.
+    exact=True: UNet: fused projections (`fuse_qkv`), channels_last, oneDNN linears on a CPU (eager only),
+    the SDPA kernel order of `best_sdpa_backends`. Text towers: oneDNN linears on a CPU. VAE: channels_last.
+    compile=True (with or without `exact`): `torch.compile` of the UNet in place (fullgraph, static shapes,
+    `module.compile()`, so the UNet object and its parameters stay what callers hold) over an Inductor
+    cache on disk (`enable_compile_cache`), so a second process start loads the kernels.
     The modules keep their parameter names and tensors: LoRA, state_dict and offloading work as before.
     """
     applied: list[str] = []
-    if unet is not None:
+    if unet is not None and exact:
         device = next(unet.parameters()).device
         if fuse_qkv(unet):
             applied.append("fused-qkv")
@@ -644,11 +645,13 @@ def speed_up(unet: nn.Module | None = None, text: nn.Module | None = None, vae: 
                 if isinstance(m, FusedAttention):
                     m.sdpa_backends = chosen
             applied.append("sdpa=" + "/".join(backends))
-        if compile:
-            enable_compile_cache(cache_dir)
-            configure_inductor(device.type)
-            unet.compile(fullgraph=True, dynamic=False)
-            applied.append("compile")
+    if unet is not None and compile:
+        enable_compile_cache(cache_dir)
+        configure_inductor(next(unet.parameters()).device.type)
+        unet.compile(fullgraph=True, dynamic=False)
+        applied.append("compile")
+    if not exact:
+        return applied
     if text is not None and next(text.parameters()).device.type == "cpu" and use_onednn_linears(text):
         applied.append("text-onednn")
     if vae is not None:
