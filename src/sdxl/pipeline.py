@@ -26,6 +26,7 @@ from .errors import Interrupted, NumericsError
 from .metadata import lora_hash, request_infotext, short_hash
 from .models.conditioning import conditioning_numbers, micro_conditioning
 from .models.config import ModelConfig
+from .models.fast import speed_up
 from .models.text import TextEncoders
 from .models.vae_utils import vae_decode, vae_encode
 from .prompt_encoding import encode_schedule, encode_text, encode_weighted
@@ -103,8 +104,22 @@ class SDXL:
     # ---------------------------------------------------------------- loading
     @classmethod
     def load(
-        cls, path: str | Path, device="cpu", dtype=torch.float32, vae_dtype=None, allow_pickle: bool = False
+        cls,
+        path: str | Path,
+        device="cpu",
+        dtype=torch.float32,
+        vae_dtype=None,
+        allow_pickle: bool = False,
+        fast: bool = True,
+        compile: bool = False,
     ) -> SDXL:
+        """Load a checkpoint (official single file or diffusers folder) onto `device`.
+
+        fast=True (the default) applies the speed switches that change nothing but float rounding
+        (`sdxl.models.fast.speed_up`: fused q/k/v projections, channels_last, oneDNN linears on a CPU, the
+        best attention kernel); fast=False keeps the literal modules. compile=True also compiles the UNet
+        with torch.compile, keeping Inductor's kernels in an on-disk cache so the next start skips compiling.
+        """
         from .models.text import CLIPTextTower, TextEncoders
         from .models.unet import UNet
         from .models.vae import AutoencoderKL
@@ -126,9 +141,10 @@ class SDXL:
             )
         if "text_g" in ck.parts:
             tg = build_module(CLIPTextTower, cfg.text_g, ck.parts["text_g"], device, dtype, f"{name} (bigG)")
-        return cls(
-            cfg, unet, vae, TextEncoders(tl, tg), device=device, dtype=dtype, vae_dtype=vae_dtype, path=path
-        )
+        text = TextEncoders(tl, tg)
+        switches = speed_up(unet, text, vae, exact=fast, compile=compile)
+        log.debug("%s: speed switches %s", name, ", ".join(switches) or "none")
+        return cls(cfg, unet, vae, text, device=device, dtype=dtype, vae_dtype=vae_dtype, path=path)
 
     # ---------------------------------------------------------------- memory
     def enable_cpu_offload(self, storage: str = "cpu") -> SDXL:
@@ -330,13 +346,21 @@ def from_pil(image: Image.Image | str | Path, width: int, height: int) -> torch.
 
 
 def load(
-    path: str | Path, device: str = "cpu", dtype=torch.float32, *, kind: str = "base", **kw: Any
+    path: str | Path,
+    device: str = "cpu",
+    dtype=torch.float32,
+    *,
+    kind: str = "base",
+    fast: bool = True,
+    compile: bool = False,
+    **kw: Any,
 ) -> SDXL:
     """Load an SDXL-family checkpoint (official single file or diffusers folder). "default" is the
-    miniature model shipped in the package (`kind`: "base" or "refiner")."""
+    miniature model shipped in the package (`kind`: "base" or "refiner"). `fast` (exact speed switches, on
+    by default) and `compile` (torch.compile with an on-disk cache) as in `SDXL.load`."""
     if str(path) == DEFAULT_NAME:
         path = default_model_path(kind)
-    return SDXL.load(path, device=device, dtype=dtype, **kw)
+    return SDXL.load(path, device=device, dtype=dtype, fast=fast, compile=compile, **kw)
 
 
 __all__ = ["SDXL", "GenerationResult", "Interrupted", "NumericsError", "RequestError", "load", "to_pil"]
