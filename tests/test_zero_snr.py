@@ -99,8 +99,7 @@ def test_oracle_samples_its_target_under_zero_terminal_snr():
 
 
 def test_flag_survives_every_file_layout(tmp_path):
-    from sdxl.weights.checkpoint import random_checkpoint
-    from sdxl.weights.checkpoint import read_checkpoint, write_diffusers, write_single_file
+    from sdxl.weights.checkpoint import random_checkpoint, read_checkpoint, write_diffusers, write_single_file
     from sdxl.weights.detect import detect
 
     mc = dataclasses.replace(tiny_config(), prediction="v", zero_terminal_snr=True)
@@ -135,9 +134,8 @@ def test_automatic_schedule_is_trailing_on_a_zero_terminal_snr_model(tmp_path, t
     """The request's default schedule, "automatic", is the sampler's own (Karras for DPM++ 2M) on a standard
     model and "trailing" on a zero-terminal-SNR one (the file's flag or the request's); a named schedule, or
     one implied by an A1111 sampler name, is kept. The resolved name is what the image records."""
-    from sdxl.weights.checkpoint import random_checkpoint
     from sdxl.pipeline import SDXL
-    from sdxl.weights.checkpoint import write_single_file
+    from sdxl.weights.checkpoint import random_checkpoint, write_single_file
 
     assert GenerationRequest().schedule == "automatic"
     zs = write_single_file(random_checkpoint(dataclasses.replace(tiny_config(), prediction="v",
@@ -147,8 +145,9 @@ def test_automatic_schedule_is_trailing_on_a_zero_terminal_snr_model(tmp_path, t
 
     def run(pipe, **kw):
         req = GenerationRequest(prompt="x", width=32, height=32, steps=2, seed=1, **kw)
-        info = pipe.generate(req).infos[0]
-        return req.schedule, info
+        result = pipe.generate(req)
+        assert req.schedule == (kw.get("schedule") or "automatic")  # the caller's request is unchanged
+        return result.request.schedule, result.infos[0]
 
     schedule, info = run(zpipe)
     assert schedule == "trailing"
