@@ -67,13 +67,15 @@ def test_every_request_field_is_a_cli_option():
 
 def test_cli_sets_the_fields_it_used_to_drop(tiny_files, tmp_path):
     out = tmp_path / "x.png"
-    res = runner.invoke(app, ["generate", "a cat", "--model", str(tiny_files["base"]), "-W", "32", "-H",
-                              "32", "--steps", "2", "--seed", "3", "--emphasis", "no_norm", "--refiner-steps", "5",
-                              "--negative-crop-top", "8", "--mask-blur", "2", "--out", str(out), "--quiet"])
+    res = runner.invoke(app, [
+        "generate", "a cat", "--model", str(tiny_files["base"]), "-W", "32", "-H", "32", "--steps", "2",
+        "--seed", "3", "--emphasis", "no_norm", "--refiner-steps", "5", "--negative-crop-top", "8",
+        "--mask-blur", "2", "--out", str(out), "--quiet",
+    ])
     assert res.exit_code == 0, res.output
     stored = json.loads(Image.open(out).info["sdxl"])["request"]
-    assert (stored["emphasis"], stored["refiner_steps"], stored["negative_crop_top"], stored["mask_blur"]) == (
-        "no_norm", 5, 8, 2)
+    got = tuple(stored[k] for k in ("emphasis", "refiner_steps", "negative_crop_top", "mask_blur"))
+    assert got == ("no_norm", 5, 8, 2)
 
 
 def test_one_side_keeps_the_models_native_size(tmp_path):
