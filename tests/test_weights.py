@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -10,10 +11,11 @@ import torch
 from typer.testing import CliRunner
 
 from sdxl.cli import app
+from sdxl.metadata import addnet_hash
 from sdxl.models.config import ModelConfig, TextConfig, UNetConfig, VAEConfig
 from sdxl.weights.checkpoint import read_checkpoint, single_file_state
 from sdxl.weights.detect import detect
-from sdxl.weights.io import CheckpointError, ShapeDict, open_tensors, save_safetensors
+from sdxl.weights.io import CheckpointError, ShapeDict, open_tensors, save_safetensors, tensor_data_sha256
 
 runner = CliRunner()
 
@@ -187,3 +189,19 @@ def test_lying_headers_are_refused(tmp_path, header, needle):
     p = _header_file(tmp_path, header)
     with pytest.raises(CheckpointError, match=needle):
         open_tensors(p)
+
+
+def test_saved_files_hash_as_their_tensors_and_get_ordinary_permissions(tmp_path, monkeypatch):
+    """`tensor_data_sha256` (kohya's sshs_model_hash, computed before writing) equals the addnet hash of the
+    file `save_safetensors` writes, whatever the metadata; the file gets what open() gives under the umask."""
+    monkeypatch.setenv("SDXL_CACHE_DIR", str(tmp_path / "cache"))
+    tensors = {"b": torch.arange(6, dtype=torch.float16).reshape(2, 3), "a": torch.ones(4),
+               "e": torch.zeros(0)}
+    path = save_safetensors(tensors, tmp_path / "w.safetensors", {"note": "x"})
+    other = save_safetensors(tensors, tmp_path / "v.safetensors", {"note": "y" * 100})
+    assert tensor_data_sha256(tensors) == addnet_hash(path) == addnet_hash(other)
+    assert tensor_data_sha256({"a": torch.ones(4)}) != tensor_data_sha256(tensors)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["v.safetensors", "w.safetensors"]
