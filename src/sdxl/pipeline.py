@@ -255,9 +255,13 @@ class SDXL:
 
     @torch.no_grad()
     def encode(
-        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        sample: bool = False,
     ) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled latents (the posterior mean unless `sample`)."""
+        """Images in [-1, 1] -> scaled latents: the posterior mean, or with `sample` a posterior sample drawn
+        from `generator` (a list: one latent per generator, as diffusers' pipelines draw; see vae_encode)."""
         return vae_encode(self, images, generator, sample)
 
     # ---------------------------------------------------------------- denoising
@@ -378,29 +382,112 @@ class Progress:
     denoised: torch.Tensor  # current x0 estimate (scaled latents), for previews
 
 
+def _randn(gens: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
+    """Unit noise [len(gens), *shape]: row i drawn from gens[i] (CPU, float32), as diffusers' `randn_tensor`
+    does with a list of generators, so image i of a batch equals the same seed generated alone."""
+    return torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in gens]).to(device)
+
+
 def _noise(seeds: list[int], shape: tuple[int, ...], device) -> torch.Tensor:
-    """Initial noise: one CPU float32 generator per image (diffusers' convention for batch 1), so image i of
-    a batch equals the same seed generated alone."""
-    return torch.cat(
-        [
-            torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32)
-            for s in seeds
-        ]
-    ).to(device)
+    """Unit noise from fresh generators, one CPU float32 generator per seed."""
+    return _randn([torch.Generator("cpu").manual_seed(s) for s in seeds], shape, device)
 
 
 def _load_mask(mask, width: int, height: int, blur: int) -> torch.Tensor:
-    """White = repaint. Returns [1, 1, H, W] in [0, 1]."""
+    """White = repaint. Returns [1, 1, H, W] in [0, 1]: grey levels, resized (Lanczos, as diffusers'
+    VaeImageProcessor) and Gaussian-blurred by `blur` pixels (A1111's mask blur). This soft mask is the one
+    the final paste uses; the latents see it thresholded at 0.5 (`_latent_mask`)."""
     from PIL import ImageFilter
 
     from .data.images import load_image
 
     if not isinstance(mask, Image.Image):
         mask = load_image(mask)
-    m = mask.convert("L").resize((width, height), Image.LANCZOS)
+    m = mask.convert("L")
+    if m.size != (width, height):
+        m = m.resize((width, height), Image.LANCZOS)
     if blur > 0:
         m = m.filter(ImageFilter.GaussianBlur(blur))
     return torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None, None]
+
+
+def _latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The pixel mask thresholded at 0.5 and sampled at latent resolution (nearest: the top-left pixel of
+    each 8x8 block), as diffusers' inpainting pipelines prepare it; A1111 also rounds its latent mask."""
+    hard = (mask >= 0.5).float()
+    return torch.nn.functional.interpolate(hard, size=size, mode="nearest")
+
+
+@dataclass
+class StartLatents:
+    """What sampling starts from (`prepare_latents`)."""
+
+    x: torch.Tensor  # the sampler's input at sigmas[0], [B, C, h, w]
+    noise: torch.Tensor  # the unit noise in x, [B, C, h, w]
+    sigmas: torch.Tensor  # the schedule, cut to the strength for img2img / inpaint
+    generator: torch.Generator  # goes on to the sampler's stochastic steps
+    init: torch.Tensor | None = None  # the init image's latents (one posterior sample per seed)
+    pixels: torch.Tensor | None = None  # the init image in [-1, 1], [1, 3, H, W]
+    mask: torch.Tensor | None = None  # soft pixel mask [1, 1, H, W] (white = repaint), for the final paste
+    lat_mask: torch.Tensor | None = None  # binary latent mask [B, 1, h, w], for a 4-channel UNet's blend
+    extra: torch.Tensor | None = None  # an inpainting UNet's extra channels [B, 1 + C, h, w]
+
+
+def prepare_latents(
+    pipe: SDXL, req: GenerationRequest, seeds: list[int], lat_shape: tuple[int, ...], sigmas: torch.Tensor
+) -> StartLatents:
+    """The starting latents, drawn as diffusers' SDXL pipelines draw them with one CPU generator per seed
+    (`generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]`). Each seed's generator draws, in
+    this order:
+
+    1. img2img and inpainting: the init image's latents, a sample mean + std * eps of the VAE posterior
+       (skipped by an inpainting UNet at strength 1, which starts from pure noise);
+    2. the unit noise;
+    3. inpainting: the masked image's posterior sample. Only a 9-channel inpainting UNet uses it, but it is
+       drawn for every model, as diffusers does, so that the generator's stream stays the same;
+
+    and then the first seed's generator goes on to drive the sampler's stochastic steps (for one image, as
+    diffusers' scheduler.step(..., generator) continues the same stream).
+
+    x = noise * sqrt(1 + sigma_0^2) for txt2img and for inpainting at strength 1 (diffusers'
+    `is_strength_max`), otherwise init + noise * sigma_0, sigma_0 the first sigma of the last
+    int(steps * strength) steps. An inpainting UNet without a mask repaints everything (mask 1, masked image
+    0, as A1111 does)."""
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    B, dev, size = len(seeds), pipe.device, tuple(lat_shape[1:])
+    nine = pipe.config.unet.in_channels == 9
+    start = StartLatents(x=None, noise=None, sigmas=sigmas, generator=gens[0])
+    pixels = None
+    if req.init_image is not None:
+        pixels = start.pixels = from_pil(req.init_image, req.width, req.height).to(dev)
+        start.sigmas = S.img2img_sigmas(sigmas, req.strength)
+    masked = req.mask_image is not None or nine
+    if req.mask_image is not None:
+        start.mask = _load_mask(req.mask_image, req.width, req.height, req.mask_blur).to(dev)
+        start.lat_mask = _latent_mask(start.mask, size).expand(B, -1, -1, -1)
+    pure_noise = pixels is None or (masked and req.strength >= 1.0)
+    if pixels is not None and not (nine and pure_noise):
+        with pipe.on_device(pipe.vae):
+            start.init = pipe.encode(pixels, generator=gens, sample=True)
+        _check_finite(start.init, "the VAE encoder output (the init image's latents)")
+    start.noise = _randn(gens, lat_shape, dev)
+    sigma0 = start.sigmas[0]
+    start.x = start.noise * torch.sqrt(1 + sigma0**2) if pure_noise else start.init + start.noise * sigma0
+    if masked:
+        if start.mask is None:  # an inpainting UNet without a mask: repaint everything
+            hard = torch.ones(1, 1, lat_shape[1] * pipe.config.vae.downscale,
+                              lat_shape[2] * pipe.config.vae.downscale, device=dev)
+            lat_hard = torch.ones(1, 1, *size, device=dev)
+        else:
+            hard = (start.mask >= 0.5).float()
+            lat_hard = start.lat_mask[:1]
+        base = pixels if pixels is not None else torch.zeros_like(hard).expand(-1, 3, -1, -1)
+        with pipe.on_device(pipe.vae):
+            masked_lat = pipe.encode(base * (1 - hard), generator=gens, sample=True)
+        _check_finite(masked_lat, "the VAE encoder output (the masked image's latents)")
+        if nine:  # inpainting UNet: [latents | mask | masked-image latents]
+            start.extra = torch.cat([lat_hard.expand(B, -1, -1, -1), masked_lat], dim=1)
+    return start
 
 
 def _run_sampler(pipe: SDXL, denoiser, x, sigmas, req: GenerationRequest, generator, stage: str, callback):
@@ -487,37 +574,13 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
     if req.width % f or req.height % f:
         raise RequestError(f"size: width and height must be multiples of {f}")
     lat_shape = (pipe.config.vae.embed_dim, req.height // f, req.width // f)
-    noise = _noise(seeds, lat_shape, pipe.device)
-    generator = torch.Generator("cpu").manual_seed(seed)
     with pipe.on_device(pipe.text):
         cond, uncond = pipe.text_conditioning(req, B)
     _check_conditioning(cond, uncond, "base")
-    sigmas = pipe.sigmas_for(req).to(pipe.device)
-
-    init = mask = extra = lat_mask = init_pixels = None
-    if req.init_image is not None:
-        init_pixels = from_pil(req.init_image, req.width, req.height).to(pipe.device)
-        with pipe.on_device(pipe.vae):
-            init = pipe.encode(init_pixels).expand(B, -1, -1, -1)
-        _check_finite(init, "the VAE encoder output (the init image's latents)")
-        sigmas = S.img2img_sigmas(sigmas, req.strength)
-    if req.mask_image is not None:
-        mask = _load_mask(req.mask_image, req.width, req.height, req.mask_blur).to(pipe.device)
-        lat_mask = torch.nn.functional.interpolate(mask, size=lat_shape[1:], mode="bilinear").expand(
-            B, -1, -1, -1
-        )
-        if pipe.config.unet.in_channels == 9:  # inpainting UNet: [latents | mask | masked-image latents]
-            hard = (mask >= 0.5).to(init_pixels.dtype)
-            with pipe.on_device(pipe.vae):
-                masked = pipe.encode(init_pixels * (1 - hard)).expand(B, -1, -1, -1)
-            _check_finite(masked, "the VAE encoder output (the masked image's latents)")
-            hard_lat = torch.nn.functional.interpolate(hard, size=lat_shape[1:], mode="nearest")
-            extra = torch.cat([hard_lat.expand(B, -1, -1, -1), masked], dim=1)
-
-    if init is not None:
-        x = init + noise * sigmas[0]
-    else:
-        x = noise * torch.sqrt(1 + sigmas[0] ** 2)
+    start = prepare_latents(pipe, req, seeds, lat_shape, pipe.sigmas_for(req).to(pipe.device))
+    x, noise, sigmas, generator = start.x, start.noise, start.sigmas, start.generator
+    init, mask, lat_mask, extra = start.init, start.mask, start.lat_mask, start.extra
+    init_pixels = start.pixels
 
     base_sigmas, ref_sigmas = sigmas, None
     if refiner is not None and req.refiner_mode == "ensemble":
@@ -525,7 +588,7 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
 
     denoiser = pipe.make_denoiser(cond, uncond, req, base_sigmas, extra_channels=extra)
     if mask is not None and extra is None and init is not None:
-        denoiser = _masked(denoiser, init, noise, lat_mask)
+        denoiser = _masked(denoiser, init, noise, lat_mask, first_sigma=float(base_sigmas[0]))
     with pipe.on_device(pipe.unet):
         x = _run_sampler(pipe, denoiser, x, base_sigmas, req, generator, "base", callback)
 
@@ -559,12 +622,21 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
     return result
 
 
-def _masked(denoiser, init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor):
-    """Inpainting with an ordinary UNet: outside the mask, keep the (re-noised) original latents."""
+def _masked(denoiser, init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, first_sigma=None):
+    """Inpainting with an ordinary UNet, as diffusers' StableDiffusionXLInpaintPipeline does it: outside the
+    binary latent `mask` the latents follow the original image's noising path, init + noise * sigma.
+
+    diffusers blends after every step, `(1 - mask) * add_noise(init, noise, sigma_next) + mask * latents`.
+    Here each UNet call sees x with the outside replaced by init + noise * sigma (what that blend left there),
+    except at `first_sigma`, where diffusers has not blended yet (x is then init + noise * sigma anyway,
+    unless inpainting at strength 1 started from pure noise). The x0 estimate outside is replaced by init,
+    so a first-order or multistep sampler steps exactly onto init + noise * sigma_next there and ends on
+    init, and previews show the original outside the mask."""
 
     def d(x, sigma, **kw):
         s = sigma.reshape(-1, 1, 1, 1) if torch.is_tensor(sigma) else sigma
-        x = x * mask + (init + noise * s) * (1 - mask)
+        if first_sigma is None or float(torch.as_tensor(sigma).max()) < first_sigma * (1 - 1e-6):
+            x = x * mask + (init + noise * s) * (1 - mask)
         return denoiser(x, sigma, **kw) * mask + init * (1 - mask)
 
     return d

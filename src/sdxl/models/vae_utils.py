@@ -100,11 +100,19 @@ def vae_decode(pipe, latents: torch.Tensor, tiled: bool | None = None) -> torch.
 def vae_encode(
     pipe, images: torch.Tensor, generator=None, sample: bool = False, tiled: bool | None = None
 ) -> torch.Tensor:
-    """Images in [-1, 1] -> scaled latents. Falls back to float32 if the encoder overflows."""
+    """Images in [-1, 1] -> scaled latents. Falls back to float32 if the encoder overflows.
+
+    The posterior mean, or with `sample` a draw mean + std * eps from it (diffusers' `latent_dist.sample`),
+    eps drawn in float32 on the CPU from `generator`: one generator for the whole batch, or a list of
+    generators, one per output latent, each drawing [1, C, h, w] in turn (diffusers' pipelines with a list
+    of generators); a single image is then shared by all of them (encoded once)."""
     vae, cfg = pipe.vae, pipe.config.vae
     dtype = next(vae.parameters()).dtype
     if tiled is None:
         tiled = images.shape[-1] * images.shape[-2] > AUTO_TILE_PIXELS
+    gens = generator if isinstance(generator, (list, tuple)) else None
+    if sample and gens is not None and images.shape[0] not in (1, len(gens)):
+        raise ValueError(f"{len(gens)} generators for a batch of {images.shape[0]} images")
 
     def moments(x: torch.Tensor) -> torch.Tensor:
         mean, logvar = vae.encode(x)
@@ -134,6 +142,10 @@ def vae_encode(
     z = mean
     if sample:
         std = torch.exp(0.5 * logvar.clamp(-30, 20))
-        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
-        z = mean + std * eps
+        if gens is None:
+            eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+        else:
+            one = (1, *mean.shape[1:])
+            eps = torch.cat([torch.randn(one, generator=g, dtype=torch.float32) for g in gens])
+        z = mean + std * eps.to(mean.device)
     return (z - cfg.shift_factor) * cfg.scale_factor
