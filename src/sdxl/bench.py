@@ -26,6 +26,7 @@ Run: `python bench/bench.py --cpu`, `python -m sdxl.bench`, or `sdxl bench` (all
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -34,21 +35,48 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 from sdxl.models import fast
 from sdxl.models.conditioning import micro_conditioning
 from sdxl.models.config import ModelConfig, UNetConfig, VAEConfig, tiny_config
+from sdxl.models.factory import build_modules
+from sdxl.models.text import CLIPTextTower, TextEncoders
+from sdxl.models.unet import BasicTransformerBlock, UNet
+from sdxl.models.vae import AutoencoderKL
+from sdxl.pipeline import SDXL
+from sdxl.request import GenerationRequest
+from sdxl.tokenizer import write_hf_tokenizer_files
+from sdxl.weights.checkpoint import (
+    Checkpoint,
+    random_checkpoint,
+    text_config_to_hf,
+    write_diffusers,
+    write_single_file,
+)
+from sdxl.weights.diffusers_layout import (
+    unet_diffusers_config,
+    unet_sgm_to_diffusers,
+    vae_diffusers_config,
+    vae_sgm_to_diffusers,
+)
+from sdxl.weights.text_layout import ours_to_hf_clip
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOKENS = 77
@@ -152,8 +180,6 @@ def process_peak_gib() -> float:
 
 def count_flops(fn: Callable[[], object]) -> float:
     """Floating-point operations of one call (matmuls, convolutions and attention, as PyTorch counts them)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         fn()
     return float(counter.get_total_flops())
@@ -161,8 +187,6 @@ def count_flops(fn: Callable[[], object]) -> float:
 
 def profile_summary(fn: Callable[[], object], device: torch.device, top: int = 8) -> str:
     """Where one call's time goes: the `top` operators (CPU) or GPU kernels by their own time, in percent."""
-    from torch.profiler import ProfilerActivity, profile
-
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.inference_mode():
@@ -325,11 +349,9 @@ def build(cls, cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
 def diffusers_unet(ours: nn.Module) -> nn.Module | None:
     """diffusers' UNet2DConditionModel holding our UNet's tensors (no copy), or None without diffusers."""
     try:
-        from diffusers import UNet2DConditionModel
+        from diffusers import UNet2DConditionModel  # lazy: optional dependency
     except ImportError:
         return None
-    from sdxl.weights.diffusers_layout import unet_diffusers_config, unet_sgm_to_diffusers
-
     with torch.device("meta"):
         theirs = UNet2DConditionModel.from_config(unet_diffusers_config(ours.cfg))
     theirs.load_state_dict(unet_sgm_to_diffusers(ours.state_dict(), ours.cfg), assign=True, strict=True)
@@ -339,11 +361,9 @@ def diffusers_unet(ours: nn.Module) -> nn.Module | None:
 
 def diffusers_vae(ours: nn.Module) -> nn.Module | None:
     try:
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL  # lazy: optional dependency
     except ImportError:
         return None
-    from sdxl.weights.diffusers_layout import vae_diffusers_config, vae_sgm_to_diffusers
-
     with torch.device("meta"):
         theirs = AutoencoderKL.from_config(vae_diffusers_config(ours.cfg))
     theirs.load_state_dict(vae_sgm_to_diffusers(ours.state_dict(), ours.cfg), assign=True, strict=True)
@@ -354,12 +374,9 @@ def diffusers_vae(ours: nn.Module) -> nn.Module | None:
 def transformers_text(ours: nn.Module, device: torch.device) -> nn.Module | None:
     """transformers' CLIPTextModel(WithProjection) holding our tower's tensors (None without transformers)."""
     try:
-        import transformers
+        import transformers  # lazy: optional dependency
     except ImportError:
         return None
-    from sdxl.weights.checkpoint import text_config_to_hf
-    from sdxl.weights.text_layout import ours_to_hf_clip
-
     projection = ours.cfg.projection_dim is not None
     cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
     config = transformers.CLIPTextConfig(**text_config_to_hf(ours.cfg, projection))
@@ -573,48 +590,26 @@ def bench_unet_eager(run: Runner, unet, dname: str, inputs: UNetInputs, flops: f
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Sampling loop (Euler, CFG) used for end-to-end timing and the quality check
+# Our pipeline around the benchmark's modules: end to end and quality run `SDXL.generate`
 # ---------------------------------------------------------------------------------------------------------
 
-
-@dataclass
-class Schedule:
-    """diffusers' default SDXL schedule (scaled-linear betas, "leading" spacing): sigmas, and the timesteps
-    and input scales of each step as device tensors (so the loop never waits for the host)."""
-
-    sigmas: list[float]
-    timesteps: list[Tensor]  # [2] per step (both CFG halves)
-    c_in: list[float]
+PROMPT = "a photo of a red cube on a blue table, studio light"
 
 
-def make_schedule(steps: int, device) -> Schedule:
-    from sdxl.sampling.denoiser import DiscreteSchedule
-    from sdxl.sampling.schedules import leading
-
-    table = DiscreteSchedule(dtype=torch.float32)
-    sigmas = leading(steps, table)
-    ts = table.sigma_to_t(sigmas[:-1])
-    return Schedule(
-        sigmas=[float(s) for s in sigmas],
-        timesteps=[torch.full((2,), float(t), device=device) for t in ts],
-        c_in=[1.0 / math.sqrt(float(s) ** 2 + 1.0) for s in sigmas[:-1]],
-    )
+def bench_request(args: argparse.Namespace, seed: int) -> GenerationRequest:
+    """One image at the benchmark's latent size: Euler with the "leading" schedule (diffusers' SDXL default),
+    guidance 5, no negative prompt (a zero unconditional embedding, as the official base pipeline)."""
+    side = args.latent * 8
+    return GenerationRequest(prompt=PROMPT, seed=seed, steps=args.steps, width=side, height=side, cfg=5.0,
+                             sampler="euler", schedule="leading")
 
 
-def euler_cfg(step: Callable[[Tensor, Tensor], Tensor], noise: Tensor, sched: Schedule,
-              guidance: float = 5.0) -> Tensor:
-    """k-diffusion Euler with classifier-free guidance on an eps-prediction model.
-
-    step(x_in [2B, ...], t [2B]) -> eps [2B, ...] runs the UNet on the [uncond | cond] batch (the conditioning
-    is bound inside `step`, which is what a CUDA graph replays).
-    """
-    x = noise * sched.sigmas[0]
-    for i in range(len(sched.c_in)):
-        x_in = torch.cat([x, x]) * sched.c_in[i]
-        eps_uncond, eps_cond = step(x_in, sched.timesteps[i]).float().chunk(2)
-        eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-        x = x + eps * (sched.sigmas[i + 1] - sched.sigmas[i])  # d = (x - denoised) / sigma = eps
-    return x
+def bench_pipe(run: Runner, state: dict, unet: Callable, dtype: torch.dtype) -> SDXL:
+    """The benchmark's modules as the `SDXL` object `sdxl.load` returns, sharing their tensors. `unet` is our
+    UNet or a compiled / CUDA-graphed callable around it: `SDXL.generate` only calls it."""
+    text, vae = ensure_text(run, state), ensure_vae(run, state)
+    return SDXL(model_config(run.args), unet, vae, text, device=run.device, dtype=dtype,
+                vae_dtype=next(vae.parameters()).dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -630,7 +625,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latent", type=int, default=None, help="latent side (128 = 1024x1024 images)")
     p.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one image with CFG)")
     p.add_argument("--components", default=None,
-                   help="comma list of unet,text,vae,compile,e2e,quality,fp8,second-start")
+                   help="comma list of unet,text,vae,compile,e2e,quality,fp8,second-start,product")
     p.add_argument("--steps", type=int, default=30, help="steps for end to end and quality")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
@@ -652,6 +647,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="miniature models (smoke tests of this program)")
     p.add_argument("--from-json", default=None,
                    help="only write the results table from the JSON lines of an earlier (cut short) run")
+    p.add_argument("--product-dir", default=None,
+                   help="product path: where to write the random checkpoint (default: the system temp dir)")
+    p.add_argument("--keep-product-files", action="store_true", help="product path: keep the checkpoint")
     p.add_argument("--second-start", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -736,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         ("second start", "second-start" in comps, lambda r, st: run_second_start(r, st, raw)),
         ("diffusers compile", args.compile_diffusers and "compile" in comps, run_diffusers_compile_stage),
         ("end to end (diffusers)", "e2e" in comps, run_e2e_diffusers),
+        ("product path", "product" in comps, run_product_stage),
     ]
     for title, enabled, stage in stages:
         if not enabled:
@@ -774,8 +773,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_unet_stage(run: Runner, state: dict) -> list[str]:
     """Build the UNet once (float32 first: the quality reference), then the eager table per dtype."""
-    from sdxl.models.unet import UNet
-
     args, device = run.args, run.device
     notes = []
     cfg = model_config(args).unet
@@ -785,9 +782,7 @@ def run_unet_stage(run: Runner, state: dict) -> list[str]:
           f"{time.monotonic() - t0:.1f} s", flush=True)
     state["unet"] = unet
 
-    if wants_quality(run):
-        state["quality_inputs"] = quality_inputs(cfg, args.latent, device)
-        collect_quality(run, state, "fp32 eager", unet, torch.float32)
+    collect_quality(run, state, "fp32 eager", unet, torch.float32)
 
     flops = None
     for name in args.dtypes:
@@ -813,12 +808,12 @@ def wants_quality(run: Runner) -> bool:
 
 
 def collect_quality(run: Runner, state: dict, label: str, model: Callable, dtype: torch.dtype) -> None:
-    """Sample the quality image's latents with `model`; `report_quality` compares them at the end."""
-    if not wants_quality(run) or "quality_inputs" not in state:
+    """Generate the quality image with `model` as the UNet (`SDXL.generate`, same request and seed every
+    time; the text towers and VAE stay the same); `report_quality` compares the latents at the end."""
+    if not wants_quality(run):
         return
     t0 = time.monotonic()
-    with torch.inference_mode():
-        latents = sample_with(model, state["quality_inputs"], run.args.steps, dtype)
+    latents = bench_pipe(run, state, model, dtype).generate(bench_request(run.args, seed=42)).latents
     state.setdefault("quality_latents", {})[label] = latents.float()
     print(f"[quality] sampled '{label}' ({run.args.steps} steps, {time.monotonic() - t0:.1f} s)", flush=True)
 
@@ -844,40 +839,35 @@ def report_quality(run: Runner, state: dict) -> None:
                                note=note))
 
 
-def quality_inputs(cfg: UNetConfig, latent: int, device) -> dict:
-    """One image's conditioning: zero negative (SDXL base's default) and a random positive prompt."""
-    g = torch.Generator("cpu").manual_seed(42)
-    noise = torch.randn(1, cfg.in_channels, latent, latent, generator=g)
-    context = torch.randn(1, TOKENS, cfg.context_dim, generator=g)
-    pooled = torch.randn(1, cfg.adm_in_channels - 6 * 256, generator=g)
-    size = float(latent * 8)
-    numbers = torch.tensor([size, size, 0.0, 0.0, size, size])
-    y = micro_conditioning(torch.cat([torch.zeros_like(pooled), pooled]), numbers)
-    context = torch.cat([torch.zeros_like(context), context])
-    return {"noise": noise.to(device), "context": context.to(device), "y": y.to(device)}
+def text_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "cpu" else torch.float16
 
 
-def sample_with(model: Callable, q: dict, steps: int, dtype: torch.dtype) -> Tensor:
-    sched = make_schedule(steps, q["noise"].device)
-    context, y = q["context"].to(dtype), q["y"].to(dtype)
-    return euler_cfg(lambda x_in, t: model(x_in.to(dtype), t, context, y), q["noise"], sched)
+def ensure_text(run: Runner, state: dict):
+    """Our two text towers (float16 on a GPU, float32 on a CPU), built once."""
+    if "text" not in state:
+        cfg, dtype = model_config(run.args), text_dtype(run.device)
+        state["text"] = TextEncoders(build(CLIPTextTower, cfg.text_l, run.device, dtype),
+                                     build(CLIPTextTower, cfg.text_g, run.device, dtype))
+    return state["text"]
+
+
+def ensure_vae(run: Runner, state: dict):
+    """Our VAE (float32, the quality reference's precision), built once."""
+    if "vae" not in state:
+        state["vae"] = build(AutoencoderKL, model_config(run.args).vae, run.device, torch.float32)
+    return state["vae"]
 
 
 def run_text_stage(run: Runner, state: dict) -> None:
-    from sdxl.models.text import CLIPTextTower, TextEncoders
-
     args, device = run.args, run.device
-    dtype = torch.float32 if device.type == "cpu" else torch.float16
-    dname = "fp32" if dtype == torch.float32 else "fp16"
-    cfg = model_config(args)
-    towers = TextEncoders(build(CLIPTextTower, cfg.text_l, device, dtype),
-                          build(CLIPTextTower, cfg.text_g, device, dtype))
-    state["text"] = towers
+    dtype = text_dtype(device)
+    dname = dtype_name(dtype)
+    towers = ensure_text(run, state)
     ids_l, ids_g = token_ids(2, device)
     variants = [Variant("ours", "eager", lambda: towers.encode(ids_l, ids_g))]
     if device.type == "cuda":
         graphed = fast.CUDAGraphRunner(towers.encode)
-        state["text_graphed"] = graphed
         variants.append(Variant("ours", "cuda-graph", lambda: graphed(ids_l, ids_g)))
     elif fast.onednn_linear_available():
         variants.append(Variant("ours", "onednn", lambda: towers.encode(ids_l, ids_g),
@@ -891,7 +881,7 @@ def run_text_stage(run: Runner, state: dict) -> None:
             out = hf_g(ids_g, output_hidden_states=True)
             return torch.cat([a, out.hidden_states[-2]], dim=-1), out.text_embeds
 
-        state["hf_text"] = hf_encode
+        state["hf_text"] = (hf_l, hf_g)
         variants.append(Variant("transformers", "eager", lambda: hf_encode(ids_l, ids_g)))
         with torch.inference_mode():
             mine, theirs = towers.encode(ids_l, ids_g), hf_encode(ids_l, ids_g)
@@ -912,12 +902,10 @@ class _Decode(nn.Module):
 
 
 def run_vae_stage(run: Runner, state: dict) -> None:
-    from sdxl.models.vae import AutoencoderKL
-
     args, device = run.args, run.device
     cfg = model_config(args).vae
-    vae = build(AutoencoderKL, cfg, device, torch.float32)
-    state["vae"] = vae
+    vae = ensure_vae(run, state)
+    set_vae_mode(vae, torch.float32, channels_last=False)
     side = args.vae_size // cfg.downscale
     g = torch.Generator("cpu").manual_seed(3)
     z32 = torch.randn(1, cfg.z_channels, side, side, generator=g).to(device)
@@ -975,8 +963,6 @@ def run_vae_compile_stage(run: Runner, state: dict) -> list[str]:
     state["vae_decode_compiled"] = decode
     variant = Variant("ours", "channels_last+compile", lambda: decode(zb))
     run.group("vae", "bf16", [variant], state["vae_flops"], 1, max(args.iters // 4, 1), 1)
-    if "e2e" in args.components and "unet_graphed" in state:
-        run_e2e_ours(run, state)
     return []
 
 
@@ -1059,63 +1045,37 @@ def run_diffusers_compile_stage(run: Runner, state: dict) -> list[str]:
     return []
 
 
-@dataclass
-class E2EInputs:
-    ids_l: Tensor
-    ids_g: Tensor
-    numbers: Tensor  # the six micro-conditioning numbers
-    noise: Tensor
-    sched: Schedule
-
-
-def e2e_inputs(run: Runner) -> E2EInputs:
-    args, device = run.args, run.device
-    ids_l, ids_g = token_ids(2, device)
-    size = float(args.latent * 8)
-    numbers = torch.tensor([size, size, 0.0, 0.0, size, size], device=device)
-    noise = torch.randn(1, 4, args.latent, args.latent, generator=torch.Generator("cpu").manual_seed(7))
-    return E2EInputs(ids_l, ids_g, numbers, noise.to(device), make_schedule(args.steps, device))
-
-
-def e2e_pipeline(e: E2EInputs, encode: Callable, unet_call: Callable, decode: Callable,
-                 dtype: torch.dtype) -> Callable[[], Tensor]:
-    """One image: encode prompt + negative, `steps` Euler CFG steps, decode. Returns a callable to time."""
-    def once() -> Tensor:
-        context, pooled = encode(e.ids_l, e.ids_g)
-        context, y = context.to(dtype), micro_conditioning(pooled, e.numbers).to(dtype)
-        latents = euler_cfg(lambda x_in, t: unet_call(x_in.to(dtype), t, context, y), e.noise, e.sched)
-        return decode(latents / SCALE_FACTOR)
-    return once
-
-
 def run_e2e_ours(run: Runner, state: dict) -> list[str]:
-    """Text encoding + `steps` Euler CFG steps + VAE decode, one image, with our fastest available parts."""
+    """`SDXL.generate` on one request (text encoding, `steps` Euler CFG steps, VAE decode): what a user of
+    the Python API runs, with our fastest UNet available here (compiled + CUDA graph after the compile
+    stage, else the exact eager switches of `sdxl.load`)."""
     device = run.device
-    if not all(k in state for k in ("unet", "text", "vae")):
-        print("[e2e] needs the unet, text and vae components", flush=True)
+    if "unet" not in state:
+        print("[e2e] needs the unet component", flush=True)
         return []
-    unet, towers, vae = state["unet"], state["text"], state["vae"]
-    e = e2e_inputs(run)
+    unet, towers, vae = state["unet"], ensure_text(run, state), ensure_vae(run, state)
+    req = bench_request(run.args, seed=7)
     iters = 3 if device.type == "cuda" else 1
     if "unet_graphed" in state:
-        encode = state.get("text_graphed", towers.encode)
-        compiled_vae = "vae_decode_compiled" in state
-        decode = state.get("vae_decode_compiled", vae.decode)
-        once = e2e_pipeline(e, encode, state["unet_graphed"], lambda z: decode(z.to(torch.bfloat16)),
-                            torch.bfloat16)
-        mode = "bf16 compile+cuda-graph UNet, graphed text, bf16 VAE" + (" compiled" if compiled_vae else "")
-        variant = Variant("ours", mode, once, prepare=lambda: set_vae_mode(vae, torch.bfloat16, True))
-    else:  # eager: fp16 on a GPU (diffusers' usual choice), float32 on a CPU
-        half = torch.float16 if device.type == "cuda" else torch.float32
-        vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model, dtype, vae_dtype = state["unet_graphed"], torch.bfloat16, torch.bfloat16
+        switches = "compile+cuda-graph"
 
-        def prepare_eager():
-            unet.to(half)
+        def prepare() -> None:
             set_vae_mode(vae, vae_dtype, True)
+    else:  # fp16 on a GPU (diffusers' usual choice), float32 on a CPU; the switches `sdxl.load` applies
+        model = unet
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        switches = "exact switches of sdxl.load"
 
-        once = e2e_pipeline(e, towers.encode, unet, lambda z: vae.decode(z.to(vae_dtype)), half)
-        mode = f"{dtype_name(half)} eager UNet and text, {dtype_name(vae_dtype)} VAE"
-        variant = Variant("ours", mode, once, prepare=prepare_eager)
+        def prepare() -> None:
+            unet.to(dtype)
+            set_vae_mode(vae, vae_dtype, False)
+            fast.speed_up(unet, towers, vae)
+
+    pipe = bench_pipe(run, state, model, dtype)
+    mode = f"SDXL.generate: {dtype_name(dtype)} UNet [{switches}], {dtype_name(vae_dtype)} VAE"
+    variant = Variant("ours", mode, lambda: pipe.generate(req), prepare=prepare)
     run.group("e2e", "mixed", [variant], None, 1, iters, 1)
     return []
 
@@ -1124,45 +1084,197 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
 
 
+def diffusers_tokenizers(folder: Path):
+    """transformers' CLIPTokenizer pair for diffusers' pipeline, written from our vocabulary (no download)."""
+    from transformers import CLIPTokenizer  # lazy: optional dependency (the diffusers comparison)
+
+    write_hf_tokenizer_files(folder / "tokenizer", pad="<|endoftext|>")
+    write_hf_tokenizer_files(folder / "tokenizer_2", pad="!")
+    return (CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+            CLIPTokenizer.from_pretrained(folder / "tokenizer_2"))
+
+
 def run_e2e_diffusers(run: Runner, state: dict) -> list[str]:
-    """diffusers' default pipeline arithmetic on the same weights: half-precision text encoders and UNet
-    (fp16 on a GPU, float32 on a CPU), eager, and the VAE upcast to float32 (its force_upcast default).
+    """diffusers' StableDiffusionXLPipeline on the same weights and request, in its default arithmetic:
+    half-precision text encoders and UNet on a GPU (float32 on a CPU), eager, the VAE in float32 (its
+    force_upcast default), EulerDiscreteScheduler with the SDXL "leading" config.
 
     Runs last: it converts the shared UNet to that precision, which invalidates compiled graphs."""
+    from diffusers import (  # lazy: optional dependency
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+    )
+
     args, device = run.args, run.device
-    if args.no_diffusers or "hf_text" not in state or not all(k in state for k in ("unet", "vae")):
+    if args.no_diffusers or "hf_text" not in state or "unet" not in state:
         return []
-    unet, vae = state["unet"], state["vae"]
+    unet, vae = state["unet"], ensure_vae(run, state)
     for key in ("unet_graphed", "unet_compiled"):  # their graphs read weights that are replaced below
         state.pop(key, None)
     half = torch.float16 if device.type == "cuda" else torch.float32
     set_eager_mode(unet, fused=False, channels_last=False, onednn=False)
     unet.to(half)
     set_vae_mode(vae, torch.float32, channels_last=False)
-    theirs, theirs_vae = diffusers_unet(unet), diffusers_vae(vae)
-    e = e2e_inputs(run)
-    time_ids = e.numbers[None].repeat(2, 1)
+    hf_l, hf_g = state["hf_text"]
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_l, tok_g = diffusers_tokenizers(Path(tmp))
+    pipe = StableDiffusionXLPipeline(vae=diffusers_vae(vae), text_encoder=hf_l, text_encoder_2=hf_g,
+                                     tokenizer=tok_l, tokenizer_2=tok_g, unet=diffusers_unet(unet),
+                                     scheduler=scheduler, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    side = args.latent * 8
 
-    def their_unet(x_in: Tensor, t: Tensor, context: Tensor, y: Tensor) -> Tensor:
-        cond = {"text_embeds": y[:, :y.shape[1] - 6 * 256], "time_ids": time_ids}
-        return theirs(x_in, t, context, added_cond_kwargs=cond, return_dict=False)[0]
+    def once():
+        return pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=5.0, width=side, height=side,
+                    generator=torch.Generator("cpu").manual_seed(7), output_type="pil").images
 
-    def their_decode(z: Tensor) -> Tensor:
-        return theirs_vae.decode(z.float(), return_dict=False)[0]
-
-    once = e2e_pipeline(e, state["hf_text"], their_unet, their_decode, half)
-    variant = Variant("diffusers", f"default: {dtype_name(half)} text+UNet eager, fp32 VAE", once)
+    variant = Variant("diffusers", f"StableDiffusionXLPipeline: {dtype_name(half)} text+UNet eager, fp32 VAE",
+                      once)
     run.group("e2e", "mixed", [variant], None, 1, 2 if device.type == "cuda" else 1, 1)
     return []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The product path (CPU): `sdxl generate` against diffusers' from_single_file, as whole processes
+# ---------------------------------------------------------------------------------------------------------
+
+CHILD = Path(__file__).resolve().parents[2] / "bench" / "product_child.py"
+
+
+def write_product_files(folder: Path, tiny: bool) -> tuple[Path, Path]:
+    """The SDXL base in the official single-file layout with random weights (PyTorch's default init, seed 0),
+    stored in float16 as the official release is (6.9 GB at full size), and a diffusers folder holding only
+    configs and tokenizers, for `from_single_file(config=...)` without the network.
+
+    The modules are built directly in float16 (peak memory: one copy). The diffusers folder comes from
+    `write_diffusers` on a miniature model of the same kind (index, scheduler, tokenizers), with the
+    component configs rewritten for the real sizes and the miniature weights deleted."""
+    cfg = tiny_config() if tiny else ModelConfig.base()
+    model = folder / ("tiny_base.safetensors" if tiny else "sdxl_base_random.safetensors")
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        modules = build_modules(cfg, dtype=torch.float16)
+    finally:
+        torch.set_default_dtype(default)
+    parts = {name: m.state_dict() for name, m in modules.items()}
+    write_single_file(Checkpoint(path=None, config=cfg, parts=parts), model)
+    del parts, modules
+    gc.collect()
+    config_dir = write_diffusers(random_checkpoint(tiny_config(cfg.kind)), folder / "diffusers_config")
+    for weights in config_dir.rglob("*.safetensors"):
+        weights.unlink()
+    configs = {"unet": unet_diffusers_config(cfg.unet), "vae": vae_diffusers_config(cfg.vae),
+               "text_encoder": text_config_to_hf(cfg.text_l, False),
+               "text_encoder_2": text_config_to_hf(cfg.text_g, True)}
+    for sub, config in configs.items():
+        (config_dir / sub / "config.json").write_text(json.dumps(config, indent=2))
+    return model, config_dir
+
+
+def _timed(cmd: list[str], env: dict) -> tuple[float, str]:
+    t0 = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.monotonic() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed ({out.returncode}): {out.stderr[-1500:]}")
+    return wall, out.stdout
+
+
+def run_product_stage(run: Runner, state: dict) -> list[str]:
+    """What a user runs, timed as whole processes on one file: `sdxl generate` (load, text, sampling, VAE,
+    PNG with its metadata and the model hash) against a script calling diffusers'
+    `StableDiffusionXLPipeline.from_single_file` and `pipe(...)` on the same file, same size, steps,
+    sampler (Euler, "leading"), guidance and seed, both float32. Plus each one's generate call alone
+    (`bench/product_child.py`: load and generate timed inside the process). Interleaved rounds, min taken.
+
+    The checkpoint (random weights, 6.9 GB at full size) is written under --product-dir (default: a new
+    folder in the system temp dir) and deleted afterwards unless --keep-product-files."""
+    args = run.args
+    side, steps, threads = args.latent * 8, args.steps, args.threads or 1
+    parent = Path(args.product_dir) if args.product_dir else None
+    folder = Path(tempfile.mkdtemp(prefix="sdxl-product-", dir=parent))
+    notes: list[str] = []
+    try:
+        t0 = time.monotonic()
+        model, config_dir = write_product_files(folder, args.tiny)
+        gb = model.stat().st_size / 1e9
+        print(f"[product] wrote {model} ({gb:.1f} GB) in {time.monotonic() - t0:.0f} s", flush=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore",
+                   SDXL_CACHE_DIR=str(folder / "cache"))  # the model-hash cache starts cold
+        common = ["--size", str(side), "--steps", str(steps), "--seed", "7", "--threads", str(threads)]
+        ours_cli = [sys.executable, "-m", "sdxl", "generate", PROMPT, "--model", str(model), "-W", str(side),
+                    "-H", str(side), "--steps", str(steps), "--sampler", "euler", "--schedule", "leading",
+                    "--cfg", "5", "--seed", "7", "--threads", str(threads), "--dtype", "fp32",
+                    "--out", str(folder / "ours_cli.png"), "--quiet"]
+        theirs = [sys.executable, str(CHILD), "diffusers", str(model), str(config_dir),
+                  str(folder / "diffusers.png"), *common]
+        ours_api = [sys.executable, str(CHILD), "ours", str(model), "-", str(folder / "ours_api.png"),
+                    *common]
+        notes += [f"product path: {gb:.1f} GB float16 official-layout file, float32 compute, {side}x{side}, "
+                  f"{steps} Euler steps, guidance 5, {threads} thread(s); min over {args.rounds} interleaved "
+                  "rounds; the first `sdxl generate` of round 1 hashes the file (cold hash cache)",
+                  f"product command, ours: `{shlex.join(ours_cli[2:]).replace(str(folder), '$DIR')}`",
+                  f"product command, diffusers: `python bench/product_child.py diffusers $DIR/"
+                  f"{model.name} $DIR/diffusers_config OUT.png {shlex.join(common)}`"]
+        times: dict[str, list[float]] = {k: [] for k in ("ours", "diffusers", "ours_gen", "diffusers_gen",
+                                                          "ours_load", "diffusers_load")}
+        for r in range(args.rounds):
+            wall, _ = _timed(ours_cli, env)
+            times["ours"].append(wall)
+            print(f"[product] round {r + 1}: sdxl generate {wall:.1f} s", flush=True)
+            wall, out = _timed(theirs, env)
+            times["diffusers"].append(wall)
+            inner = json.loads(out.strip().splitlines()[-1])
+            times["diffusers_gen"].append(inner["generate_s"])
+            times["diffusers_load"].append(inner["load_s"])
+            print(f"[product] round {r + 1}: diffusers {wall:.1f} s (load {inner['load_s']:.1f} s, generate "
+                  f"{inner['generate_s']:.1f} s)", flush=True)
+            _, out = _timed(ours_api, env)
+            inner = json.loads(out.strip().splitlines()[-1])
+            times["ours_gen"].append(inner["generate_s"])
+            times["ours_load"].append(inner["load_s"])
+            print(f"[product] round {r + 1}: ours load {inner['load_s']:.1f} s, generate "
+                  f"{inner['generate_s']:.1f} s", flush=True)
+        best = {k: min(v) for k, v in times.items()}
+        every = "; ".join(f"{k} " + "/".join(f"{x:.1f}" for x in v) for k, v in times.items())
+        notes.append(f"product path, every round (s): {every}")
+        rep = run.report
+        rep.add(Row("ours", "product", "sdxl generate, whole process", "fp32", best["ours"] * 1000,
+                    note=f"first run {times['ours'][0]:.1f} s (cold hash cache)"))
+        rep.add(Row("diffusers", "product", "from_single_file + pipe(), whole process", "fp32",
+                    best["diffusers"] * 1000))
+        rep.add(Row("ours", "product", "load (sdxl.load)", "fp32", best["ours_load"] * 1000))
+        rep.add(Row("diffusers", "product", "load (from_single_file)", "fp32", best["diffusers_load"] * 1000))
+        rep.add(Row("ours", "product", "generate call (text + sampling + decode)", "fp32",
+                    best["ours_gen"] * 1000))
+        rep.add(Row("diffusers", "product", "pipe() call (text + sampling + decode)", "fp32",
+                    best["diffusers_gen"] * 1000))
+        images = [np.asarray(Image.open(folder / f"{n}.png").convert("RGB"), dtype=np.float64)
+                  for n in ("ours_cli", "diffusers")]
+        notes += [f"product path: ours / diffusers whole process = {best['ours'] / best['diffusers']:.3f} "
+                  f"({best['ours']:.1f} s vs {best['diffusers']:.1f} s; target <= 0.7)",
+                  f"product path: ours / diffusers generate call alone = "
+                  f"{best['ours_gen'] / best['diffusers_gen']:.3f} ({best['ours_gen']:.1f} s vs "
+                  f"{best['diffusers_gen']:.1f} s)",
+                  f"product path: the two PNGs, 8-bit PSNR "
+                  f"{psnr(torch.from_numpy(images[0]), torch.from_numpy(images[1])):.1f} dB"]
+        for line in notes[-3:]:
+            print(line, flush=True)
+    finally:
+        if args.keep_product_files:
+            print(f"[product] files kept in {folder}", flush=True)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    return notes
 
 
 def run_fp8_stage(run: Runner, state: dict) -> list[str]:
     """float8 linears in the transformer blocks: eager, then compiled (whole UNet when the budget allows,
     else the transformer blocks only) with a CUDA graph over the call, and the quality cost."""
-    import copy
-
-    from sdxl.models.unet import BasicTransformerBlock
-
     args, device = run.args, run.device
     if not fast.fp8_supported(device):
         print("[fp8] needs a GPU with float8 tensor cores (sm_89+)", flush=True)
@@ -1241,8 +1353,6 @@ def run_second_start(run: Runner, state: dict, raw: list[str]) -> list[str]:
 
 def second_start(args: argparse.Namespace) -> int:
     """Child process of `run_second_start`: build, compile and run the UNet once; print the compile time."""
-    from sdxl.models.unet import UNet
-
     device = torch.device(args.device)
     loaded = False
     if args.cache_dir:

@@ -132,14 +132,26 @@ class OneDNNLinear(nn.Linear):
 
     @classmethod
     def wrap(cls, layer: nn.Linear) -> OneDNNLinear:
-        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        new.weight = layer.weight
-        new.bias = layer.bias
-        new.train(layer.training)
-        return new
+        return _linear_over(cls, layer)
 
     def forward(self, x: Tensor) -> Tensor:
         return onednn_linear(x, self.weight, self.bias)
+
+
+def _shell(cls: type[nn.Module]) -> nn.Module:
+    """An empty instance of `cls`: nn.Module's bookkeeping only, no parameters allocated or initialised
+    (building on the meta device still runs every layer's random init, ~1 s for the UNet's modules)."""
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    return module
+
+
+def _linear_over(cls: type[nn.Linear], layer: nn.Linear) -> nn.Linear:
+    """A `cls` (nn.Linear or a subclass) holding `layer`'s Parameters."""
+    new = _shell(cls)
+    new.in_features, new.out_features = layer.in_features, layer.out_features
+    new.weight, new.bias = layer.weight, layer.bias
+    return new.train(layer.training)
 
 
 def _replace_children(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> int:
@@ -168,9 +180,7 @@ def use_onednn_linears(model: nn.Module, enabled: bool = True) -> int:
         if enabled and type(m) is nn.Linear:
             return OneDNNLinear.wrap(m)
         if not enabled and type(m) is OneDNNLinear:
-            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-            plain.weight, plain.bias = m.weight, m.bias
-            return plain.train(m.training)
+            return _linear_over(nn.Linear, m)
         return None
 
     count = _replace_children(model, make)
@@ -210,12 +220,7 @@ class FusedAttention(Attention):
 
     @classmethod
     def from_attention(cls, attn: Attention) -> FusedAttention:
-        kv_dim = attn.to_k.in_features
-        with torch.device("meta"):  # the new Linear modules are replaced at once: allocate nothing
-            new = cls(attn.to_q.in_features, attn.heads, attn.dim_head,
-                      kv_dim if attn.is_cross_attention else None)
-        new.to_q, new.to_k, new.to_v, new.to_out = attn.to_q, attn.to_k, attn.to_v, attn.to_out
-        new.train(attn.training)
+        new = _take_over(cls, attn)
         new.fused_qkv = True
         new.project_fn = onednn_linear if isinstance(attn.to_q, OneDNNLinear) else F.linear
         new.sdpa_backends = None
@@ -226,11 +231,7 @@ class FusedAttention(Attention):
 
     def to_plain(self) -> Attention:
         """The literal `Attention` over the same child modules (the Parameters keep their values)."""
-        with torch.device("meta"):
-            plain = Attention(self.to_q.in_features, self.heads, self.dim_head,
-                              self.to_k.in_features if self.is_cross_attention else None)
-        plain.to_q, plain.to_k, plain.to_v, plain.to_out = self.to_q, self.to_k, self.to_v, self.to_out
-        return plain.train(self.training)
+        return _take_over(Attention, self)
 
     def _shared_input_layers(self) -> list[nn.Linear]:
         if self.is_cross_attention:
@@ -287,6 +288,14 @@ class FusedAttention(Attention):
             return super().attend(q, k, v)
         with sdpa_kernel(self.sdpa_backends, set_priority=len(self.sdpa_backends) > 1):
             return super().attend(q, k, v)
+
+
+def _take_over(cls: type[Attention], attn: Attention) -> Attention:
+    """A `cls` (Attention or FusedAttention) with `attn`'s sizes and child modules (the same objects)."""
+    new = _shell(cls)
+    new.heads, new.dim_head, new.is_cross_attention = attn.heads, attn.dim_head, attn.is_cross_attention
+    new.to_q, new.to_k, new.to_v, new.to_out = attn.to_q, attn.to_k, attn.to_v, attn.to_out
+    return new.train(attn.training)
 
 
 def fuse_qkv(model: nn.Module) -> int:
