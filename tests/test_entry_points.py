@@ -37,8 +37,10 @@ import pytest
 from PIL import Image
 
 import sdxl
+from sdxl.models.config import tiny_config
 from sdxl.sampling import A1111_SAMPLER_NAMES, SAMPLER_INFO
 from sdxl.sampling.names import parse_schedule_label
+from sdxl.weights.checkpoint import random_checkpoint, write_single_file
 from test_webui import open_page, start_server, stop_server, sync_playwright, wait_ready
 
 PROMPT = "a red circle above a blue square"
@@ -260,8 +262,8 @@ def drive_webui(url: str, api: httpx.Client) -> dict[str, Cell]:
 class Matrix:
     """Every entry point's cells for a model, computed once, when a cell of that model first asks."""
 
-    def __init__(self, tiny_files, folder: Path):
-        self.paths = {"shipped": "default", "tiny": str(tiny_files["base"])}
+    def __init__(self, tiny_model: Path, folder: Path):
+        self.paths = {"shipped": "default", "tiny": str(tiny_model)}
         self.folder = folder
         self.done: dict[str, dict[str, dict[str, Cell]]] = {}
         self.seconds: dict[str, float] = {}
@@ -300,8 +302,31 @@ class Matrix:
 
 
 @pytest.fixture(scope="module")
-def matrix(tiny_files, tmp_path_factory) -> Matrix:
-    return Matrix(tiny_files, tmp_path_factory.mktemp("entry_points"))
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random-weight base model in the official single-file layout whose image depends on the
+    sampler and the schedule. With conftest's weights (std 0.02) the UNet predicts almost nothing, every
+    deterministic sampler on every schedule gives the same picture within 1, and a wrong "Automatic" would
+    pass unseen; std 0.1 and a 3x output layer make the schedules differ (`test_tiny_model_tells_...`)."""
+    ck = random_checkpoint(tiny_config("base"), seed=10, std=0.1)
+    ck.parts["vae"] = random_checkpoint(tiny_config("base"), seed=10).parts["vae"]
+    for key in ("out.2.weight", "out.2.bias"):
+        ck.parts["unet"][key] = ck.parts["unet"][key] * 3
+    return write_single_file(ck, tmp_path_factory.mktemp("tiny_model") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def matrix(tiny_model, tmp_path_factory) -> Matrix:
+    return Matrix(tiny_model, tmp_path_factory.mktemp("entry_points"))
+
+
+def test_tiny_model_tells_schedules_apart(tiny_model):
+    """Euler on Karras vs on its Automatic schedule (uniform): different pictures, so the matrix's
+    comparisons on the tiny model can see a wrong schedule."""
+    pipe = sdxl.load(tiny_model)
+    images = [pixels(pipe.generate(sdxl.GenerationRequest(
+        prompt=PROMPT, sampler="euler", schedule=schedule, steps=STEPS, width=SIZE, height=SIZE, seed=SEED,
+        cfg=CFG)).images[0]) for schedule in ("automatic", "karras")]
+    assert int(np.abs(images[0] - images[1]).max()) > 8
 
 
 CASES = [(m, s, e) for m in MODELS for s in SAMPLERS for e in ("python", *ENTRY_POINTS)]
