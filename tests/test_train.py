@@ -191,7 +191,7 @@ def test_conditioning_numbers_and_caption_dropout():
             seen.update(context=context, y=y)
             return x
 
-    model = DiffusionModel(Probe(), None, "base", 256, 1)
+    model = DiffusionModel(Probe(), None, 256, 1)
     ctx, pooled = torch.randn(2, 77, 96), torch.randn(2, 64)
     model(torch.zeros(2, 4, 4, 4), torch.tensor([1, 2]), base, torch.tensor([1.0, 0.0]), ctx, pooled)
     assert torch.equal(seen["context"][0], ctx[0]) and not seen["context"][1].any()  # dropped: zero context

@@ -222,13 +222,12 @@ class DiffusionModel(nn.Module):
     Text towers live here only when they train; frozen towers run outside (or come from the cache).
     """
 
-    def __init__(self, unet: nn.Module, text: nn.Module | None, kind: str, fourier_dim: int, clip_skip: int,
+    def __init__(self, unet: nn.Module, text: nn.Module | None, fourier_dim: int, clip_skip: int,
                  lora: nn.Module | None = None):
         super().__init__()
         self.unet = unet
         self.text = text
         self.lora = lora  # LoRANetwork: the adapters act through hooks on unet / text layers
-        self.kind = kind
         self.fourier_dim = fourier_dim
         self.clip_skip = clip_skip
 

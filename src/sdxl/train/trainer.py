@@ -55,8 +55,8 @@ class Trainer(TrainerBase):
         if mc.kind == "inpaint":
             raise TrainingError("training inpainting models (9-channel UNet) is not supported")
         self.kind = mc.kind
-        self.schedule = DiscreteSchedule(zero_terminal_snr=mc.zero_terminal_snr)
-        self.alphas_cumprod = self.schedule.alphas_cumprod  # float64, as sgm (last entry 0 with zero SNR)
+        # float64, as sgm (last entry 0 with zero terminal SNR)
+        self.alphas_cumprod = DiscreteSchedule(zero_terminal_snr=mc.zero_terminal_snr).alphas_cumprod
         self.t_max = cfg.loss.timestep_max or (200 if mc.kind == "refiner" else 1000)
         if cfg.loss.timestep_min >= self.t_max:
             raise ConfigError(f"loss.timestep_min = {cfg.loss.timestep_min} leaves no timestep below "
@@ -81,8 +81,8 @@ class Trainer(TrainerBase):
         self.train_text = train_text
         if cfg.train.gradient_checkpointing:
             models.unet.gradient_checkpointing = True
-        self.module = DiffusionModel(models.unet, models.text if train_text else None, mc.kind,
-                                     mc.fourier_dim, cfg.train.clip_skip, self.lora_net).to(device)
+        self.module = DiffusionModel(models.unet, models.text if train_text else None, mc.fourier_dim,
+                                     cfg.train.clip_skip, self.lora_net).to(device)
         if not any(p.requires_grad for p in self.module.parameters()):
             raise ConfigError("nothing to train: train.train_unet and train.train_text_encoders are both "
                               "false")
