@@ -251,7 +251,7 @@ def test_training_gradients_reach_only_lora_and_resume(tmp_path):
     models = make_models()
     unet = models["unet"].requires_grad_(False).train()
     layers = L.inject_lora(unet, 4, 4.0, dropout=0.1)
-    params = L.lora_parameters(layers)
+    params = [p for layer in layers.values() for p in layer.parameters()]
     assert len(params) == 2 * len(layers) and all(p.requires_grad for p in params)
     x, t, context, y, _ = inputs()
     unet(x, t, context, y).square().mean().backward()

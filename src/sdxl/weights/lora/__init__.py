@@ -46,7 +46,6 @@ from .train import (
     kohya_name,
     kohya_state_dict,
     load_lora_layers,
-    lora_parameters,
     save_kohya,
 )
 
@@ -67,7 +66,6 @@ __all__ = [
     "load_lora",
     "load_lora_layers",
     "lora_models",
-    "lora_parameters",
     "match_lora",
     "save_kohya",
 ]

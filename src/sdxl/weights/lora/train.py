@@ -174,11 +174,6 @@ def inject_lora(
     return layers
 
 
-def lora_parameters(*layer_dicts: Mapping[str, LoRALayer] | None) -> list[nn.Parameter]:
-    """All trainable tensors of the given layer dicts (for the optimiser)."""
-    return [p for d in layer_dicts if d for layer in d.values() for p in layer.parameters()]
-
-
 def kohya_name(part: str, name: str) -> str:
     """Our layer name -> kohya's: lora_unet_<sgm name>, lora_te1_text_model_<tower name>, "." -> "_"."""
     if part == "unet":
