@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reference import diffusers_components, euler_scheduler, psnr, to_uint8
+from reference import diffusers_base_pipeline, diffusers_components, euler_scheduler, psnr, to_uint8
 from sdxl.pipeline import SDXL, _masked, prepare_latents
 from sdxl.request import GenerationRequest
 
@@ -278,3 +278,26 @@ def test_inpainting_unet_without_a_mask_repaints_everything(tiny_files):
         assert bool((start.extra[:, :1] == 1).all())
         out = np.asarray(pipe.generate(req).images[0])
         assert out.shape == (H, W, 3) and out.std() > 1.0
+
+
+def test_ancestral_txt2img_matches_diffusers(tiny_files, tmp_path, base):
+    """txt2img too: the sampler's noise continues the seed's generator after the initial noise (a fresh
+    generator of the same seed would repeat the initial noise as the first ancestral step's noise)."""
+    req = GenerationRequest(
+        prompt=PROMPT, width=W, height=H, steps=6, cfg=CFG, seed=3, sampler="euler_a", schedule="leading"
+    )
+    ours = np.asarray(base.generate(req).images[0])
+    pipe = diffusers_base_pipeline(tiny_files["base"], tmp_path, scheduler=_scheduler("euler_a"))
+    with torch.no_grad():
+        ref = pipe(
+            PROMPT,
+            num_inference_steps=6,
+            guidance_scale=CFG,
+            width=W,
+            height=H,
+            generator=torch.Generator("cpu").manual_seed(3),
+            output_type="np",
+        ).images
+    value = psnr(ours, to_uint8(ref)[0])
+    print(f"txt2img euler_a: PSNR {value:.2f} dB")
+    assert value >= 40.0
