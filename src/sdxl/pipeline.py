@@ -30,7 +30,7 @@ from .models.fast import speed_up
 from .models.text import TextEncoders
 from .models.vae_utils import vae_decode, vae_encode
 from .prompt_encoding import encode_schedule, encode_text, encode_weighted
-from .prompts import extract_loras
+from .prompts import EmbeddingLibrary, extract_loras
 from .request import GenerationRequest, RequestError
 from .sampling import samplers as S
 from .sampling.denoiser import DiscreteSchedule, ModelDenoiser, quantizes_timesteps
@@ -176,6 +176,15 @@ class SDXL:
         if self._hash is None and self.path is not None and self.path.is_file():
             self._hash = short_hash(self.path)
         return self._hash
+
+    def load_embeddings(self, folder: str | Path) -> list[str]:
+        """Add every textual-inversion embedding (safetensors: `clip_l`, `clip_g`) in `folder`; prompts then
+        use them by file stem, as in A1111. Returns the names added."""
+        if self.embeddings is None:
+            towers = (("clip_l", self.config.text_l), ("clip_g", self.config.text_g))
+            widths = {key: cfg.width for key, cfg in towers if cfg is not None}
+            self.embeddings = EmbeddingLibrary(widths=widths)
+        return [e.name for e in self.embeddings.load_dir(folder)]
 
     @property
     def kind(self) -> str:
