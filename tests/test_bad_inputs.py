@@ -268,7 +268,7 @@ def test_cli_mask_image_broken_and_missing_init(tiny_files, tmp_path):
     assert "bad_mask" in one_line_error(
         generate(tiny_files["base"], out, "--init-image", str(good), "--mask", str(bad))
     )
-    assert "init_image" in one_line_error(generate(tiny_files["base"], out, "--mask", str(good)))
+    assert "--init-image" in one_line_error(generate(tiny_files["base"], out, "--mask", str(good)))
     assert "nope.png" in one_line_error(
         generate(tiny_files["base"], out, "--init-image", str(tmp_path / "nope.png"))
     )
@@ -375,7 +375,7 @@ BAD_OPTIONS = [
     (["--lora", "style:strong"], "--lora"),
     (["--lora", "no_such_lora:0.5"], "no_such_lora"),
     (["--seed", str(2**64)], "seed"),
-    (["--clip-skip", "0"], "clip_skip"),
+    (["--clip-skip", "0"], "--clip-skip"),
     (["--prediction", "x0"], "prediction"),
 ]
 

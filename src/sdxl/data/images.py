@@ -55,7 +55,10 @@ def image_size(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     Raises ImageError for unreadable files and for sizes above `max_pixels`.
     """
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # the size is checked against max_pixels just below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             w, h = img.size
             if w <= 0 or h <= 0:
                 raise ImageError(path, f"invalid size {w}x{h}")
