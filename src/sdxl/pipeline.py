@@ -29,7 +29,7 @@ from .models.config import ModelConfig
 from .models.fast import speed_up
 from .models.text import TextEncoders
 from .models.vae_utils import vae_decode, vae_encode
-from .prompt_encoding import encode_schedule, encode_text, encode_weighted
+from .prompt_encoding import TextStack, encode_schedule, encode_text, encode_weighted
 from .prompts import EmbeddingLibrary, extract_loras
 from .request import GenerationRequest, RequestError
 from .sampling import samplers as S
@@ -199,7 +199,10 @@ class SDXL:
         prompts_2 = (
             prompts if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
         )
-        return encode_weighted(self, prompts, prompts_2, clip_skip)
+        return encode_weighted(self.text_stack(), prompts, prompts_2, clip_skip)
+
+    def text_stack(self) -> TextStack:
+        return TextStack(self.text, self.tok_l, self.tok_g, self.embeddings)
 
     def zero_text(self, batch: int, length: int = 77) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = torch.zeros(batch, length, self.config.unet.context_dim, device=self.device, dtype=self.dtype)
@@ -226,13 +229,14 @@ class SDXL:
         """Conditioning schedules for the cond and uncond branches: lists of (end_step, context, y), one
         entry per range of steps (several only with A1111 prompt editing), tensors [batch, ...]."""
         steps = steps or req.steps
-        cond = encode_schedule(self, req.prompt, req.prompt_2, steps, req.clip_skip, req.emphasis)
+        stack = self.text_stack()
+        cond = encode_schedule(stack, req.prompt, req.prompt_2, steps, req.clip_skip, req.emphasis)
         if self.kind != "refiner" and not req.negative_prompt and not req.negative_prompt_2:
             # the official base behaviour: the unconditional branch is all zeros (text and pooled)
             uncond = [(steps, *self.zero_text(1, cond[0][1].shape[1]))]
         else:
             uncond = encode_schedule(
-                self, req.negative_prompt or "", req.negative_prompt_2, steps, req.clip_skip, req.emphasis
+                stack, req.negative_prompt or "", req.negative_prompt_2, steps, req.clip_skip, req.emphasis
             )
         n = max(c.shape[1] for _, c, _ in cond + uncond)
         rep = lambda t: t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t  # noqa: E731
@@ -245,7 +249,7 @@ class SDXL:
             if not c.abs().any():
                 return torch.cat([c, c.new_zeros(c.shape[0], n - c.shape[1], c.shape[2])], dim=1)
             if empty is None:
-                empty = encode_text(self, "", None, req.clip_skip, req.emphasis)[0][:, :77]
+                empty = encode_text(stack, "", None, req.clip_skip, req.emphasis)[0][:, :77]
             return torch.cat([c, empty.repeat(c.shape[0], (n - c.shape[1]) // 77, 1)], dim=1)
 
         def finish(entries, negative):

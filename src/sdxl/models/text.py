@@ -14,6 +14,8 @@ What SDXL reads from a tower (SDXL_SPEC section 4):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -209,11 +211,14 @@ class TextEncoders(nn.Module):
         skip: int = 1,
         embeds_l: torch.Tensor | None = None,
         embeds_g: torch.Tensor | None = None,
+        reweight: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(context [B, T, W_l + W_g], pooled [B, P] from bigG, or None without a projected bigG tower).
 
         ids_l is ignored (may be None) when there is no CLIP-L tower. `skip` applies to both towers, as
         A1111/diffusers clip skip does for SDXL. embeds_* are optional textual-inversion token embeddings.
+        reweight(key, hidden) -> hidden, if given, transforms each tower's hidden states ("clip_l",
+        "clip_g") before they are joined: prompt emphasis is applied per tower, as A1111 does.
         """
         if self.clip_l is None and self.clip_g is None:
             raise ValueError("no text tower loaded: cannot encode a prompt")
@@ -222,12 +227,13 @@ class TextEncoders(nn.Module):
         if self.clip_l is not None:
             if ids_l is None:
                 raise ValueError("this model has a CLIP-L tower: ids_l is required")
-            parts.append(self.clip_l(ids_l, skip=skip, embeds=embeds_l)[0])
+            hidden_l = self.clip_l(ids_l, skip=skip, embeds=embeds_l)[0]
+            parts.append(reweight("clip_l", hidden_l) if reweight is not None else hidden_l)
         if self.clip_g is not None:
             if ids_g is None:
                 raise ValueError("this model has a bigG tower: ids_g is required")
             hidden_g, pooled = self.clip_g(ids_g, skip=skip, embeds=embeds_g)
-            parts.append(hidden_g)
+            parts.append(reweight("clip_g", hidden_g) if reweight is not None else hidden_g)
         if len(parts) == 2 and parts[0].shape[:2] != parts[1].shape[:2]:
             raise ValueError(
                 f"CLIP-L and bigG outputs differ in batch/length: {parts[0].shape} vs {parts[1].shape}"
