@@ -192,9 +192,10 @@ def refiner_run(tmp_path_factory, vae_run):
 def test_refiner_sdedit_restores_a_noised_training_image(refiner_run):
     """SDEdit, the way a refiner is used: the training image, encoded, noised to strength 0.2 (the last 4 of
     20 steps, t < 160, inside the trained range) and denoised with its caption. The output latents are
-    at most 0.3x as far (MSE) from the image's own latents as the untrained refiner's, which removes
-    nothing (measured 0.037-0.051 against 0.333-0.355, 0.11-0.15x), and the decoded image is >= 30 dB from
-    the training image (measured 40.0-40.5 dB).
+    at most 0.4x as far (MSE) from the image's own latents (the posterior mean) as the untrained refiner's,
+    which removes nothing (measured 0.14-0.27x: the init latents are a posterior sample, as diffusers draws
+    them, so part of the distance is the VAE's own noise, which no refiner is trained to remove), and the
+    decoded image is >= 30 dB from the training image (measured 40.0-40.5 dB).
 
     The pixel PSNR alone would not show the refiner's work: the memorising VAE decodes the noisy latents of
     the untrained refiner to nearly the same image (measured 38.3-40.0 dB). The latents are what the
@@ -213,7 +214,7 @@ def test_refiner_sdedit_restores_a_noised_training_image(refiner_run):
             pix, pix0 = psnr(out.images[0], clean), psnr(before.images[0], clean)
             print(f"refiner {caption!r} seed {seed}: latent MSE {mse:.4f} (untrained {mse0:.4f}); "
                   f"{pix:.1f} dB (untrained {pix0:.1f} dB)")
-            assert mse <= 0.3 * mse0
+            assert mse <= 0.4 * mse0
             assert pix >= 30.0
 
 

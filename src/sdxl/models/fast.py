@@ -661,7 +661,8 @@ def speed_up(unet: nn.Module | None = None, text: nn.Module | None = None, vae: 
         applied.append("compile")
     if not exact:
         return applied
-    if text is not None and next(text.parameters()).device.type == "cpu" and use_onednn_linears(text):
+    first = next(text.parameters(), None) if text is not None else None  # a file may have no text towers
+    if first is not None and first.device.type == "cpu" and use_onednn_linears(text):
         applied.append("text-onednn")
     if vae is not None:
         vae.to(memory_format=torch.channels_last)
