@@ -31,9 +31,9 @@ PARAMETERS_CHUNK = "parameters"  # A1111's chunk
 def write_png(image: Image.Image, path: str | os.PathLike, parameters: str, record: dict[str, Any]) -> Path:
     """Save `image` as a PNG with the A1111 `parameters` chunk and our JSON `sdxl` chunk, atomically.
 
-    The file is written next to its destination under a temporary name, flushed to disk, then renamed
-    over `path` (os.replace), so a reader never sees half a file, even if the process dies mid-write; if
-    anything fails, an existing file at `path` is left untouched.
+    The file is written through `sdxl.files.atomic_write` (a temporary name, fsync, rename), so a reader
+    never sees half a file, even if the process dies mid-write; if anything fails, an existing file at
+    `path` is left untouched. The file gets ordinary permissions.
     `parameters` goes in a tEXt chunk (iTXt when it is not Latin-1, which Pillow decides). `record` is
     stored as compressed UTF-8 JSON; we suggest {"request": request.to_dict(), "model": .., "model_hash":
     .., "loras": [{name, weight, hash}], "version": ..} - `read_info` returns "request" merged with the
