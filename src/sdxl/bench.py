@@ -6,8 +6,13 @@ Builds the full-size models with random weights (no download) on one device and 
     memory;
   - text encoding (CLIP-L + bigG, prompt and negative prompt);
   - VAE decode of one 1024x1024 image;
-  - end to end: text encoding + 30 Euler steps with CFG + VAE decode;
-  - quality: images of the fast modes against the eager float32 image at the same seed (PSNR, 8-bit);
+  - end to end: `SDXL.generate` on one request (text encoding + 30 Euler steps with CFG + VAE decode), what
+    the Python API runs; diffusers' `StableDiffusionXLPipeline` on the same request;
+  - quality: images of the fast modes against the eager float32 image at the same seed (PSNR, 8-bit), each
+    made by `SDXL.generate` with that mode's UNet;
+  - the product path (`--components product`, CPU): `sdxl generate` against a script calling diffusers'
+    `from_single_file` on the same full-size file, as whole processes (load included), and each library's
+    generate call alone;
 and, when diffusers (and transformers) are installed, the same for them in the same process: their modules
 are built on the meta device and take OUR tensors (`load_state_dict(assign=True)` after the key conversion in
 `sdxl.weights.diffusers_layout`), so the weights are identical and held once.
