@@ -13,6 +13,7 @@ Jobs are steered from the test through a forward pre-hook on the UNet, keyed on 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -26,14 +27,19 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from starlette.websockets import WebSocketDisconnect
 
+from sdxl.assets import default_model_path
+from sdxl.errors import Interrupted
 from sdxl.models.config import tiny_config
 from sdxl.models.text import TextEncoders
 from sdxl.models.unet import UNet
 from sdxl.models.vae import AutoencoderKL
-from sdxl.pipeline import SDXL
-from sdxl.request import Limits
+from sdxl.pipeline import SDXL, to_pil
+from sdxl.request import GenerationRequest, Limits
+from sdxl.serve.a1111 import A1111, Txt2ImgBody
 from sdxl.serve.app import create_app
+from sdxl.serve.previews import latent_preview
 from sdxl.serve.settings import ServeSettings, SettingsError, check_bind, is_loopback
+from sdxl.weights.io import save_safetensors
 
 OOM_LATENT_WIDTH = 12  # 96 px
 GATED_LATENT_WIDTH = 16  # 128 px
@@ -116,7 +122,10 @@ def make_settings(folders: Path, **kw) -> ServeSettings:
 def client(pipe, folders):
     app = create_app(make_settings(folders), pipeline=pipe)
     with local_client(app) as c:
-        yield c
+        try:
+            yield c
+        finally:
+            CONTROL.open.set()  # a failed test must not leave the worker gated while the app shuts down
 
 
 def local_client(app) -> TestClient:
@@ -257,15 +266,205 @@ def test_a1111_progress_and_interrupt(client, control):
     p = client.get("/sdapi/v1/progress").json()
     assert p["state"]["sampling_steps"] == 20 and 1 <= p["state"]["sampling_step"] < 20
     assert 0 < p["progress"] < 1 and p["eta_relative"] >= 0
+    # previews are made while someone polls: the next step brings one
+    control.step()
+    assert control.entered.wait(30)
+    p = client.get("/sdapi/v1/progress").json()
     preview = Image.open(io.BytesIO(base64.b64decode(p["current_image"])))
-    assert preview.size == (16, 16)  # the latent-resolution preview
+    # the tiny model's VAE is not SDXL's, so "auto" decodes with it (the 16x16 latent -> 128 px)
+    assert preview.format == "PNG" and preview.size == (128, 128)
     assert client.get("/sdapi/v1/progress?skip_current_image=true").json()["current_image"] is None
     assert client.post("/sdapi/v1/interrupt").status_code == 200
     control.open.set()
     t.join(30)
-    assert result["r"].status_code == 200 and result["r"].json()["images"] == []  # stopped in iteration 1
+    # A1111 returns the interrupted image: decoded from where sampling stopped, with its infotext
+    r = result["r"]
+    assert r.status_code == 200 and len(r.json()["images"]) == 1
+    stopped = png_from_b64(r.json()["images"][0])
+    assert stopped.size == (128, 128) and "Seed: 1," in stopped.info["parameters"]
+    assert json.loads(r.json()["info"])["all_seeds"] == [1]
     idle = client.get("/sdapi/v1/progress").json()
     assert idle["progress"] == 0 and idle["state"]["job"] == ""
+
+
+def test_a1111_sampler_names_reach_the_one_resolve_step_as_sent(client):
+    """The A1111 layer resolves no names: "DPM++ 2M" with "Automatic" is resolved against the model that
+    runs the job, so a zero-terminal-SNR model gets "trailing" (not Karras, which gave coloured noise)."""
+    api = A1111(client.app.state.service)
+    req = api.to_request(Txt2ImgBody(prompt="x", sampler_name="DPM++ 2M", scheduler="Automatic"))
+    assert (req.sampler, req.schedule) == ("DPM++ 2M", "automatic")
+    assert api.to_request(Txt2ImgBody(prompt="x", sampler_name="DPM++ 2M")).schedule == "automatic"
+    assert (req.width, req.height) == (None, None)  # the model's native size, decided by the same step
+    zsnr = dataclasses.replace(tiny_config(), zero_terminal_snr=True)
+    assert (req.resolve(zsnr).sampler, req.resolve(zsnr).schedule) == ("dpmpp_2m", "trailing")
+    assert req.resolve(tiny_config()).schedule == "karras"
+    old = api.to_request(Txt2ImgBody(prompt="x", sampler_name="DPM++ 2M Karras"))
+    assert old.sampler == "DPM++ 2M Karras" and old.resolve(zsnr).schedule == "karras"
+    # what the job ran is reported: info's sampler and scheduler, and the job's resolved request
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64,
+                                                "seed": 3, "sampler_name": "DPM++ 2M"})
+    info = json.loads(r.json()["info"])
+    assert (info["sampler_name"], info["scheduler"]) == ("DPM++ 2M", "Karras")
+    assert "Schedule type: Karras" in info["infotexts"][0]
+    job = client.get("/jobs?limit=1").json()["jobs"][0]
+    assert job["request"]["sampler"] == "DPM++ 2M" and job["resolved"]["sampler"] == "dpmpp_2m"
+
+
+def test_a1111_skip_keeps_the_stopped_image_and_goes_on(client, control):
+    result = {}
+
+    def run():
+        result["r"] = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 4, "width": 128,
+                                                              "height": 128, "seed": 5, "n_iter": 2})
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert control.entered.wait(30)
+    control.step()
+    assert control.entered.wait(30)  # iteration 1 is inside its second step
+    assert client.post("/sdapi/v1/skip").status_code == 200
+    assert client.get("/sdapi/v1/progress").json()["state"]["skipped"] is True
+    control.open.set()
+    t.join(60)
+    r = result["r"]
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["all_seeds"] == [5, 6] and len(r.json()["images"]) == 2  # the skipped image, then the next
+    job = client.get("/jobs?limit=1").json()["jobs"][0]
+    assert job["status"] == "done"
+    # the second iteration ran in full: the same as that seed alone
+    alone = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 4, "width": 128, "height": 128,
+                                                    "seed": 6}).json()["images"][0]
+    assert png_from_b64(r.json()["images"][1]).tobytes() == png_from_b64(alone).tobytes()
+    assert png_from_b64(r.json()["images"][0]).tobytes() != png_from_b64(alone).tobytes()
+
+
+def test_cancelled_native_job_keeps_the_stopped_image(client, control, pipe):
+    job_id = start_gated_job(client, control, steps=6, seed=21)
+    control.step()
+    assert control.entered.wait(30)  # step 1 done, step 2 waiting
+    assert client.post(f"/jobs/{job_id}/cancel").status_code == 200
+    control.open.set()
+    job = wait_job(client, job_id)
+    assert job["status"] == "cancelled" and len(job["images"]) == 1 and job["images"][0]["seed"] == 21
+    served = Image.open(io.BytesIO(client.get(job["images"][0]["url"]).content))
+    assert "Seed: 21," in served.info["parameters"] and "Steps: 6," in served.info["parameters"]
+
+    # the same request stopped after the same step in-process, its x0 estimate decoded
+    def stop_after_two(p):
+        return "stop" if p.step == 2 else None
+
+    req = GenerationRequest(**{k: v for k, v in job_body(width=128, height=128, steps=6, seed=21).items()})
+    with pytest.raises(Interrupted) as e:
+        pipe.generate(req, callback=stop_after_two)
+    expected = to_pil(pipe.decode(e.value.denoised))[0]
+    assert served.convert("RGB").tobytes() == expected.tobytes()
+
+
+def test_a1111_connect_time_endpoints(client):
+    """What SillyTavern, webuiapi and other clients call on connect, in A1111's shapes."""
+    for path in ("upscalers", "latent-upscale-modes", "sd-vae", "sd-modules", "prompt-styles",
+                 "face-restorers", "realesrgan-models", "hypernetworks"):
+        r = client.get(f"/sdapi/v1/{path}")
+        assert r.status_code == 200 and r.json() == [], path
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+    flags = client.get("/sdapi/v1/cmd-flags").json()
+    assert flags["api"] is True and flags["listen"] is False and flags["port"] == 7860
+    memory = client.get("/sdapi/v1/memory").json()
+    ram = memory["ram"]
+    assert 0 < ram["used"] < ram["total"] and ram["free"] == ram["total"] - ram["used"]
+    if not torch.cuda.is_available():
+        assert memory["cuda"] == {"error": "unavailable"}
+    assert client.post("/sdapi/v1/skip").status_code == 200  # nothing running: nothing to skip
+    assert client.post("/sdapi/v1/refresh-vae").status_code == 200
+
+
+def test_cmd_flags_never_show_the_api_key(pipe, folders):
+    app = create_app(make_settings(folders, api_key="s3cret key"), pipeline=pipe)
+    with local_client(app) as c:
+        r = c.get("/sdapi/v1/cmd-flags", headers={"X-API-Key": "s3cret key"})
+        assert r.status_code == 200 and r.json()["api_auth"] is True and "s3cret" not in r.text
+
+
+def test_embeddings_lists_the_configured_textual_inversions(folders):
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = SDXL(cfg, UNet(cfg.unet).eval(), AutoencoderKL(cfg.vae).eval(),
+                 TextEncoders(cfg.text_l, cfg.text_g).eval())
+    emb = folders / "models" / "embeddings"
+    emb.mkdir()
+    save_safetensors({"clip_l": torch.randn(2, cfg.text_l.width), "clip_g": torch.randn(2, cfg.text_g.width)},
+                     emb / "myStyle.safetensors")
+    (emb / "broken.safetensors").write_bytes(b"not a tensor file")
+    app = create_app(make_settings(folders), pipeline=model)
+    with local_client(app) as c:
+        loaded = c.get("/sdapi/v1/embeddings").json()["loaded"]
+    assert loaded == {"myStyle": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                  "shape": cfg.text_g.width, "vectors": 2}}
+
+
+def test_shipped_folder_as_models_dir_lists_each_model_once(tmp_path):
+    shipped = default_model_path("base").parent
+    settings = ServeSettings(data_dir=tmp_path / "data", models_dir=shipped)
+    with local_client(create_app(settings)) as c:
+        models = c.get("/sdapi/v1/sd-models").json()
+        assert [m["title"] for m in models] == ["base.safetensors", "refiner.safetensors"]
+        assert [m["model_name"] for m in models] == ["base", "refiner"]
+        assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "base.safetensors"
+        info = c.get("/info").json()
+        assert info["models"] == ["base.safetensors"] and info["refiners"] == ["refiner.safetensors"]
+        assert [(e["name"], e["kind"], e["default"]) for e in info["catalog"]] == [
+            ("base.safetensors", "base", True), ("refiner.safetensors", "refiner", False)]
+        # the UI's refiner choice runs
+        r = c.post("/jobs", json=job_body(width=64, height=64, steps=4, refiner="refiner.safetensors",
+                                          refiner_switch=0.5))
+        job = wait_job(c, r.json()["id"], timeout=300)
+        assert job["status"] == "done", job["error"]
+        assert "Refiner: refiner" in job["images"][0]["info"]
+    # without a models folder, the shipped refiner is offered as "default" next to the shipped base
+    with local_client(create_app(ServeSettings(data_dir=tmp_path / "data2"))) as c:
+        info = c.get("/info").json()
+        assert info["refiners"] == ["default"] and info["model"]["kind"] == "base"
+        assert [m["title"] for m in c.get("/sdapi/v1/sd-models").json()] == ["base.safetensors"]
+        r = c.post("/jobs", json=job_body(width=64, height=64, steps=4, refiner="default"))
+        job = wait_job(c, r.json()["id"], timeout=300)
+        assert job["status"] == "done", job["error"]
+        assert c.post("/jobs", json=job_body(refiner="refiner")).status_code == 404  # no models folder
+
+
+def test_previews_of_the_shipped_model_have_the_result_colours(tmp_path):
+    """The shipped miniature has its own VAE: "auto" previews decode with it, so the last preview looks
+    like the result; SDXL's linear latent->RGB map (the old preview) is far off on this model."""
+    settings = ServeSettings(data_dir=tmp_path / "data")
+    with local_client(create_app(settings)) as c:
+        # a long job holds the worker until the websocket is open, so every step of ours is seen
+        blocker = c.post("/jobs", json={"prompt": "x", "steps": 150, "seed": 2}).json()["id"]
+        job_id = c.post("/jobs", json={"prompt": "a red circle above a blue square", "steps": 8, "seed": 1,
+                                       "sampler": "euler"}).json()["id"]
+        with c.websocket_connect(f"ws://127.0.0.1/ws/jobs/{job_id}") as ws:
+            events = [ws.receive_json()]
+            assert events[0]["job"]["status"] == "queued"
+            assert c.post(f"/jobs/{blocker}/cancel").status_code == 200
+            while events[-1]["type"] != "finished":
+                events.append(ws.receive_json())
+        job = events[-1]["job"]
+        assert job["status"] == "done"
+        result = Image.open(io.BytesIO(c.get(job["images"][0]["url"]).content)).convert("RGB")
+    previews = [e for e in events if e["type"] == "progress" and "preview" in e]
+    assert previews and previews[-1]["step"] == 8
+    last = Image.open(io.BytesIO(base64.b64decode(previews[-1]["preview"].partition(",")[2]))).convert("RGB")
+
+    def mean_abs(a: Image.Image, b: Image.Image) -> float:
+        a = torch.tensor(list(a.resize((32, 32), Image.BICUBIC).getdata()), dtype=torch.float32)
+        b = torch.tensor(list(b.resize((32, 32), Image.BICUBIC).getdata()), dtype=torch.float32)
+        return float((a - b).abs().mean())
+
+    assert mean_abs(last, result) < 15
+    model = SDXL.load(default_model_path("base"))
+    final = model.generate(GenerationRequest(prompt="a red circle above a blue square", steps=8, seed=1,
+                                             sampler="euler")).latents
+    assert mean_abs(latent_preview(final), result) > 40  # the SDXL map on this model's latents
 
 
 def test_a1111_png_info(client):
@@ -367,7 +566,7 @@ def test_websocket_streams_progress_and_previews(client, control):
     assert progress[-1]["progress"] == pytest.approx(1.0) and progress[0]["progress"] == pytest.approx(0.25)
     assert all(e["preview"].startswith("data:image/jpeg;base64,") for e in progress)
     jpeg = Image.open(io.BytesIO(base64.b64decode(progress[0]["preview"].partition(",")[2])))
-    assert jpeg.format == "JPEG" and jpeg.size == (8, 8)
+    assert jpeg.format == "JPEG" and jpeg.size == (64, 64)  # decoded by the model's own VAE ("auto")
     assert events[-1]["job"]["status"] == "done" and len(events[-1]["job"]["images"]) == 1
     # a finished job: status, then finished
     with client.websocket_connect(f"ws://127.0.0.1/ws/jobs/{job_id}") as ws:
@@ -588,6 +787,7 @@ def test_info_schema_and_web_ui(client):
     assert info["model"]["sample_size"] == 1024
     assert {"euler", "dpmpp_2m"} <= {s["id"] for s in info["samplers"]}
     assert info["loras"] == ["style"] and info["models"] == ["other.safetensors"]
+    assert info["refiners"] == []  # "other.safetensors" is not a readable checkpoint, let alone a refiner
     page = client.get("/")
     assert page.status_code == 200 and 'id="gen-form"' in page.text
     schema = client.get("/openapi.json").json()

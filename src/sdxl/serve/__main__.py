@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 
 from ..request import Limits
-from .settings import ServeSettings, SettingsError
+from .settings import PREVIEW_MODES, ServeSettings, SettingsError
+
+# what the serve extra installs (pyproject: [project.optional-dependencies] serve)
+SERVE_PACKAGES = ("fastapi", "uvicorn", "pydantic", "starlette", "websockets")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="default checkpoint file or folder (default: the shipped model)")
     p.add_argument("--models-dir", type=Path, help="folder of checkpoints that requests may name")
     p.add_argument("--loras-dir", type=Path, help="folder of LoRA files (default: MODELS_DIR/loras)")
+    p.add_argument("--embeddings-dir", type=Path,
+                   help="folder of textual-inversion embeddings (default: MODELS_DIR/embeddings)")
     p.add_argument("--data-dir", type=Path, help="job database and images (default: the user data folder, "
                    "e.g. ~/.local/share/sdxl)")
     p.add_argument("--api-key", default=os.environ.get("SDXL_API_KEY"),
@@ -35,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "fp32", "fp16", "bf16"],
                    help="model precision (default: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the models (slow first load; warms up at start so requests are fast)")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="load the default model and run one small generation at start "
+                   "(default: with --compile)")
     p.add_argument("--max-pixels", type=int, default=lim.max_pixels, help="largest width*height")
     p.add_argument("--max-steps", type=int, default=lim.max_steps, help="most sampler steps")
     p.add_argument("--max-batch", type=int, default=lim.max_batch, help="most images per batch")
@@ -46,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-timeout", type=float, default=d.job_timeout_s, help="seconds a job may run")
     p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace_s,
                    help="seconds the running job may take to finish on shutdown before it is requeued")
-    p.add_argument("--preview", default=d.preview, choices=["approx", "vae", "off"],
-                   help="previews: approx (linear latent->RGB map, free), vae (exact, costs decodes), off")
+    p.add_argument("--preview", default=d.preview, choices=list(PREVIEW_MODES),
+                   help="previews: auto (free linear map for SDXL's VAE, else a small decode with the "
+                   "model's VAE), approx (linear map), vae (full decode, exact), off")
     p.add_argument("--preview-every", type=int, default=d.preview_every, help="preview every N steps")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="a browser origin (http://host:port) allowed to call the API (repeatable)")
@@ -60,13 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(ns: argparse.Namespace) -> ServeSettings:
     return ServeSettings(
         host=ns.host, port=ns.port, model=ns.model, models_dir=ns.models_dir, loras_dir=ns.loras_dir,
-        data_dir=ns.data_dir, api_key=ns.api_key, device=ns.device, dtype=ns.dtype,
+        embeddings_dir=ns.embeddings_dir, data_dir=ns.data_dir, api_key=ns.api_key, device=ns.device,
+        dtype=ns.dtype,
         limits=Limits(max_pixels=ns.max_pixels, max_steps=ns.max_steps, max_batch=ns.max_batch,
                       max_prompt_chars=ns.max_prompt_chars),
         max_images_per_job=ns.max_images_per_job, max_body_bytes=int(ns.max_body_mb * 2**20),
         queue_size=ns.queue_size, job_timeout_s=ns.job_timeout, shutdown_grace_s=ns.shutdown_grace,
         preview=ns.preview, preview_every=ns.preview_every, allowed_origins=list(ns.allow_origin),
-        allowed_hosts=list(ns.allow_host),
+        allowed_hosts=list(ns.allow_host), threads=ns.threads, compile=ns.compile, warmup=ns.warmup,
     )
 
 
@@ -74,8 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(ns)
-        from .app import serve
-
+        try:
+            from .app import serve  # lazy: fastapi and uvicorn come with the optional serve extra
+        except ModuleNotFoundError as e:
+            missing = (e.name or "").partition(".")[0]
+            if missing not in SERVE_PACKAGES:
+                raise
+            print(f"error: sdxl serve needs the '{missing}' package, which is not installed; install the "
+                  "serve extra: pip install 'sdxl[serve]'", file=sys.stderr)
+            return 1
         serve(settings, log_level=ns.log_level)
     except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -29,21 +29,27 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
+import sys
 import time
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from fastapi import APIRouter, HTTPException, Query
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import __version__
-from ..request import GenerationRequest, RequestError
-from .jobs import CANCELLED, DONE, Job
-
-if TYPE_CHECKING:
-    from .app import Service
+from ..errors import RequestError
+from ..metadata import parse_a1111
+from ..request import GenerationRequest
+from ..sampling import SAMPLER_INFO, SCHEDULES
+from ..sampling.names import A1111_SAMPLER_NAMES, A1111_SCHEDULE_NAMES, is_automatic
+from ..version import __version__
+from .previews import encode_image
+from .service import Service
+from .store import CANCELLED, DONE, Job
 
 # A1111 titles look like "sd_xl_base_1.0.safetensors [31e35c80fc]": the part in brackets is a hash.
 _TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]\s*$")
@@ -156,8 +162,6 @@ def a1111_labels(parsed: dict[str, Any]) -> dict[str, Any]:
     """`parse_a1111`'s normalised dict -> the dict A1111's /png-info returns ("Steps", "Sampler",
     "Size-1" (width), "Size-2" (height), ...). Keys without a known label keep the label they were read
     with."""
-    from ..sampling.names import A1111_SAMPLER_NAMES, A1111_SCHEDULE_NAMES
-
     out: dict[str, Any] = {}
     for key, value in parsed.items():
         if key == "sampler":
@@ -222,69 +226,61 @@ class A1111:
         return name
 
     def current_title(self) -> str:
-        path = self.service.models.default_path()
-        return path.name if path is not None else "default"
-
-    def native_size(self, model: str | None) -> int:
         models = self.service.models
-        if model is None:
-            return models.default_config().sample_size
-        return models.config_of(models.resolve(model)).sample_size
+        if models.default_name is not None:
+            return models.default_name
+        for entry in models.catalog():
+            if entry.is_default:
+                return entry.name
+        path = models.default_path()
+        return path.name if path is not None else "default"
 
     # ---------------------------------------------------------- requests
     def to_request(self, body: _A1111Body, width_height: tuple[int, int] | None = None) -> GenerationRequest:
-        from ..sampling.names import is_automatic, resolve_sampler, resolve_schedule
-
+        """An A1111 body -> a request. Sampler and scheduler go in as the client named them ("DPM++ 2M",
+        "DPM++ 2M Karras", "Karras"; "Automatic" or none -> "automatic"): the one resolve step, against the
+        model that runs the job, turns them into our names (so "Automatic" is "trailing" on a
+        zero-terminal-SNR model, as in the CLI and the web UI). Unknown names fail validation (400) when the
+        job is submitted. Width and height left out are the model's native size (`width_height`: img2img's
+        default, the init image's size)."""
         _refuse_unsupported(body)
         opts = {**self.options, **(body.override_settings or {})}
-        label = body.sampler_name or body.sampler_index or "Euler"
-        try:
-            sampler, implied = resolve_sampler(label)
-            if implied is not None and is_automatic(body.scheduler):
-                schedule = implied
-            else:
-                schedule = resolve_schedule(body.scheduler, sampler)
-        except ValueError as e:
-            raise RequestError(str(e)) from None
         model = self.model_name(opts.get("sd_model_checkpoint")) if "sd_model_checkpoint" in (
             body.override_settings or {}) else None
-        if width_height is not None:
-            default_w, default_h = width_height
-        else:
-            default_w = default_h = self.native_size(model)
+        default_w, default_h = width_height if width_height is not None else (None, None)
         try:
             clip_skip = max(1, int(opts.get("CLIP_stop_at_last_layers", 1)) - 1)
         except (TypeError, ValueError):
             raise RequestError("override_settings.CLIP_stop_at_last_layers: must be an integer") from None
-        req = GenerationRequest(
+        changes: dict[str, Any] = {}
+        if body.eta is not None:
+            changes["eta"] = body.eta
+        if body.refiner_checkpoint and strip_title(body.refiner_checkpoint).lower() != "none":
+            changes["refiner"] = strip_title(body.refiner_checkpoint)
+            if body.refiner_switch_at is not None:
+                changes["refiner_switch"] = body.refiner_switch_at
+        return GenerationRequest(
             prompt=body.prompt,
             negative_prompt=body.negative_prompt or None,
             width=body.width or default_w,
             height=body.height or default_h,
             steps=body.steps,
             cfg=body.cfg_scale,
-            sampler=sampler,
-            schedule=schedule,
+            sampler=body.sampler_name or body.sampler_index or "Euler",
+            schedule="automatic" if is_automatic(body.scheduler) else body.scheduler,
             seed=None if body.seed is None or body.seed < 0 else body.seed,
             batch=body.batch_size,
             clip_skip=clip_skip,
             model=model,
+            **changes,
         )
-        if body.eta is not None:
-            req.eta = body.eta
-        if body.refiner_checkpoint and strip_title(body.refiner_checkpoint).lower() != "none":
-            req.refiner = strip_title(body.refiner_checkpoint)
-            if body.refiner_switch_at is not None:
-                req.refiner_switch = body.refiner_switch_at
-        return req
 
-    def info_json(self, job: Job, body: _A1111Body, req: dict[str, Any]) -> str:
-        """A1111's `Processed.js()` keys (the ones that mean something here)."""
+    def info_json(self, job: Job, body: _A1111Body) -> str:
+        """A1111's `Processed.js()` keys (the ones that mean something here), from the request as it ran."""
+        req = job.resolved or job.request
         seeds = job.seeds or [req.get("seed")]
         prompts = [req["prompt"]] * len(seeds)
         negatives = [req.get("negative_prompt") or ""] * len(seeds)
-        from ..sampling.names import A1111_SAMPLER_NAMES
-
         path = self.service.models.default_path() if req.get("model") is None else None
         return json.dumps({
             "prompt": req["prompt"],
@@ -299,7 +295,7 @@ class A1111:
             "width": req["width"],
             "height": req["height"],
             "sampler_name": A1111_SAMPLER_NAMES.get(req["sampler"], req["sampler"]),
-            "scheduler": req["schedule"],
+            "scheduler": A1111_SCHEDULE_NAMES.get(req["schedule"], req["schedule"]),
             "cfg_scale": req["cfg"],
             "steps": req["steps"],
             "batch_size": req["batch"],
@@ -323,13 +319,64 @@ class A1111:
         })
 
     def response(self, job: Job, body: _A1111Body, parameters: dict[str, Any]) -> dict[str, Any]:
+        """A finished job as A1111 answers it; an interrupted one (cancelled) returns the images it made,
+        the stopped one included."""
         if job.status not in (DONE, CANCELLED):
             raise HTTPException(500, f"generation failed: {job.error}")
         images = []
         if body.send_images:
             for name in job.images:
                 images.append(base64.b64encode(self.service.manager.output_path(name).read_bytes()).decode())
-        return {"images": images, "parameters": parameters, "info": self.info_json(job, body, job.request)}
+        return {"images": images, "parameters": parameters, "info": self.info_json(job, body)}
+
+
+def memory_report() -> dict[str, Any]:
+    """A1111's /memory: `ram` (this process's resident memory as "used", the machine's total, and
+    total - used as "free", as A1111 computes it) and `cuda` (the device's free/total and torch's
+    allocator counters, or {"error": ...})."""
+    try:
+        total, used = _ram_total_and_rss()
+        ram: dict[str, Any] = {"free": total - used, "used": used, "total": total}
+    except (OSError, ValueError) as e:
+        ram = {"error": str(e)}
+    if torch.cuda.is_available():
+        try:
+            free, total = torch.cuda.mem_get_info()
+            s = torch.cuda.memory_stats()
+
+            def pair(key: str) -> dict[str, int]:
+                return {"current": int(s.get(f"{key}.all.current", 0)),
+                        "peak": int(s.get(f"{key}.all.peak", 0))}
+
+            cuda: dict[str, Any] = {
+                "system": {"free": free, "used": total - free, "total": total},
+                "active": pair("active_bytes"),
+                "allocated": pair("allocated_bytes"),
+                "reserved": pair("reserved_bytes"),
+                "inactive": pair("inactive_split_bytes"),
+                "events": {"retries": int(s.get("num_alloc_retries", 0)), "oom": int(s.get("num_ooms", 0))},
+            }
+        except RuntimeError as e:
+            cuda = {"error": str(e)}
+    else:
+        cuda = {"error": "unavailable"}
+    return {"ram": ram, "cuda": cuda}
+
+
+def _ram_total_and_rss() -> tuple[int, int]:
+    """(physical memory, this process's resident set) in bytes: /proc on Linux, else sysconf and the
+    peak resident set from `resource` (the closest number those systems give without psutil)."""
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+        with open("/proc/self/status") as f:
+            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        return total, rss
+    import resource  # lazy: POSIX-only module, needed only off Linux
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return total, peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def _read_png_text(data_b64: str, service: Service) -> tuple[str, dict[str, Any]]:
@@ -378,13 +425,13 @@ def make_router(service: Service) -> APIRouter:
         # default size: the init image's, rounded down to a multiple of 8
         size = (max(8, init.width // 8 * 8), max(8, init.height // 8 * 8))
         req = api.to_request(body, size)
-        req.strength = 0.75 if body.denoising_strength is None else body.denoising_strength
-        req.init_image = init
+        req = req.replace(strength=0.75 if body.denoising_strength is None else body.denoising_strength,
+                          init_image=init)
         if body.mask:
             mask = service.decode_image(body.mask, "mask").convert("L")
-            req.mask_image = ImageOps.invert(mask) if body.inpainting_mask_invert else mask
-            req.mask_blur = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x,
-                                                                                  body.mask_blur_y)
+            blur = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x, body.mask_blur_y)
+            req = req.replace(mask_image=ImageOps.invert(mask) if body.inpainting_mask_invert else mask,
+                              mask_blur=blur)
         job = service.submit(req, n_iter=body.n_iter, source="a1111")
         job = await manager.wait(job.id)
         params = body.model_dump()
@@ -395,7 +442,8 @@ def make_router(service: Service) -> APIRouter:
 
     @r.get("/progress")
     def progress(skip_current_image: bool = Query(False)) -> dict[str, Any]:
-        """Progress of the running job (0 when idle), with a live preview as base64 PNG."""
+        """Progress of the running job (0 when idle), with a live preview as base64 PNG. Previews are
+        made while someone polls, so the first poll of a job may have none yet."""
         job = manager.current()
         queued = manager.queued_count()
         if job is None:
@@ -405,14 +453,17 @@ def make_router(service: Service) -> APIRouter:
                               "sampling_step": 0, "sampling_steps": 0}}
         elapsed = time.time() - (job.started_at or time.time())
         eta = elapsed / job.progress - elapsed if job.progress > 0 else 0.0
-        image = None if skip_current_image else manager.preview(job, "PNG")
+        image = None
+        if not skip_current_image:
+            preview = manager.polled_preview(job)
+            image = encode_image(preview, "PNG") if preview is not None else None
         return {
             "progress": job.progress,
             "eta_relative": eta,
             "current_image": image,
             "textinfo": f"{job.stage} step {job.step}/{job.total}" if job.total else "starting",
             "state": {
-                "skipped": False,
+                "skipped": job.stop_reason == "skip",
                 "interrupted": job.stop_reason in ("interrupt", "cancel"),
                 "stopping_generation": False,
                 "job": f"task({job.id})",
@@ -427,15 +478,21 @@ def make_router(service: Service) -> APIRouter:
 
     @r.post("/interrupt")
     def interrupt() -> dict[str, Any]:
-        """Stop the running job after its current step; its finished images are still returned."""
+        """Stop the running job after its current step. The answer to its txt2img/img2img call holds the
+        images it finished and the stopped one, decoded from where sampling was."""
         manager.interrupt_current()
+        return {}
+
+    @r.post("/skip")
+    def skip() -> dict[str, Any]:
+        """Stop the running job's current image (iteration) after its current step, keep it as it is, and
+        go on with the job's next iteration (A1111's Skip)."""
+        manager.skip_current()
         return {}
 
     @r.post("/png-info")
     def png_info(body: PngInfoBody) -> dict[str, Any]:
         """Read generation parameters back from an image (A1111 text, parsed into a dict)."""
-        from ..metadata import parse_a1111
-
         info, items = _read_png_text(body.image, service)
         try:
             parameters = a1111_labels(parse_a1111(info)) if info else {}
@@ -445,8 +502,6 @@ def make_router(service: Service) -> APIRouter:
 
     @r.get("/samplers")
     def samplers() -> list[dict[str, Any]]:
-        from ..sampling.samplers import SAMPLER_INFO
-
         by_label: dict[str, dict[str, Any]] = {}
         for name, info in SAMPLER_INFO.items():
             entry = by_label.setdefault(info.label, {"name": info.label, "aliases": [], "options": {}})
@@ -455,25 +510,96 @@ def make_router(service: Service) -> APIRouter:
 
     @r.get("/schedulers")
     def schedulers() -> list[dict[str, Any]]:
-        from ..sampling.names import A1111_SCHEDULE_NAMES
-        from ..sampling.schedules import SCHEDULES
-
         names = ["automatic", *SCHEDULES]
         return [{"name": n, "label": A1111_SCHEDULE_NAMES.get(n, n), "aliases": None, "default_rho": -1,
                  "need_inner_model": False} for n in names]
 
     @r.get("/sd-models")
     def sd_models() -> list[dict[str, Any]]:
-        """The default model, then every checkpoint in the models folder (names relative to it)."""
+        """Every checkpoint once: the default model first, then the models folder's, base models before
+        refiners (a refiner's title is what `refiner_checkpoint` takes). Titles are the names requests
+        use (relative to the models folder)."""
         out = []
-        default = service.models.startup_default_path()
-        if default is not None:
-            out.append({"title": default.name, "model_name": default.stem, "hash": None, "sha256": None,
-                        "filename": default.name, "config": None})
-        for rel in service.models.list_models():
-            out.append({"title": str(rel), "model_name": rel.with_suffix("").name if rel.suffix else rel.name,
-                        "hash": None, "sha256": None, "filename": str(rel), "config": None})
+        for e in service.models.catalog():
+            stem = e.name[: -len(".safetensors")] if e.name.endswith(".safetensors") else e.name
+            out.append({"title": e.name, "model_name": stem.rsplit("/", 1)[-1], "hash": None, "sha256": None,
+                        "filename": e.name, "config": None})
         return out
+
+    @r.get("/sd-vae")
+    def sd_vae() -> list[dict[str, Any]]:
+        """Separate VAE files: none (every checkpoint uses its own VAE; `sd_vae` is "Automatic")."""
+        return []
+
+    @r.get("/sd-modules")
+    def sd_modules() -> list[dict[str, Any]]:
+        """Forge's extra modules (VAE / text encoder files): none."""
+        return []
+
+    @r.get("/upscalers")
+    def upscalers() -> list[dict[str, Any]]:
+        """Upscaler models: none (hires fix and the extras tab are not supported)."""
+        return []
+
+    @r.get("/latent-upscale-modes")
+    def latent_upscale_modes() -> list[dict[str, Any]]:
+        """Hires fix's latent modes: none (hires fix is not supported)."""
+        return []
+
+    @r.get("/face-restorers")
+    def face_restorers() -> list[dict[str, Any]]:
+        return []
+
+    @r.get("/realesrgan-models")
+    def realesrgan_models() -> list[dict[str, Any]]:
+        return []
+
+    @r.get("/hypernetworks")
+    def hypernetworks() -> list[dict[str, Any]]:
+        return []
+
+    @r.get("/prompt-styles")
+    def prompt_styles() -> list[dict[str, Any]]:
+        """Saved styles: none (requests naming `styles` are refused)."""
+        return []
+
+    @r.get("/scripts")
+    def scripts() -> dict[str, list[str]]:
+        """Scripts and always-on extensions: none (requests naming them are refused)."""
+        return {"txt2img": [], "img2img": []}
+
+    @r.get("/embeddings")
+    def embeddings() -> dict[str, Any]:
+        """Textual-inversion embeddings the default model has loaded, in A1111's shape."""
+        return {"loaded": _embeddings(service), "skipped": {}}
+
+    @r.get("/cmd-flags")
+    def cmd_flags() -> dict[str, Any]:
+        """How this server was started, under A1111's flag names where one exists (never the API key)."""
+        st = service.settings
+        return {
+            "api": True,
+            "nowebui": False,
+            "listen": st.host not in ("127.0.0.1", "localhost", "::1"),
+            "server_name": st.host,
+            "port": st.port,
+            "ckpt": str(service.models.startup_default_path() or ""),
+            "ckpt_dir": str(st.models_dir) if st.models_dir else None,
+            "lora_dir": str(st.loras_dir) if st.loras_dir else None,
+            "data_dir": str(st.data_path),
+            "api_auth": bool(st.api_key),
+            "cors_allow_origins": ",".join(st.allowed_origins) or None,
+            "device": st.device,
+            "dtype": st.dtype,
+            "threads": st.threads,
+            "compile": st.compile,
+            "preview": st.preview,
+        }
+
+    @r.get("/memory")
+    def memory() -> dict[str, Any]:
+        """RAM and CUDA memory, in A1111's shape (see `memory_report`)."""
+        return memory_report()
 
     @r.get("/loras")
     def loras() -> list[dict[str, Any]]:
@@ -487,6 +613,10 @@ def make_router(service: Service) -> APIRouter:
 
     @r.post("/refresh-loras")
     def refresh_loras() -> dict[str, Any]:
+        return {}
+
+    @r.post("/refresh-vae")
+    def refresh_vae() -> dict[str, Any]:
         return {}
 
     @r.get("/options")
@@ -509,3 +639,20 @@ def make_router(service: Service) -> APIRouter:
         return {}
 
     return r
+
+
+def _embeddings(service: Service) -> dict[str, Any]:
+    """A1111's `loaded` embeddings: {name: {step, sd_checkpoint, sd_checkpoint_name, shape, vectors}} for
+    the textual inversions of the default model (`shape`: the vector width of its widest tower). Empty when
+    no embeddings folder is configured, or before the default model is loaded."""
+    pipe = service.models.loaded_default()
+    library = getattr(pipe, "embeddings", None)
+    if not library:
+        return {}
+    out: dict[str, Any] = {}
+    for name in library.names:
+        ti = library[name]
+        width = max(int(v.shape[-1]) for v in ti.vectors.values())
+        out[name] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width,
+                     "vectors": ti.num_vectors}
+    return out

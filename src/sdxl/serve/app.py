@@ -34,46 +34,41 @@ Security, in `Guard` (one ASGI middleware in front of everything):
 
 from __future__ import annotations
 
-import base64
-import binascii
-import copy
+import asyncio
 import dataclasses
 import hmac
-import io
 import logging
 import typing
-import warnings
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import torch
+import uvicorn
 from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, ImageOps
 from pydantic import ConfigDict, Field, create_model
 from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 
-from .. import __version__
-from ..request import GenerationRequest, RequestError
-from .jobs import (
-    TERMINAL,
-    Job,
-    JobConflict,
-    JobManager,
-    JobNotFound,
-    ModelHost,
-    QueueFull,
-    ShuttingDown,
-)
-from .settings import BadName, NameNotFound, ServeSettings, check_bind, is_loopback
+from ..data.images import ImageError
+from ..errors import BadName, NameNotFound, RequestError
+from ..prompts import PromptError
+from ..request import GenerationRequest
+from ..version import __version__
+from .a1111 import make_router
+from .jobs import JobConflict, JobManager, JobNotFound, QueueFull, ShuttingDown
+from .modelhost import ModelHost
+from .service import Service
+from .settings import ServeSettings, check_bind, is_loopback
+from .store import TERMINAL
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(str(resources.files("sdxl.serve") / "static"))
-OUTPUT_PREFIX = "output:"  # an init image given as the name of a previous result
 API_KEY_COOKIE = "sdxl_api_key"
 MAX_SQLITE_INT = 2**63 - 1  # a larger ?offset= made SQLite raise OverflowError: a 500 (found by schemathesis)
 
@@ -210,160 +205,6 @@ def _request_body_model():
 GenerationRequestBody = _request_body_model()
 
 
-class Service:
-    """What the route modules share: settings, models, the job manager and request preparation."""
-
-    def __init__(self, settings: ServeSettings, models: ModelHost, manager: JobManager):
-        self.settings = settings
-        self.models = models
-        self.manager = manager
-
-    # ---------------------------------------------------------- images from clients
-    def decode_image(self, text: str, what: str) -> Image.Image:
-        """Base64 (optionally a data: URL) -> upright RGB PIL image. Raises RequestError (400)."""
-        if not isinstance(text, str) or not text:
-            raise RequestError(f"{what}: expected a base64-encoded image")
-        if text.startswith("data:"):
-            text = text.partition(",")[2]
-        try:
-            data = base64.b64decode("".join(text.split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError(f"{what}: not valid base64") from None
-        max_pixels = max(self.settings.limits.max_pixels * 4, 4096 * 4096)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise RequestError(f"{what}: {w}x{h} pixels, more than the server accepts ({max_pixels})")
-                img.load()
-                try:
-                    img = ImageOps.exif_transpose(img)
-                except Exception:  # noqa: BLE001 - a broken orientation tag: keep the stored orientation
-                    pass
-        except RequestError:
-            raise
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
-            raise RequestError(f"{what}: cannot decode the image ({type(e).__name__}: {e})") from None
-        from ..data.images import to_rgb
-
-        return to_rgb(img).copy()
-
-    def image_ref(self, value: str, what: str) -> Image.Image:
-        """An init/mask image: base64 data, or 'output:NAME' (a result of this server)."""
-        if value.startswith(OUTPUT_PREFIX):
-            from ..data.images import load_image
-
-            return load_image(self.manager.output_path(value[len(OUTPUT_PREFIX):]))
-        return self.decode_image(value, what)
-
-    # ---------------------------------------------------------- checking and queueing
-    def check_names(self, req: GenerationRequest) -> None:
-        """Every model / refiner / LoRA name must resolve inside its folder (BadName 400, NameNotFound 404),
-        including LoRAs named inline in the prompt (`<lora:name:0.8>`)."""
-        from ..prompts import PromptError, extract_loras
-
-        if not self.models.is_default(req.model):
-            self.models.resolve(req.model)
-        if req.refiner:
-            self.models.resolve(req.refiner)
-        for spec in req.loras:
-            self.models.resolve_lora(spec.name)
-        for text in (req.prompt, req.prompt_2, req.negative_prompt, req.negative_prompt_2):
-            if not text:
-                continue
-            try:
-                _, loras = extract_loras(text)
-            except PromptError as e:
-                raise RequestError(f"prompt: {e}") from None
-            for ref in loras:
-                self.models.resolve_lora(ref.name)
-
-    def submit(self, req: GenerationRequest, n_iter: int = 1, source: str = "api") -> Job:
-        """Validate a request against the limits and the folders, store its images, queue it.
-        `req.init_image` / `req.mask_image` are decoded PIL images here (see `request_from_body`)."""
-        # checked on a copy: "automatic" names stay for the worker, which resolves them for the model it runs
-        copy.copy(req).validate(self.settings.limits)
-        if n_iter < 1:
-            raise RequestError(f"n_iter: {n_iter} must be at least 1")
-        if req.batch * n_iter > self.settings.max_images_per_job:
-            raise RequestError(f"batch_size x n_iter = {req.batch * n_iter} images, the limit per request is "
-                               f"{self.settings.max_images_per_job}")
-        self.check_names(req)
-        job_id = self.manager.new_job_id()
-        saved: list[Path] = []
-        for key in ("init_image", "mask_image"):
-            image = getattr(req, key)
-            if image is None:
-                continue
-            if not isinstance(image, Image.Image):
-                raise RequestError(f"{key}: expected a decoded image")  # a server-side path never gets here
-            ref = self.manager.save_input(image, job_id, key.replace("_image", ""))
-            saved.append(self.manager.inputs / ref.partition(":")[2])
-            setattr(req, key, ref)
-        try:
-            return self.manager.submit(req, n_iter=n_iter, source=source, job_id=job_id)
-        except Exception:
-            for p in saved:
-                p.unlink(missing_ok=True)
-            raise
-
-    def request_from_body(self, body: dict[str, Any]) -> GenerationRequest:
-        """Native body -> request, with init/mask images decoded to PIL images (never paths)."""
-        d = dict(body)
-        for key in ("init_image", "mask_image"):
-            if d.get(key) is not None:
-                d[key] = self.image_ref(d[key], key)
-        return GenerationRequest.from_dict(d)
-
-    # ---------------------------------------------------------- UI info
-    def size_presets(self, sample_size: int) -> list[dict[str, int]]:
-        """The paper's aspect-ratio buckets (Appendix I) scaled to the model's native area, as W x H."""
-        from ..data.buckets import scaled_buckets
-
-        step = max(8, int(round(64 * sample_size / 1024 / 8)) * 8)
-        out = []
-        for h, w in scaled_buckets(sample_size, step=step):
-            if w * h <= self.settings.limits.max_pixels:
-                out.append({"width": w, "height": h})
-        return out
-
-    def info(self) -> dict[str, Any]:
-        from ..sampling.names import A1111_SCHEDULE_NAMES
-        from ..sampling.samplers import SAMPLER_INFO
-        from ..sampling.schedules import SCHEDULES
-
-        defaults = GenerationRequest()
-        model: dict[str, Any] | None = None
-        sample_size = 1024
-        try:
-            cfg = self.models.default_config()
-            path = self.models.default_path()
-            sample_size = cfg.sample_size
-            model = {"name": path.stem if path else "default", "kind": cfg.kind, "sample_size": sample_size,
-                     "has_refiner_conditioning": cfg.kind == "refiner"}
-        except Exception as e:  # noqa: BLE001 - the UI still loads and shows the problem
-            log.warning("cannot read the default model's config: %s", e)
-        lim = self.settings.limits
-        return {
-            "version": __version__,
-            "model": model,
-            "models": [str(p) for p in self.models.list_models()],
-            "loras": [str(p.with_suffix("")) for p in self.models.list_loras()],
-            "samplers": [{"id": n, "label": i.label} for n, i in SAMPLER_INFO.items()],
-            "schedules": [{"id": "automatic", "label": "Automatic"}]
-            + [{"id": n, "label": A1111_SCHEDULE_NAMES.get(n, n)} for n in SCHEDULES],
-            "sizes": self.size_presets(sample_size),
-            "limits": {"max_pixels": lim.max_pixels, "max_steps": lim.max_steps, "max_batch": lim.max_batch,
-                       "max_prompt_chars": lim.max_prompt_chars, "queue_size": self.settings.queue_size},
-            "defaults": {"width": sample_size, "height": sample_size, "steps": defaults.steps,
-                         "cfg": defaults.cfg, "sampler": defaults.sampler, "schedule": defaults.schedule,
-                         "refiner_switch": defaults.refiner_switch},
-            "auth_required": bool(self.settings.api_key),
-        }
-
-
 # ------------------------------------------------------------------------------------------------ the app
 def _error_handlers(app: FastAPI) -> None:
     def handler(status: int):
@@ -376,9 +217,6 @@ def _error_handlers(app: FastAPI) -> None:
                              (JobConflict, 409), (QueueFull, 429), (ShuttingDown, 503)):
         app.add_exception_handler(exc_type, handler(status))
     # PIL / load_image errors on 'output:NAME' images and prompt errors are ValueErrors with a message
-    from ..data.images import ImageError
-    from ..prompts import PromptError
-
     app.add_exception_handler(ImageError, handler(400))
     app.add_exception_handler(PromptError, handler(400))
 
@@ -397,8 +235,6 @@ def create_app(settings: ServeSettings | None = None, pipeline: Any = None) -> F
         try:
             yield
         finally:
-            import asyncio
-
             await asyncio.to_thread(manager.shutdown)
 
     app = FastAPI(title="sdxl", version=__version__, lifespan=lifespan,
@@ -456,8 +292,6 @@ def create_app(settings: ServeSettings | None = None, pipeline: Any = None) -> F
     async def job_events(ws: WebSocket, job_id: str):
         """Events as JSON: {"type": "status", "job"}, {"type": "progress", "step", "total", "progress",
         "preview": "data:image/jpeg;base64,..."}, and finally {"type": "finished", "job"}."""
-        import asyncio
-
         await ws.accept()
         q = manager.subscribe(job_id, asyncio.get_running_loop())
         try:
@@ -484,8 +318,6 @@ def create_app(settings: ServeSettings | None = None, pipeline: Any = None) -> F
             manager.unsubscribe(job_id, q)
 
     # ---------------------------------------------------------- A1111 subset
-    from .a1111 import make_router
-
     app.include_router(make_router(service))
 
     # ---------------------------------------------------------- web UI
@@ -498,8 +330,6 @@ def create_app(settings: ServeSettings | None = None, pipeline: Any = None) -> F
     # outermost last: CORS (only for explicitly allowed origins) must answer preflights before the guard
     app.add_middleware(Guard, settings=settings)
     if settings.allowed_origins:
-        from starlette.middleware.cors import CORSMiddleware
-
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=False)
     return app
@@ -507,10 +337,11 @@ def create_app(settings: ServeSettings | None = None, pipeline: Any = None) -> F
 
 def serve(settings: ServeSettings, log_level: str = "info") -> None:
     """Run the server until SIGINT/SIGTERM (what `sdxl serve` calls). Raises SettingsError for an unsafe
-    bind. On shutdown, the running job gets `shutdown_grace_s` to finish, then is queued again."""
-    import uvicorn
-
+    bind. On shutdown, the running job gets `shutdown_grace_s` to finish, then is queued again.
+    `settings.threads` sets torch's CPU threads for the whole process."""
     check_bind(settings)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             timeout_graceful_shutdown=int(max(settings.shutdown_grace_s, 1)))

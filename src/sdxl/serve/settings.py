@@ -24,6 +24,8 @@ from ..errors import BadName, NameNotFound  # noqa: F401 - re-exported for the r
 from ..files import resolve_in_folder as resolve_name  # noqa: F401 - the name rule, re-exported
 from ..request import Limits
 
+PREVIEW_MODES = ("auto", "approx", "vae", "off")
+
 
 class SettingsError(ValueError):
     """A setting the server cannot start with; the message says which and what to do."""
@@ -53,6 +55,8 @@ class ServeSettings:
         shipped miniature model. Requests may name other models, but only files inside `models_dir`.
     models_dir: folder of checkpoints (`*.safetensors` files and diffusers folders) that requests may name.
     loras_dir: folder of LoRA files; default `<models_dir>/loras`.
+    embeddings_dir: folder of textual-inversion embeddings (safetensors with `clip_l` and `clip_g`), loaded
+        into every model; prompts use them by file stem. Default `<models_dir>/embeddings`.
     data_dir: job database and images; default `default_data_dir()`.
     api_key: when set, every route except the static web-UI files needs it (see `app.py`).
     device/dtype: where and how models run; None/"auto" = CUDA with fp16 when available, else CPU fp32.
@@ -65,14 +69,19 @@ class ServeSettings:
         put back in the queue for the next start.
     max_attempts: a job that was running when the server died this many times is failed, not retried
         (protects against a job that crashes the process on every start).
-    preview: "approx" (a fixed linear map from latents to RGB, free), "vae" (a real decode per preview;
-        exact but costs a VAE pass), or "off".
+    preview: "auto" (SDXL's linear latent->RGB map for models with SDXL's VAE, else a small decode with the
+        model's own VAE), "approx" (always the linear map, free), "vae" (a full decode per preview; exact
+        but costs a VAE pass), or "off". See `previews.py`.
     preview_every: compute a preview every N sampler steps.
     allowed_origins: browser origins (scheme://host:port) other than the server itself that may call the API
         (CORS). Cross-origin requests from anywhere else are refused.
     allowed_hosts: without an API key the server answers only requests whose Host header is a loopback
         name or address (this defeats DNS rebinding: a web page whose domain is re-pointed at 127.0.0.1);
         list other names here (e.g. a reverse proxy's). Ignored when an API key is set.
+    threads: torch's intra-op CPU threads (None: torch's default); set by `serve()` for the process.
+    compile: load models with torch.compile (`SDXL.load(..., compile=True)`).
+    warmup: load the default model and run one small generation at start, before the first job (None:
+        when `compile` is on, since compiling is what makes a first request slow).
     """
 
     host: str = "127.0.0.1"
@@ -80,6 +89,7 @@ class ServeSettings:
     model: str | None = None
     models_dir: Path | None = None
     loras_dir: Path | None = None
+    embeddings_dir: Path | None = None
     data_dir: Path | None = None
     api_key: str | None = None
     device: str | None = None
@@ -91,22 +101,31 @@ class ServeSettings:
     job_timeout_s: float = 900.0
     shutdown_grace_s: float = 30.0
     max_attempts: int = 3
-    preview: str = "approx"
+    preview: str = "auto"
     preview_every: int = 1
     allowed_origins: list[str] = field(default_factory=list)
     allowed_hosts: list[str] = field(default_factory=list)
+    threads: int | None = None
+    compile: bool = False
+    warmup: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("models_dir", "loras_dir", "data_dir"):
+        for name in ("models_dir", "loras_dir", "embeddings_dir", "data_dir"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, Path):
                 setattr(self, name, Path(v))
         if self.loras_dir is None and self.models_dir is not None:
             self.loras_dir = self.models_dir / "loras"
+        if self.embeddings_dir is None and self.models_dir is not None:
+            self.embeddings_dir = self.models_dir / "embeddings"
         if self.api_key is not None and not self.api_key.strip():
             self.api_key = None
-        if self.preview not in ("approx", "vae", "off"):
-            raise SettingsError(f"preview: {self.preview!r} is not one of approx, vae, off")
+        if self.preview not in PREVIEW_MODES:
+            raise SettingsError(f"preview: {self.preview!r} is not one of {', '.join(PREVIEW_MODES)}")
+        if self.threads is not None and self.threads < 1:
+            raise SettingsError(f"threads: {self.threads} must be at least 1")
+        if self.warmup is None:
+            self.warmup = self.compile
         if self.queue_size < 1:
             raise SettingsError("queue_size must be at least 1")
         if self.preview_every < 1:

@@ -86,7 +86,8 @@ function fillForm(info) {
     presets.append(option(s.width + "x" + s.height,
       s.width + " × " + s.height + "  (" + s.width / g + ":" + s.height / g + ")"));
   }
-  for (const m of info.models) $("refiner").append(option(m, m));
+  // refiner checkpoints only ("default" is the shipped refiner, offered with the shipped base model)
+  for (const m of info.refiners) $("refiner").append(option(m, m === "default" ? "default (shipped)" : m));
   $("sampler").value = d.sampler;
   $("schedule").value = d.schedule;
   $("steps").value = d.steps;
