@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from .assets import DEFAULT_NAME, default_model_path
-from .errors import Interrupted, NumericsError
+from .errors import BadName, Interrupted, NameNotFound, NumericsError
+from .files import resolve_in_folder
 from .metadata import lora_hash, request_infotext, short_hash
 from .models.conditioning import conditioning_numbers, micro_conditioning
 from .models.config import ModelConfig
@@ -528,20 +529,22 @@ def _run_sampler(pipe: SDXL, denoiser, x, sigmas, req: GenerationRequest, genera
 
 
 def resolve_lora(name: str, dirs: list[Path], allow_paths: bool = True) -> Path:
-    """A LoRA name -> file. Names resolve inside `dirs` only (no `..`, no absolute paths, no symlinks out);
-    `allow_paths` (CLI, Python API) also accepts an existing file path."""
+    """A LoRA name -> file, inside one of `dirs` (`files.resolve_in_folder`: no absolute paths, no `..`,
+    no symlinks out). `allow_paths` (CLI, Python API) also accepts an existing file path; the server turns
+    it off, except for a path it resolved inside its own folder."""
     p = Path(name).expanduser()
     if allow_paths and p.is_file():
         return p
     roots = [Path(d).resolve() for d in dirs]
     if p.is_absolute() and p.is_file() and any(p.resolve().is_relative_to(r) for r in roots):
         return p.resolve()  # already resolved inside an allowed folder (the server does this)
-    if not p.is_absolute() and ".." not in p.parts:
-        for d in dirs:
-            root = Path(d).resolve()
-            for cand in (root / name, root / f"{name}.safetensors"):
-                if cand.is_file() and cand.resolve().is_relative_to(root):
-                    return cand.resolve()
+    for d in dirs:
+        try:
+            return resolve_in_folder(Path(d), name, "LoRA", (".safetensors",), files_only=True)
+        except NameNotFound:
+            continue
+        except BadName as e:
+            raise RequestError(str(e)) from None
     raise RequestError(f"LoRA {name!r}: not found" + (f" in {', '.join(map(str, dirs))}" if dirs else ""))
 
 
