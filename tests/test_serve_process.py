@@ -221,6 +221,65 @@ def test_api_on_a_real_server_and_restart(model_file, tmp_path):
         assert server.stop() in GRACEFUL_EXIT
 
 
+def test_webuiapi_client_on_the_shipped_model_gives_the_cli_image(tmp_path):
+    """A real A1111 client (webuiapi from PyPI) asks the shipped zero-terminal-SNR model for "DPM++ 2M" with
+    its default scheduler ("automatic"): the server resolves the names as `sdxl generate` does (trailing, not
+    Karras, which gave coloured noise), so the image is the CLI's image for the same seed, steps and size."""
+    import numpy as np
+    import webuiapi
+
+    prompt = "a red circle above a blue square"
+    server = Server("default", tmp_path / "data", "--threads", "2").wait_ready()
+    try:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)  # calls /sdapi/v1/scripts on connect
+        result = api.txt2img(prompt=prompt, seed=1, steps=8, width=256, height=256, cfg_scale=5,
+                             sampler_name="DPM++ 2M")
+        assert result.info["all_seeds"] == [1] and result.info["scheduler"] == "Trailing"
+        flags = server.client.get("/sdapi/v1/cmd-flags").json()
+        assert flags["threads"] == 2  # --threads set torch's thread count in the server process
+    finally:
+        assert server.stop() in GRACEFUL_EXIT
+    out = tmp_path / "cli.png"
+    r = subprocess.run([sys.executable, "-m", "sdxl", "generate", prompt, "--seed", "1", "--steps", "8",
+                        "-W", "256", "-H", "256", "--cfg", "5", "--sampler", "DPM++ 2M", "-o", str(out)],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    served = np.asarray(result.image.convert("RGB"), dtype=np.int16)
+    cli = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+    assert served.shape == cli.shape == (256, 256, 3)
+    assert np.abs(served - cli).max() <= 1
+    # not noise: neighbouring pixels are close (2.2 levels on average here; Karras on this model: 5.4)
+    assert np.abs(np.diff(served, axis=0)).mean() < 3.5 and np.abs(np.diff(served, axis=1)).mean() < 3.5
+
+
+# Runs `sdxl serve` (or `python -m sdxl.serve`) with the `fastapi` import failing, as without the extra.
+_WITHOUT_FASTAPI = """
+import sys
+
+class _NoFastAPI:
+    def find_spec(self, name, path=None, target=None):
+        if name == "fastapi" or name.startswith("fastapi."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _NoFastAPI())
+import runpy
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("entry", [["sdxl", "serve"], ["sdxl.serve"]])
+def test_serve_without_the_extra_is_a_one_line_error(tmp_path, entry):
+    r = subprocess.run([sys.executable, "-c", _WITHOUT_FASTAPI, *entry, "--data-dir", str(tmp_path),
+                        "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "'fastapi'" in lines[0] and "pip install 'sdxl[serve]'" in lines[0]
+
+
 def test_non_loopback_bind_needs_an_api_key(model_file, tmp_path):
     args = [sys.executable, "-m", "sdxl.serve", "--model", str(model_file), "--data-dir", str(tmp_path),
             "--host", "0.0.0.0", "--port", str(free_port())]

@@ -158,6 +158,12 @@ def test_generate_in_the_browser(model_file, tmp_path):
             browser, page, errors = open_page(pw)
             page.goto(url + "/")
             wait_ready(page)
+            # idle: no preview image shown (no broken-image icon); the CSS must not override `hidden`
+            assert page.get_attribute("#preview", "hidden") is not None
+            assert not page.locator("#preview").is_visible()
+            assert page.eval_on_selector("#preview", "e => getComputedStyle(e).display") == "none"
+            # the refiner choice lists refiner checkpoints only (this tiny base model has none)
+            assert page.eval_on_selector_all("#refiner option", "os => os.map(o => o.value)") == [""]
             # the form is filled from /info: samplers, schedules, the paper's size buckets
             assert page.locator("#sampler option").count() >= 10
             sizes = page.eval_on_selector_all("#size-preset option", "os => os.map(o => o.value)")
@@ -186,6 +192,7 @@ def test_generate_in_the_browser(model_file, tmp_path):
             assert page.evaluate("window.sdxl.events.filter(e => e.type === 'progress')"
                                  ".every(e => e.preview.startsWith('data:image/jpeg;base64,'))")
             assert page.get_attribute("#preview", "src").endswith(".png")
+            assert page.locator("#preview").is_visible()
             assert float(page.get_attribute("#progress", "data-progress")) == 1.0
 
             # the gallery shows the image (loaded, 128 px) with its parameters

@@ -591,7 +591,7 @@ def make_router(service: Service) -> APIRouter:
             "cors_allow_origins": ",".join(st.allowed_origins) or None,
             "device": st.device,
             "dtype": st.dtype,
-            "threads": st.threads,
+            "threads": torch.get_num_threads(),
             "compile": st.compile,
             "preview": st.preview,
         }

@@ -233,10 +233,9 @@ class ModelHost:
         if dtype_name == "auto":
             dtype_name = "fp16" if device.startswith("cuda") else "fp32"
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
-        # `compile` is passed only when asked for, so a pipeline without the option still loads normally
-        extra = {"compile": True} if self.settings.compile else {}
-        log.info("loading %s on %s (%s)%s", path, device, dtype_name, " compiled" if extra else "")
-        return self._prepare(SDXL.load(path, device=device, dtype=dtype, **extra))
+        compile_ = self.settings.compile
+        log.info("loading %s on %s (%s)%s", path, device, dtype_name, ", compiled" if compile_ else "")
+        return self._prepare(SDXL.load(path, device=device, dtype=dtype, compile=compile_))
 
     def _prepare(self, pipe):
         """LoRA names (request fields and prompt tags) resolve inside the LoRA folder only; the
