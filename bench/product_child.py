@@ -8,14 +8,16 @@ load one single-file SDXL checkpoint and make one txt2img image, timing the load
 configs and tokenizers only, so nothing is downloaded), float32, its default Euler scheduler ("leading"),
 `pipe(prompt, ...)`. This branch imports nothing of ours. `ours`: `sdxl.load(MODEL)` and
 `pipe.generate(GenerationRequest(...))` with the same sampler, schedule, guidance and seed.
-Prints one JSON line: {"load_s": ..., "generate_s": ...} (the generate call includes text encoding, the
-sampling steps and the VAE decode, as each library runs them).
+Prints one JSON line: {"load_s": ..., "generate_s": ..., "peak_gib": ...} (the generate call includes text
+encoding, the sampling steps and the VAE decode, as each library runs them; peak_gib is the process's peak
+resident memory, which counts the pages of a memory-mapped file it touched).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 
@@ -70,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_s, generate_s = (run_diffusers if args.impl == "diffusers" else run_ours)(args)
-    print(json.dumps({"load_s": round(load_s, 3), "generate_s": round(generate_s, 3)}), flush=True)
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    print(json.dumps({"load_s": round(load_s, 3), "generate_s": round(generate_s, 3),
+                      "peak_gib": round(peak_gib, 2)}), flush=True)
     return 0
 
 

@@ -757,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report_quality(run, state)
     notes += run.notes
-    if device.type == "cpu":
+    if device.type == "cpu" and "unet" in state:
         notes.append(f"process peak resident memory {process_peak_gib():.1f} GiB (one copy of the weights: "
                      "diffusers' modules hold our tensors)")
     notes += ratio_lines(report)
@@ -1193,8 +1193,9 @@ def run_product_stage(run: Runner, state: dict) -> list[str]:
     """What a user runs, timed as whole processes on one file: `sdxl generate` (load, text, sampling, VAE,
     PNG with its metadata and the model hash) against a script calling diffusers'
     `StableDiffusionXLPipeline.from_single_file` and `pipe(...)` on the same file, same size, steps,
-    sampler (Euler, "leading"), guidance and seed, both float32. Plus each one's generate call alone
-    (`bench/product_child.py`: load and generate timed inside the process). Interleaved rounds, min taken.
+    sampler (Euler, "leading"), guidance and seed, both float32. Plus each one's load and generate call
+    alone and its peak resident memory (`bench/product_child.py`, timed inside the process). Interleaved
+    rounds, min taken.
 
     The checkpoint (random weights, 6.9 GB at full size) is written under --product-dir (default: a new
     folder in the system temp dir) and deleted afterwards unless --keep-product-files."""
@@ -1227,6 +1228,7 @@ def run_product_stage(run: Runner, state: dict) -> list[str]:
                   f"{model.name} $DIR/diffusers_config OUT.png {shlex.join(common)}`"]
         times: dict[str, list[float]] = {k: [] for k in ("ours", "diffusers", "ours_gen", "diffusers_gen",
                                                           "ours_load", "diffusers_load")}
+        peaks: dict[str, float] = {}
         for r in range(args.rounds):
             wall, _ = _timed(ours_cli, env)
             times["ours"].append(wall)
@@ -1236,12 +1238,14 @@ def run_product_stage(run: Runner, state: dict) -> list[str]:
             inner = json.loads(out.strip().splitlines()[-1])
             times["diffusers_gen"].append(inner["generate_s"])
             times["diffusers_load"].append(inner["load_s"])
+            peaks["diffusers"] = max(peaks.get("diffusers", 0.0), inner.get("peak_gib", 0.0))
             print(f"[product] round {r + 1}: diffusers {wall:.1f} s (load {inner['load_s']:.1f} s, generate "
                   f"{inner['generate_s']:.1f} s)", flush=True)
             _, out = _timed(ours_api, env)
             inner = json.loads(out.strip().splitlines()[-1])
             times["ours_gen"].append(inner["generate_s"])
             times["ours_load"].append(inner["load_s"])
+            peaks["ours"] = max(peaks.get("ours", 0.0), inner.get("peak_gib", 0.0))
             print(f"[product] round {r + 1}: ours load {inner['load_s']:.1f} s, generate "
                   f"{inner['generate_s']:.1f} s", flush=True)
         best = {k: min(v) for k, v in times.items()}
@@ -1252,8 +1256,10 @@ def run_product_stage(run: Runner, state: dict) -> list[str]:
                     note=f"first run {times['ours'][0]:.1f} s (cold hash cache)"))
         rep.add(Row("diffusers", "product", "from_single_file + pipe(), whole process", "fp32",
                     best["diffusers"] * 1000))
-        rep.add(Row("ours", "product", "load (sdxl.load)", "fp32", best["ours_load"] * 1000))
-        rep.add(Row("diffusers", "product", "load (from_single_file)", "fp32", best["diffusers_load"] * 1000))
+        rep.add(Row("ours", "product", "load (sdxl.load)", "fp32", best["ours_load"] * 1000,
+                    peak_gib=peaks.get("ours")))
+        rep.add(Row("diffusers", "product", "load (from_single_file)", "fp32", best["diffusers_load"] * 1000,
+                    peak_gib=peaks.get("diffusers")))
         rep.add(Row("ours", "product", "generate call (text + sampling + decode)", "fp32",
                     best["ours_gen"] * 1000))
         rep.add(Row("diffusers", "product", "pipe() call (text + sampling + decode)", "fp32",
