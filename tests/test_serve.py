@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from starlette.websockets import WebSocketDisconnect
 
+import sdxl.serve.modelhost as modelhost
 from sdxl.assets import default_model_path
 from sdxl.errors import Interrupted
 from sdxl.models.config import tiny_config
@@ -467,6 +468,39 @@ def test_previews_of_the_shipped_model_have_the_result_colours(tmp_path):
     assert mean_abs(latent_preview(final), result) > 40  # the SDXL map on this model's latents
 
 
+def test_compile_loads_compiled_and_warms_up_before_the_first_job(folders, monkeypatch):
+    """--compile: models load with SDXL.load(..., compile=True), and the worker runs one small generation
+    at the model's native size before taking jobs (so the first request does not pay for compiling)."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_config(), sample_size=64)
+    model = SDXL(cfg, UNet(cfg.unet).eval(), AutoencoderKL(cfg.vae).eval(),
+                 TextEncoders(cfg.text_l, cfg.text_g).eval())
+    loads, runs = [], []
+    generate = model.generate
+
+    def recording_generate(req, *args, **kw):
+        runs.append(req)
+        return generate(req, *args, **kw)
+
+    class FakeSDXL:
+        @staticmethod
+        def load(path, device="cpu", dtype=torch.float32, compile=False, **kw):
+            loads.append((Path(path), compile))
+            return model
+
+    model.generate = recording_generate
+    monkeypatch.setattr(modelhost, "SDXL", FakeSDXL)
+    path = folders / "models" / "other.safetensors"
+    app = create_app(make_settings(folders, model=str(path), compile=True))
+    with local_client(app) as c:
+        assert app.state.manager.warmed_up.wait(60)
+        assert loads == [(path, True)]
+        assert [(r.width, r.height, r.steps) for r in runs] == [(64, 64, 2)]  # native size, before any job
+        job = wait_job(c, c.post("/jobs", json=job_body()).json()["id"])
+        assert job["status"] == "done" and len(loads) == 1  # the job ran on the warmed-up model
+    assert make_settings(folders).warmup is False and make_settings(folders, compile=True).warmup is True
+
+
 def test_a1111_png_info(client):
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "a green triangle", "steps": 2, "width": 64,
                                                 "height": 64, "seed": 42})
@@ -684,6 +718,12 @@ def test_api_key_is_enforced_on_every_route(pipe, folders):
         assert c.get("/jobs", headers={"Authorization": "Bearer s3cret key"}).status_code == 200
         assert c.get("/jobs", headers={"X-API-Key": "s3cret key"}).status_code == 200
         assert c.get("/jobs", headers={"Cookie": "sdxl_api_key=s3cret%20key"}).status_code == 200
+        # A1111 clients log in with HTTP basic auth: any user name, the key as password
+        basic = "Basic " + base64.b64encode(b"sdxl:s3cret key").decode()
+        assert c.get("/sdapi/v1/sd-models", headers={"Authorization": basic}).status_code == 200
+        wrong = "Basic " + base64.b64encode(b"sdxl:s3cret").decode()
+        assert c.get("/sdapi/v1/sd-models", headers={"Authorization": wrong}).status_code == 401
+        assert c.get("/jobs", headers={"Authorization": "Basic %%%"}).status_code == 401
         # the web UI's static files load without the key (they hold no data)
         assert c.get("/").status_code == 200 and c.get("/static/app.js").status_code == 200
         with pytest.raises(WebSocketDisconnect):

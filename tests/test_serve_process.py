@@ -66,7 +66,8 @@ class Server:
                 "--port", str(self.port), "--log-level", "warning", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(args, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, env=env)
-        self.client = httpx.Client(base_url=self.url, timeout=60)
+        key = extra[extra.index("--api-key") + 1] if "--api-key" in extra else None
+        self.client = httpx.Client(base_url=self.url, timeout=60, headers={"X-API-Key": key} if key else None)
 
     def wait_ready(self, timeout: float = 90.0) -> Server:
         end = time.monotonic() + timeout
@@ -229,9 +230,12 @@ def test_webuiapi_client_on_the_shipped_model_gives_the_cli_image(tmp_path):
     import webuiapi
 
     prompt = "a red circle above a blue square"
-    server = Server("default", tmp_path / "data", "--threads", "2").wait_ready()
+    server = Server("default", tmp_path / "data", "--threads", "2", "--api-key", "k3y").wait_ready()
     try:
-        api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)  # calls /sdapi/v1/scripts on connect
+        # with a key, A1111 clients log in by HTTP basic auth (the README's example)
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, username="sdxl", password="k3y")
+        assert "API key" in webuiapi.WebUIApi(host="127.0.0.1", port=server.port).get_sd_models()["detail"]
+        assert [m["title"] for m in api.get_sd_models()] == ["base.safetensors"]
         result = api.txt2img(prompt=prompt, seed=1, steps=8, width=256, height=256, cfg_scale=5,
                              sampler_name="DPM++ 2M")
         assert result.info["all_seeds"] == [1] and result.info["scheduler"] == "Trailing"

@@ -12,7 +12,10 @@ Mapping to `GenerationRequest`:
   model's native size; A1111 would use 512, which SDXL draws badly) | seed (-1 = random) | batch_size ->
   batch | n_iter: the request runs n_iter times, seeds advancing by batch_size, as A1111 does |
   sampler_name ("DPM++ 2M", "Euler a", old "DPM++ 2M Karras" too; absent: sampler_index, default
-  "Euler", as A1111's API) | scheduler ("Automatic": the sampler's preferred schedule, as A1111 1.9+) |
+  "Euler", as A1111's API) | scheduler ("Automatic": the sampler's preferred schedule, as A1111 1.9+, and
+  "trailing" on a zero-terminal-SNR model). Sampler and scheduler go into the request as the client named
+  them; the one resolve step, against the model that runs the job, makes them canonical (as for the CLI
+  and the web UI), and `info` reports what ran |
   eta | refiner_checkpoint + refiner_switch_at | denoising_strength -> strength (img2img) |
   init_images[0], mask, mask_blur, inpainting_mask_invert (img2img) | override_settings:
   sd_model_checkpoint (a model name in the models folder) and CLIP_stop_at_last_layers -> clip_skip.
@@ -22,6 +25,14 @@ because the client would get a different picture than it asked for: hires fix (`
 `alwayson_scripts` (ControlNet and other extensions), variation seeds (`subseed_strength` > 0), tiling and
 saved styles. Purely cosmetic or server-side fields (restore_faces, save_images, s_churn, ...) are accepted
 and ignored.
+
+Control: /progress (with a live preview), /interrupt (the job ends; its answer includes the stopped image,
+decoded from where sampling was, as A1111 does) and /skip (the current image stops and is kept, the next
+iteration runs). Listings clients call when they connect answer in A1111's shapes with what this server
+has: sd-models (each checkpoint once, refiners after base models), samplers, schedulers, loras, embeddings
+(the textual inversions of the embeddings folder), options, cmd-flags, memory, and empty lists for upscalers,
+latent-upscale-modes, sd-vae, sd-modules, prompt-styles, face-restorers, realesrgan-models, hypernetworks
+and scripts.
 """
 
 from __future__ import annotations

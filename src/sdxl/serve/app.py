@@ -15,7 +15,7 @@ Routes (all need the API key when one is set, except the web UI's static files):
     POST /jobs/{id}/cancel      cancel (DELETE /jobs/{id} does the same)
     GET  /images/{name}         a result PNG (with its metadata)
     WS   /ws/jobs/{id}          JSON events: status, progress (with a JPEG preview), finished
-    /sdapi/v1/...               the A1111 subset, see a1111.py
+    /sdapi/v1/...               the A1111 subset, see a1111.py (shared code: service.py)
     GET  /openapi.json, /docs   the schema (FastAPI)
 
 Errors are JSON `{"detail": "..."}` with a message that names the field: 400 bad value, 401 no or wrong
@@ -24,8 +24,10 @@ JSON/type errors, 429 queue full, 503 shutting down.
 
 Security, in `Guard` (one ASGI middleware in front of everything):
   - Without an API key (loopback only), requests must be addressed to a loopback Host (DNS rebinding).
-  - API key: `Authorization: Bearer KEY`, `X-API-Key: KEY`, or the `sdxl_api_key` cookie (SameSite=Strict;
-    the web UI sets it so that <img> tags and the websocket carry the key). Compared in constant time.
+  - API key: `Authorization: Bearer KEY`, `X-API-Key: KEY`, HTTP basic auth with the key as password and
+    any user name (what A1111 clients send for A1111's `--api-auth`), or the `sdxl_api_key` cookie
+    (SameSite=Strict; the web UI sets it so that <img> tags and the websocket carry the key). Compared in
+    constant time.
   - Cross-origin requests (a foreign `Origin` header) are refused unless listed in `allowed_origins`. This
     stops any web page the user visits from driving a server on localhost (for example a form POST to
     /sdapi/v1/interrupt, which needs no body) or reading progress over a websocket.
@@ -35,6 +37,8 @@ Security, in `Guard` (one ASGI middleware in front of everything):
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import dataclasses
 import hmac
 import logging
@@ -112,6 +116,12 @@ class Guard:
         auth = headers.get("authorization", "")
         if auth.lower().startswith("bearer "):
             candidates.append(auth[7:].strip())
+        elif auth.lower().startswith("basic "):  # A1111 clients' --api-auth: any user, the key as password
+            try:
+                user_pass = base64.b64decode(auth[6:].strip(), validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                user_pass = ""
+            candidates.append(user_pass.partition(":")[2])
         if "x-api-key" in headers:
             candidates.append(headers["x-api-key"].strip())
         for part in headers.get("cookie", "").split(";"):
