@@ -513,7 +513,8 @@ class JobManager:
         for image, seed, info in zip(images, seeds, infos):
             name = f"{job.id}-{len(job.images):02d}.png"
             single = self._public_request(job, resolved.replace(seed=int(seed), batch=1))
-            single["init_image"] = single["mask_image"] = None
+            for key in ("init_image", "mask_image"):  # the record marks an image it cannot hold
+                single[key] = "<image>" if single[key] is not None else None
             record = {"request": single, "model": job.request.get("model") or self._default_model_name(),
                       "version": __version__, "job": job.id}
             write_png(image, self.outputs / name, info, record)
