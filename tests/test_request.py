@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from sdxl.cli import _field_flags, _request_fields, app
 from sdxl.errors import RequestError
 from sdxl.models.config import ModelConfig, tiny_config
-from sdxl.request import GenerationRequest, iteration_seeds
+from sdxl.request import GenerationRequest, LoraSpec, iteration_seeds
 
 runner = CliRunner()
 
@@ -48,6 +48,11 @@ def test_resolve_is_pure_and_fills_everything_from_the_model():
 def test_non_finite_and_out_of_range_values_are_refused(field, value):
     with pytest.raises(RequestError, match=field):
         GenerationRequest(prompt="x", **{field: value}).validate()
+
+
+def test_loras_become_lora_specs_from_any_container():
+    for given in ([{"name": "a", "weight": 0.5}], ({"name": "a", "weight": 0.5},), [("a", 0.5)]):
+        assert GenerationRequest(prompt="x", loras=given).loras == (LoraSpec("a", 0.5),)
 
 
 def test_iteration_seeds():

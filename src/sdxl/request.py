@@ -105,7 +105,9 @@ class GenerationRequest:
     watermark: bool = _f(False, "Add the official invisible watermark.")
 
     def __post_init__(self):
-        if not isinstance(self.loras, tuple):  # lists (JSON, callers) become tuples: the request is immutable
+        # lists and dicts (JSON, pydantic's model_dump, callers) become a tuple of LoraSpec: the request is
+        # immutable and every reader sees one type
+        if not (isinstance(self.loras, tuple) and all(isinstance(x, LoraSpec) for x in self.loras)):
             object.__setattr__(self, "loras", tuple(_lora(x) for x in self.loras or ()))
 
     def replace(self, **changes: Any) -> GenerationRequest:
