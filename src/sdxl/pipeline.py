@@ -19,16 +19,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from .assets import DEFAULT_NAME, default_model_path
+from .data.images import load_image
 from .errors import BadName, Interrupted, NameNotFound, NumericsError
 from .files import resolve_in_folder
 from .metadata import lora_hash, request_infotext, short_hash
 from .models.conditioning import conditioning_numbers, micro_conditioning
 from .models.config import ModelConfig
 from .models.fast import speed_up
-from .models.text import TextEncoders
+from .models.text import CLIPTextTower, TextEncoders
+from .models.unet import UNet
+from .models.vae import AutoencoderKL
 from .models.vae_utils import vae_decode, vae_encode
 from .prompt_encoding import TextStack, encode_schedule, encode_text, encode_weighted
 from .prompts import EmbeddingLibrary, extract_loras
@@ -40,6 +43,7 @@ from .sampling.schedules import get_sigmas
 from .tokenizer import CLIPTokenizer
 from .version import __version__
 from .watermark import apply_watermark
+from .weights.checkpoint import build_module, read_checkpoint
 from .weights.lora import LoraSet, apply, load_lora, lora_models
 
 log = logging.getLogger(__name__)
@@ -121,11 +125,6 @@ class SDXL:
         best attention kernel); fast=False keeps the literal modules. compile=True also compiles the UNet
         with torch.compile, keeping Inductor's kernels in an on-disk cache so the next start skips compiling.
         """
-        from .models.text import CLIPTextTower, TextEncoders
-        from .models.unet import UNet
-        from .models.vae import AutoencoderKL
-        from .weights.checkpoint import build_module, read_checkpoint
-
         ck = read_checkpoint(path, allow_pickle=allow_pickle)
         cfg = ck.config
         name = str(path)
@@ -352,8 +351,6 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 def from_pil(image: Image.Image | str | Path, width: int, height: int) -> torch.Tensor:
     """A PIL image (or path) -> [1, 3, H, W] in [-1, 1], resized to (width, height) if needed."""
-    from .data.images import load_image
-
     if not isinstance(image, Image.Image):
         image = load_image(image)
     image = image.convert("RGB")
@@ -411,10 +408,6 @@ def _load_mask(mask, width: int, height: int, blur: int) -> torch.Tensor:
     """White = repaint. Returns [1, 1, H, W] in [0, 1]: grey levels, resized (Lanczos, as diffusers'
     VaeImageProcessor) and Gaussian-blurred by `blur` pixels (A1111's mask blur). This soft mask is the one
     the final paste uses; the latents see it thresholded at 0.5 (`_latent_mask`)."""
-    from PIL import ImageFilter
-
-    from .data.images import load_image
-
     if not isinstance(mask, Image.Image):
         mask = load_image(mask)
     m = mask.convert("L")

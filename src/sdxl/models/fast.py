@@ -504,7 +504,7 @@ def configure_inductor(device_type: str) -> None:
       hooks (`sdxl.weights.lora.apply`) would silently not run; guarding them recompiles instead.
     """
     import torch._dynamo.config as dynamo_config  # lazy: the compiler stack (~1 s) only when compiling
-    import torch._inductor.config as inductor_config
+    import torch._inductor.config as inductor_config  # lazy: Inductor loads only when compiling
 
     inductor_config.conv_1x1_as_mm = True
     dynamo_config.skip_nnmodule_hook_guards = False
