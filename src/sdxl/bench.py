@@ -1105,14 +1105,14 @@ def run_e2e_diffusers(run: Runner, state: dict) -> list[str]:
     force_upcast default), EulerDiscreteScheduler with the SDXL "leading" config.
 
     Runs last: it converts the shared UNet to that precision, which invalidates compiled graphs."""
+    args, device = run.args, run.device
+    if args.no_diffusers or "hf_text" not in state or "unet" not in state:
+        return []
     from diffusers import (  # lazy: optional dependency
         EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
     )
 
-    args, device = run.args, run.device
-    if args.no_diffusers or "hf_text" not in state or "unet" not in state:
-        return []
     unet, vae = state["unet"], ensure_vae(run, state)
     for key in ("unet_graphed", "unet_compiled"):  # their graphs read weights that are replaced below
         state.pop(key, None)
