@@ -25,7 +25,8 @@ from sdxl.models.unet import Attention, BasicTransformerBlock, ResBlock, UNet
 from sdxl.models.vae import AutoencoderKL
 from sdxl.pipeline import SDXL
 from sdxl.request import GenerationRequest, LoraSpec
-from test_lora import write_kohya
+from sdxl.weights import lora as L
+from test_lora import make_models, outputs, write_kohya
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -182,6 +183,27 @@ def test_load_applies_the_exact_switches_and_generates_the_eager_image(tiny_file
         assert err <= 1e-5, err
         latents.append(a.latents)
     assert not torch.allclose(latents[0], latents[1], atol=1e-3)  # the LoRA did change the image
+
+
+def test_lora_fused_into_the_weights_of_a_fused_model(tmp_path):
+    """`LoraPatch.fuse()` writes W + delta into the Parameters in place; on a fused model they are rows of the
+    fused matrix, so the one-matmul path computes with the LoRA; `unfuse()` restores every bit."""
+    lora = L.load_lora(write_kohya(tmp_path, seed=4)[0])
+    plain, quick = make_models(), make_models()
+    fast.fuse_qkv(quick["unet"])
+    with torch.no_grad():
+        before = outputs(quick)
+        with L.apply(plain, lora) as p_plain, L.apply(quick, lora) as p_quick:
+            p_plain.fuse()
+            p_quick.fuse()
+            attn = quick["unet"].input_blocks[4][1].transformer_blocks[0].attn1
+            assert attn.fused_qkv and attn.views_intact()  # the one-matmul path, over the patched rows
+            want, got = outputs(plain), outputs(quick)
+            p_quick.unfuse()
+        after = outputs(quick)
+    assert all(rel_err(g, w) <= 1e-5 for g, w in zip(got, want))
+    assert rel_err(got[0], before[0]) > 1e-3  # the LoRA did change the UNet's output
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
 
 
 def test_compile_guards_hooks_so_a_later_lora_runs():
