@@ -4,8 +4,9 @@
 #   bash scripts/train_default.sh [WORKDIR] [SCALE]
 #
 # SCALE multiplies every step count (1 = the shipped run; tests/test_default_model.py runs 0.005 as a smoke test).
-# Stages: the procedural dataset -> the VAE -> base UNet + both text towers jointly -> refiner (t < 200) ->
-# fp16 official-layout single files. Architecture: configs/mini/base.json and configs/mini/refiner.json.
+# Stages: the procedural dataset -> the VAE -> base UNet + both text towers jointly -> refiner (t < 200, then
+# t < 300 at 256 px) -> fp16 official-layout single files. Architecture: configs/mini/base.json and
+# configs/mini/refiner.json.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 work="${1:-runs/default}"
@@ -115,8 +116,9 @@ sdxl train "${common[@]}" "${base_common[@]}" "${cached[@]}" --data "$work/shape
     --set checkpoint.every=500 --set optim.warmup_steps=50 --set optim.schedule=cosine --set optim.min_lr_ratio=0.1 \
     --set ema.decay=0.998
 
-# 4. refiner: its own small bigG-style tower and UNet, on the 200 lowest noise levels (first on the first VAE,
-#    then regrouped and trained on the final VAE's latents)
+# 4. refiner: its own small bigG-style tower and UNet, eps-prediction on the standard noise table. Lineage:
+#    a. on the 200 lowest noise levels at 128 px, first on the first VAE, then regrouped and trained on the final
+#       VAE's latents (first session);
 sdxl train "${common[@]}" --output "$work/refiner0" --steps "$(steps 250)" --batch-size 16 --resolution 128 \
     --lr 1e-3 --set model.config="$here/configs/mini/refiner32.json" --set model.vae="$work/vae2/vae.safetensors" \
     --set train.train_text_encoders=true --set loss.latent_sample=false --set optim.warmup_steps=30 \
@@ -126,10 +128,33 @@ sdxl train "${common[@]}" "${cached[@]}" --output "$work/refiner" --steps "$(ste
     --batch-size 16 --resolution 128 --lr 5e-4 --init "$work/refiner-g8.safetensors" \
     --set train.train_text_encoders=true --set loss.latent_sample=false --set optim.warmup_steps=30 \
     --set optim.schedule=cosine --set ema.enabled=true --set ema.decay=0.99 --set checkpoint.every=100
+#    b. seventh session (ABLATION.md section 12): that refiner denoised real latents at the hand-off with twice
+#       the base's error and speckled every image. Continued at 256 px (the size it refines) on t < 300 (the
+#       hand-off from the zero-terminal-SNR base at switch 0.8 reaches t = 210 of the refiner's table, SDEdit at
+#       strength 0.3 t = 299), on the scenes plus every tenth scene again with an empty caption and aesthetic
+#       score 2.5: the unconditional branch the pipeline gives a refiner (its empty prompt encoded, the
+#       negative aesthetic score 2.5; caption dropout would train zero text instead, so `data.ucg = 0`).
+#       As it ran, it started from the shipped fp16 export of stage a (1 thread, 69 min).
+python3 - "$work/shapes" <<'PY'
+import json, sys
+from pathlib import Path
+folder = Path(sys.argv[1])
+rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+with open(folder / "refiner.jsonl", "w") as f:
+    for i, row in enumerate(rows):
+        f.write(json.dumps(row) + "\n")
+        if i % 10 == 0:
+            f.write(json.dumps({**row, "caption": "", "aesthetic_score": 2.5}) + "\n")
+PY
+sdxl train "${common[@]}" "${cached[@]}" --data "$work/shapes/refiner.jsonl" --output "$work/refiner-r" \
+    --steps "$(steps ${REFINER2_STEPS:-2000})" --batch-size 16 --resolution 256 --lr 3e-4 --seed 17 \
+    --init "$work/refiner/model.safetensors" --set train.train_text_encoders=true --set loss.latent_sample=false \
+    --set data.ucg=0 --set loss.timestep_max=300 --set optim.warmup_steps=30 --set optim.schedule=cosine \
+    --set optim.min_lr_ratio=0.1 --set ema.enabled=true --set ema.decay=0.995 --set checkpoint.every=250
 
 # 5. the final models carry the final VAE (the trainer writes the VAE it trained on into model.safetensors)
 cp "$work/base-o/model.safetensors" "$work/base-final.safetensors"
-cp "$work/refiner/model.safetensors" "$work/refiner-final.safetensors"
+cp "$work/refiner-r/model.safetensors" "$work/refiner-final.safetensors"
 
 # 6. ship: fp16, official single-file layout (sdxl inspect reads them like any SDXL file)
 mkdir -p "$work/ship"
