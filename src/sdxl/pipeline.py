@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -573,6 +573,13 @@ def run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: S
             patch.remove()
 
 
+def refiner_request(req: GenerationRequest, refiner: SDXL) -> GenerationRequest:
+    """`req` (resolved against the base) as the refiner runs it: with the refiner checkpoint's own prediction
+    type and noise table. The hand-off is by sigma, the noise level both tables share."""
+    cfg = refiner.config
+    return replace(req, prediction=cfg.prediction, zero_terminal_snr=cfg.zero_terminal_snr)
+
+
 def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: SDXL | None = None):
     if pipe.unet is None or pipe.vae is None:
         raise RequestError(f"model {pipe.path}: needs a UNet and a VAE to generate (this file lacks one)")
@@ -602,20 +609,21 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
         x = _run_sampler(pipe, denoiser, x, base_sigmas, req, generator, "base", callback)
 
     if refiner is not None:
+        rreq = refiner_request(req, refiner)
         with refiner.on_device(refiner.text):
-            rcond, runcond = refiner.text_conditioning(req, B)
+            rcond, runcond = refiner.text_conditioning(rreq, B)
         _check_conditioning(rcond, runcond, "refiner")
         if ref_sigmas is None:  # SDEdit: re-noise the finished latents and denoise the tail
             ref_sigmas = S.img2img_sigmas(
-                refiner.sigmas_for(req, req.refiner_steps).to(pipe.device), req.refiner_strength
+                refiner.sigmas_for(rreq, req.refiner_steps).to(pipe.device), req.refiner_strength
             )
             x = x + _noise([s + 1 for s in seeds], lat_shape, pipe.device) * ref_sigmas[0]
-        rden = refiner.make_denoiser(rcond, runcond, req, ref_sigmas)
+        rden = refiner.make_denoiser(rcond, runcond, rreq, ref_sigmas)
         if mask is not None and extra is None and init is not None:
             rden = _masked(rden, init, noise, lat_mask)
         with refiner.on_device(refiner.unet):
             x = x.to(refiner.device)
-            x = _run_sampler(refiner, rden, x, ref_sigmas, req, generator, "refiner", callback)
+            x = _run_sampler(refiner, rden, x, ref_sigmas, rreq, generator, "refiner", callback)
 
     _check_finite(x, "the final latents")
     with pipe.on_device(pipe.vae):
