@@ -14,8 +14,7 @@ torch.set_num_threads(max(1, min(2, int(os.environ.get("OMP_NUM_THREADS", "2")))
 def tiny_files(tmp_path_factory):
     """{"base", "refiner", "inpaint"} -> path of a tiny random official-layout .safetensors file."""
     from sdxl.models.config import tiny_config
-    from sdxl.weights.checkpoint import random_checkpoint
-    from sdxl.weights.checkpoint import write_single_file
+    from sdxl.weights.checkpoint import random_checkpoint, write_single_file
 
     d = tmp_path_factory.mktemp("tiny_models")
     out, vae = {}, None

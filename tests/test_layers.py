@@ -39,11 +39,14 @@ def function_level_imports(path: Path, root: Path = ROOT) -> list[str]:
 
 def test_function_level_imports_say_why():
     offenders = [x for p in sorted(SRC.rglob("*.py")) for x in function_level_imports(p)]
-    assert not offenders, f"{len(offenders)} function-level imports without a reason:\n" + "\n".join(offenders)
+    assert not offenders, f"{len(offenders)} function-level imports without a reason:\n" + "\n".join(
+        offenders
+    )
 
 
 def test_the_checker_sees_a_bare_function_import(tmp_path):
     f = tmp_path / "m.py"
-    f.write_text("def f():\n    import json\n    return json\n\n\ndef g():\n    import torch  # lazy: heavy\n")
+    f.write_text("def f():\n    import json\n    return json\n\n\n"
+                 "def g():\n    import torch  # lazy: heavy\n")
     found = function_level_imports(f, tmp_path)
     assert found == ["m.py:2: import json"]

@@ -1,3 +1,3 @@
-"""The package version, at the bottom of the import graph (PNG metadata, checkpoints and the server report it)."""
+"""The package version, at the bottom of the import graph (PNG metadata, checkpoints and the server)."""
 
 __version__ = "0.1.0"
