@@ -71,11 +71,31 @@ def euler_scheduler():
     )
 
 
-def diffusers_base_pipeline(path, tok_dir: Path, scheduler=None):
+def dpmpp_2m_karras_scheduler():
+    """diffusers' DPM-Solver++ 2M with Karras sigmas, configured as our dpmpp_2m + karras."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        use_karras_sigmas=True,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        final_sigmas_type="zero",
+        lower_order_final=True,
+        euler_at_final=False,
+    )
+
+
+def diffusers_base_pipeline(path, tok_dir: Path, scheduler=None, cls=None):
+    """A stock diffusers SDXL pipeline (`cls`, default StableDiffusionXLPipeline) on our file's weights."""
     from diffusers import StableDiffusionXLPipeline
 
     c = diffusers_components(path, tok_dir)
-    return StableDiffusionXLPipeline(
+    return (cls or StableDiffusionXLPipeline)(
         vae=c["vae"],
         text_encoder=c["text_encoder"],
         text_encoder_2=c["text_encoder_2"],

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reference import diffusers_base_pipeline, diffusers_components, euler_scheduler, psnr, to_uint8
+from reference import diffusers_base_pipeline, dpmpp_2m_karras_scheduler, euler_scheduler, psnr, to_uint8
 from sdxl.pipeline import SDXL, _masked, prepare_latents
 from sdxl.request import GenerationRequest
 
@@ -55,21 +55,7 @@ def _scheduler(sampler: str):
         from diffusers import EulerAncestralDiscreteScheduler
 
         return EulerAncestralDiscreteScheduler.from_config(euler_scheduler().config)
-    from diffusers import DPMSolverMultistepScheduler
-
-    return DPMSolverMultistepScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        use_karras_sigmas=True,
-        algorithm_type="dpmsolver++",
-        solver_order=2,
-        final_sigmas_type="zero",
-        lower_order_final=True,
-        euler_at_final=False,
-    )
+    return dpmpp_2m_karras_scheduler()
 
 
 SCHEDULE = {"euler": "leading", "euler_a": "leading", "dpmpp_2m": "karras"}
@@ -78,18 +64,8 @@ SCHEDULE = {"euler": "leading", "euler_a": "leading", "dpmpp_2m": "karras"}
 def _diffusers(kind: str, path, tmp_path, sampler: str):
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 
-    c = diffusers_components(path, tmp_path)
     cls = StableDiffusionXLInpaintPipeline if kind == "inpaint" else StableDiffusionXLImg2ImgPipeline
-    return cls(
-        vae=c["vae"],
-        text_encoder=c["text_encoder"],
-        text_encoder_2=c["text_encoder_2"],
-        tokenizer=c["tokenizer"],
-        tokenizer_2=c["tokenizer_2"],
-        unet=c["unet"],
-        scheduler=_scheduler(sampler),
-        add_watermarker=False,
-    )
+    return diffusers_base_pipeline(path, tmp_path, scheduler=_scheduler(sampler), cls=cls)
 
 
 def _decode(pipe, latents: torch.Tensor) -> np.ndarray:

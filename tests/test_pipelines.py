@@ -9,7 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from reference import diffusers_base_pipeline, diffusers_refiner_pipeline, psnr, to_uint8
+from reference import (
+    diffusers_base_pipeline,
+    diffusers_refiner_pipeline,
+    dpmpp_2m_karras_scheduler,
+    psnr,
+    to_uint8,
+)
 from sdxl.pipeline import SDXL, Interrupted
 from sdxl.request import GenerationRequest
 
@@ -65,21 +71,7 @@ def test_ensemble_of_experts_matches_diffusers(tiny_files, tmp_path, base):
 
 
 def test_dpmpp_2m_karras_matches_diffusers(tiny_files, tmp_path, base):
-    from diffusers import DPMSolverMultistepScheduler
-
-    sched = DPMSolverMultistepScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        use_karras_sigmas=True,
-        algorithm_type="dpmsolver++",
-        solver_order=2,
-        final_sigmas_type="zero",
-        lower_order_final=True,
-        euler_at_final=False,
-    )
+    sched = dpmpp_2m_karras_scheduler()
     pipe = diffusers_base_pipeline(tiny_files["base"], tmp_path, scheduler=sched)
     req = GenerationRequest(
         prompt=PROMPT, width=64, height=64, steps=8, cfg=6.0, seed=11, sampler="dpmpp_2m", schedule="karras"
