@@ -169,9 +169,11 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(tmp_path, data):
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path, data):
-    cfg = _write_config(tmp_path / "run.toml",
-                        config_dict(tmp_path / "out", data, 1000, checkpoint={"every": 0},
-                                    train={"log_every": 1}))
+    """SIGTERM mid-run: the step finishes, a checkpoint and the model are saved, exit code 0; `--resume`
+    continues from that checkpoint, and 2 steps later the weights, EMA and optimizer state equal those of a
+    run that was never stopped, bit for bit."""
+    d = config_dict(tmp_path / "out", data, 1000, checkpoint={"every": 0}, train={"log_every": 1})
+    cfg = _write_config(tmp_path / "run.toml", d)
     proc = subprocess.Popen([sys.executable, "-m", "sdxl.train", str(cfg)], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(tmp_path / "out" / "log.jsonl", proc)
@@ -179,7 +181,21 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path, data):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     assert "SIGTERM" in out
-    ckpt = C.find_checkpoint(tmp_path / "out" / "checkpoints")
+    ckpts = tmp_path / "out" / "checkpoints"
+    ckpt = C.find_checkpoint(ckpts)
     state = C.load_checkpoint(ckpt)
     assert 1 <= state.step < 1000 and ckpt.name == C.step_name(state.step)
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+    until = state.step + 2
+    done = subprocess.run([sys.executable, "-m", "sdxl.train", str(cfg), "--resume",
+                           "--set", f"train.stop_at={until}"], env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from" in done.stderr and ckpt.name in done.stderr
+    assert C.find_checkpoint(ckpts).name == C.step_name(until)
+    d["train"].update(output=str(tmp_path / "straight"), stop_at=until)
+    TR.run(TrainConfig.from_dict(d))
+    for f in ("model", "ema", "optimizer"):
+        assert same_tensors(tmp_path / "straight" / "checkpoints" / C.step_name(until) / f"{f}.safetensors",
+                            ckpts / C.step_name(until) / f"{f}.safetensors"), f

@@ -517,7 +517,10 @@ class JobManager:
                 single[key] = "<image>" if single[key] is not None else None
             record = {"request": single, "model": job.request.get("model") or self._default_model_name(),
                       "version": __version__, "job": job.id}
-            write_png(image, self.outputs / name, info, record)
+            try:
+                write_png(image, self.outputs / name, info, record)  # atomic: no partial file is left
+            except OSError as e:  # a full disk, a read-only or vanished folder: the job fails naming the file
+                raise OSError(e.errno, f"cannot save {name} in {self.outputs}: {e.strerror or e}") from e
             job.images.append(name)
             job.seeds.append(int(seed))
             job.infos.append(info)
