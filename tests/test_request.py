@@ -103,7 +103,7 @@ def test_random_seed_is_printed_and_stored(tiny_files, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--mask", "m.png"], "error: --mask: inpainting needs --init-image too"),
-    (["--cfg", "nan"], "error: --cfg: nan is outside 0..100"),
+    (["--cfg", "nan"], "error: --cfg: nan is not a finite number"),
     (["--refiner-mode", "x"], "error: --refiner-mode: 'x' is not 'ensemble' or 'sdedit'"),
 ])
 def test_request_errors_name_flags(args, message):

@@ -15,6 +15,8 @@ threads, compilation) is in `RunOptions`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,55 +134,83 @@ class GenerationRequest:
         return {"original_size": (oh, ow), "crop_top_left": (ct, cl), "target_size": (th, tw)}
 
     def validate(self, limits: Limits | None = None) -> GenerationRequest:
-        """Raise RequestError naming the first bad field. Changes nothing; returns self for chaining."""
+        """Raise RequestError naming the first bad field. Changes nothing; returns self for chaining.
+
+        This is the one check every entry point runs (Python API, CLI, native HTTP, A1111 routes, web UI):
+        strict types (a bool is not a number, a float is not an int), finite numbers inside documented
+        ranges, text that is valid Unicode (no lone surrogates: they cannot be written to a PNG or JSON
+        as UTF-8) and within its length limit, names the sampler tables know."""
         lim = limits or Limits()
-        if not isinstance(self.prompt, str):
-            raise RequestError("prompt: must be a string")
-        if len(self.prompt) > lim.max_prompt_chars:
-            raise RequestError(f"prompt: {len(self.prompt)} characters, the limit is {lim.max_prompt_chars}")
+        _check_types(self)
+        for name in TEXT_FIELDS:
+            _text(name, getattr(self, name), lim.max_prompt_chars)
+        for name in NAME_FIELDS:
+            _text(name, getattr(self, name), MAX_NAME_CHARS)
+        for key in ("init_image", "mask_image"):  # a path (CLI, Python API) or a decoded image
+            v = getattr(self, key)
+            if isinstance(v, str):
+                _text(key, v, MAX_NAME_CHARS)
+        if len(self.loras) > MAX_LORAS:
+            raise RequestError(f"loras: {len(self.loras)} LoRAs, the limit is {MAX_LORAS}")
+        for i, spec in enumerate(self.loras):
+            if not isinstance(spec.name, str) or not spec.name:
+                raise RequestError(f"loras[{i}].name: {show_value(spec.name)} is not a LoRA name")
+            _text(f"loras[{i}].name", spec.name, MAX_NAME_CHARS)
+            if not _is_number(spec.weight):
+                raise RequestError(f"loras[{i}].weight: {show_value(spec.weight)} is not a number")
+            _range(f"loras[{i}].weight", spec.weight, -100.0, 100.0)
         for name in ("width", "height"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 8 or v % 8):
-                raise RequestError(f"{name}: {v!r} is not a positive multiple of 8")
+            if v is not None and (v < 8 or v % 8):
+                raise RequestError(f"{name}: {v} is not a positive multiple of 8")
         if self.width is not None and self.height is not None and self.width * self.height > lim.max_pixels:
             raise RequestError(
                 f"size: {self.width}x{self.height} = {self.width * self.height} pixels, "
                 f"the limit is {lim.max_pixels}"
             )
+        for name in MICRO_SIZE_FIELDS:
+            v = getattr(self, name)
+            if v is not None and not 1 <= v <= MAX_MICRO_SIZE:
+                raise RequestError(f"{name}: {v} is outside 1..{MAX_MICRO_SIZE}")
+        for name in MICRO_CROP_FIELDS:
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= MAX_MICRO_SIZE:
+                raise RequestError(f"{name}: {v} is outside 0..{MAX_MICRO_SIZE}")
         if not 1 <= self.steps <= lim.max_steps:
             raise RequestError(f"steps: {self.steps} is outside 1..{lim.max_steps}")
         if not 1 <= self.batch <= lim.max_batch:
             raise RequestError(f"batch: {self.batch} is outside 1..{lim.max_batch}")
         _range("cfg", self.cfg, 0.0, 100.0)
         _range("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
-        if not 0.0 <= self.cfg_start <= self.cfg_end <= 1.0:
-            raise RequestError("cfg_start/cfg_end: need 0 <= cfg_start <= cfg_end <= 1")
+        _range("cfg_start", self.cfg_start, 0.0, 1.0)
+        _range("cfg_end", self.cfg_end, 0.0, 1.0)
+        if not self.cfg_start <= self.cfg_end:
+            raise RequestError(f"cfg_start/cfg_end: {self.cfg_start:g} > {self.cfg_end:g}; need cfg_start <= "
+                               "cfg_end")
         if not 0.0 < self.strength <= 1.0:
-            raise RequestError(f"strength: {self.strength} is outside (0, 1]")
+            raise RequestError(f"strength: {self.strength:g} is outside (0, 1]")
         if not 0.0 < self.refiner_switch < 1.0:
-            raise RequestError(f"refiner_switch: {self.refiner_switch} is outside (0, 1)")
+            raise RequestError(f"refiner_switch: {self.refiner_switch:g} is outside (0, 1)")
         if not 0.0 < self.refiner_strength <= 1.0:
-            raise RequestError(f"refiner_strength: {self.refiner_strength} is outside (0, 1]")
+            raise RequestError(f"refiner_strength: {self.refiner_strength:g} is outside (0, 1]")
         if self.refiner_steps is not None and not 1 <= self.refiner_steps <= lim.max_steps:
             raise RequestError(f"refiner_steps: {self.refiner_steps} is outside 1..{lim.max_steps}")
-        _range("aesthetic_score", self.aesthetic_score, -1e4, 1e4)
-        _range("negative_aesthetic_score", self.negative_aesthetic_score, -1e4, 1e4)
+        _range("aesthetic_score", self.aesthetic_score, -100.0, 100.0)
+        _range("negative_aesthetic_score", self.negative_aesthetic_score, -100.0, 100.0)
         if self.eta is not None:
             _range("eta", self.eta, 0.0, 100.0)
         if not 0 <= self.mask_blur <= 256:
             raise RequestError(f"mask_blur: {self.mask_blur} is outside 0..256")
         if self.refiner_mode not in ("ensemble", "sdedit"):
-            raise RequestError(f"refiner_mode: {self.refiner_mode!r} is not 'ensemble' or 'sdedit'")
+            raise RequestError(f"refiner_mode: {show_value(self.refiner_mode)} is not 'ensemble' or 'sdedit'")
         if self.emphasis not in ("original", "no_norm", "none"):
-            raise RequestError(f"emphasis: {self.emphasis!r} is not 'original', 'no_norm' or 'none'")
-        if self.clip_skip < 1:
-            raise RequestError(f"clip_skip: {self.clip_skip} must be >= 1")
-        if self.seed is not None and not (0 <= int(self.seed) < 2**64):
+            raise RequestError(f"emphasis: {show_value(self.emphasis)} is not original, no_norm or none")
+        if not 1 <= self.clip_skip <= MAX_CLIP_SKIP:
+            raise RequestError(f"clip_skip: {self.clip_skip} is outside 1..{MAX_CLIP_SKIP}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
             raise RequestError(f"seed: {self.seed} is outside 0..2^64-1")
         if self.prediction not in (None, "eps", "v"):
-            raise RequestError(f"prediction: {self.prediction!r} is not 'eps' or 'v'")
-        if self.zero_terminal_snr is not None and not isinstance(self.zero_terminal_snr, bool):
-            raise RequestError(f"zero_terminal_snr: {self.zero_terminal_snr!r} is not true, false or null")
+            raise RequestError(f"prediction: {show_value(self.prediction)} is not 'eps' or 'v'")
         if self.mask_image is not None and self.init_image is None:
             raise RequestError("mask_image: inpainting needs init_image too")
         _sampler_and_schedule(self.sampler, self.schedule, False)
@@ -193,6 +223,10 @@ class GenerationRequest:
         "trailing" on a zero-terminal-SNR model), and a seed (drawn at random when none is given).
         Resolving a resolved request changes nothing. Raises RequestError naming the bad field."""
         self.validate(limits)
+        towers = [t.layers for t in (getattr(config, "text_l", None), getattr(config, "text_g", None)) if t]
+        if towers and self.clip_skip > min(towers):
+            raise RequestError(f"clip_skip: {self.clip_skip} is more than this model's text encoders have "
+                               f"layers ({min(towers)})")
         native = getattr(config, "sample_size", 1024)
         zsnr = self.zero_terminal_snr
         if zsnr is None:
@@ -238,16 +272,91 @@ class GenerationRequest:
 def _lora(x: Any) -> LoraSpec:
     if isinstance(x, LoraSpec):
         return x
-    if isinstance(x, dict):
+    if isinstance(x, dict) and set(x) <= {"name", "weight"} and "name" in x:
         return LoraSpec(**x)
-    if isinstance(x, (list, tuple)):
+    if isinstance(x, (list, tuple)) and 1 <= len(x) <= 2:
         return LoraSpec(*x)
-    raise RequestError(f"loras: {x!r} is not a LoRA name with a weight")
+    raise RequestError(f"loras: {show_value(x)} is not a LoRA name with a weight (name, weight)")
+
+
+# The limits of what a request may hold besides `Limits` (which a server configures).
+TEXT_FIELDS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")  # each up to max_prompt_chars
+NAME_FIELDS = ("sampler", "schedule", "emphasis", "refiner_mode", "prediction", "model", "refiner")
+MAX_NAME_CHARS = 1024  # names and paths
+MAX_LORAS = 64
+MAX_CLIP_SKIP = 12  # CLIP ViT-L's layer count; `resolve` also checks the model's own towers
+MAX_MICRO_SIZE = 65536  # micro-conditioning sizes and crops, in pixels
+MICRO_SIZE_FIELDS = ("original_width", "original_height", "target_width", "target_height",
+                     "negative_original_width", "negative_original_height", "negative_target_width",
+                     "negative_target_height")
+MICRO_CROP_FIELDS = ("crop_top", "crop_left", "negative_crop_top", "negative_crop_left")
+
+
+def show_value(v: Any) -> str:
+    """A value for an error message: short, one line, never an object's memory address."""
+    if isinstance(v, (bool, int, float)) or v is None:
+        return repr(v)
+    if isinstance(v, str):
+        text = v.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+        return repr(text if len(text) <= 40 else text[:37] + "...")
+    return f"a {type(v).__name__}"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _text(name: str, v: Any, limit: int) -> None:
+    if v is None:
+        return
+    if len(v) > limit:
+        raise RequestError(f"{name}: {len(v)} characters, the limit is {limit}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{name}: not valid Unicode text (it holds a lone surrogate escape such as "
+                           "\\ud800)") from None
+
+
+def _check_types(req: GenerationRequest) -> None:
+    """Each field holds its annotated type: int fields an int (not a bool, not a float), float fields an
+    int or a float that is finite, bool fields a bool, text fields a str; None only where allowed."""
+    for name, (kind, optional) in _field_kinds().items():
+        v = getattr(req, name)
+        if v is None:
+            if optional:
+                continue
+            raise RequestError(f"{name}: must not be null")
+        if kind == "int":
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif kind == "float":
+            ok = _is_number(v) and math.isfinite(v)
+        elif kind == "bool":
+            ok = isinstance(v, bool)
+        else:
+            ok = isinstance(v, str)
+        if not ok:
+            what = {"int": "a whole number", "float": "a finite number", "bool": "true or false",
+                    "str": "text"}[kind]
+            raise RequestError(f"{name}: {show_value(v)} is not {what}")
+
+
+@functools.cache
+def _field_kinds() -> dict[str, tuple[str, bool]]:
+    """field name -> (int | float | bool | str, None allowed) for the request's scalar fields."""
+    out = {}
+    for f in dataclasses.fields(GenerationRequest):
+        parts = [p.strip() for p in str(f.type).split("|")]
+        optional = "None" in parts
+        kinds = [p for p in parts if p != "None"]
+        if len(kinds) == 1 and kinds[0] in ("int", "float", "bool", "str"):
+            out[f.name] = (kinds[0], optional)
+    return out
 
 
 def _range(name: str, v: float, lo: float, hi: float) -> None:
-    if not (isinstance(v, (int, float)) and lo <= v <= hi):  # NaN fails both comparisons
-        raise RequestError(f"{name}: {v!r} is outside {lo:g}..{hi:g}")
+    if not (_is_number(v) and lo <= v <= hi):  # NaN fails both comparisons
+        raise RequestError(f"{name}: {show_value(v)} is outside {lo:g}..{hi:g}")
 
 
 def _sampler_and_schedule(sampler: str, schedule: str, zero_terminal_snr: bool) -> tuple[str, str]:
