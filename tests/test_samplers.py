@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from sdxl.errors import RequestError
 from sdxl.sampling import names as N
 from sdxl.sampling import samplers as S
 from sdxl.sampling import schedules as sch
@@ -144,7 +145,7 @@ def test_stochastic_samplers_sample_the_data_distribution(schedule, name, option
 
 
 STOCHASTIC = ["euler_a", "dpm_2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
-              "dpmpp_3m_sde", "lcm"]
+              "dpmpp_3m_sde", "lcm", "tcd"]
 
 
 @pytest.mark.parametrize("name", STOCHASTIC)
@@ -197,6 +198,64 @@ def test_ddim_is_euler_and_ancestral(schedule):
     g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     torch.testing.assert_close(S.ddim(gaussian_denoiser, x, sigmas, generator=g1, eta=1.0),
                                S.euler_a(gaussian_denoiser, x, sigmas, generator=g2))
+
+
+def test_tcd_gamma_zero_is_ddim_then_ends_at_t0(schedule):
+    """TCD with gamma 0 is DDIM (= Euler) on every step that ends above sigma = 0; its final step returns
+    (x0 + sigma(0) eps) / sqrt(1 + sigma(0)^2), the VP sample at t = 0, as diffusers' TCDScheduler does."""
+    sigmas = sch.leading(12, schedule)
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0)) * 14.6
+    torch.testing.assert_close(S.tcd(gaussian_denoiser, x, sigmas[:-1], eta=0.0),
+                               S.ddim(gaussian_denoiser, x, sigmas[:-1]))
+    seen = {}
+    out = S.tcd(gaussian_denoiser, x, sigmas, eta=0.0,
+                callback=lambda i, sig, xi, d: seen.update({i: (xi, d)}))
+    before, last = seen[10][0], float(sigmas[-2])
+    x0 = gaussian_denoiser(before, torch.full((2,), last))
+    s0 = schedule.sigma_min
+    torch.testing.assert_close(out, (x0 + s0 * (before - x0) / last) / math.sqrt(1 + s0**2))
+    assert torch.equal(out, seen[11][0])
+
+
+def test_tcd_step_goes_down_to_t_s_and_renoises(schedule):
+    """One TCD step, gamma 0.3, from t = 999 to t = 759 on a denoiser whose x0 estimate is 0: x = eps, so the
+    result is sigma(531) eps + sqrt(sigma(759)^2 - sigma(531)^2) z with z the generator's first draw
+    (531 = floor(0.7 * 759))."""
+    sigmas = torch.stack([schedule.sigmas[999], schedule.sigmas[759]])
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(1)) * float(sigmas[0])
+    out = S.tcd(lambda x, sigma: torch.zeros_like(x), x, sigmas, eta=0.3,
+                generator=torch.Generator().manual_seed(2))
+    z = torch.randn(1, 64, generator=torch.Generator().manual_seed(2))
+    s_s, s_next = float(schedule.sigmas[531]), float(sigmas[1])
+    expected = s_s * x / float(sigmas[0]) + math.sqrt(s_next**2 - s_s**2) * z
+    torch.testing.assert_close(out, expected)
+
+
+def test_tcd_reads_the_noise_table_and_checks_gamma(schedule):
+    """The table comes from the `schedule` option, else the denoiser's `.schedule`: on a zero-terminal-SNR
+    table the same sigmas land on other timesteps, so the result differs. gamma outside [0, 1] is a request
+    error naming eta."""
+    sigmas = sch.karras(6, schedule)
+    x = torch.randn(1, 32, generator=torch.Generator().manual_seed(3)) * 14.6
+
+    def run(**kw):
+        return S.tcd(gaussian_denoiser, x, sigmas, generator=torch.Generator().manual_seed(4), **kw)
+
+    zsnr = DiscreteSchedule(zero_terminal_snr=True)
+    assert torch.equal(run(), run(schedule=DiscreteSchedule()))
+    assert not torch.allclose(run(), run(schedule=zsnr))
+
+    class WithTable:
+        schedule = zsnr
+
+        def __call__(self, x, sigma):
+            return gaussian_denoiser(x, sigma)
+
+    own = S.tcd(WithTable(), x, sigmas, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(own, run(schedule=zsnr))
+    with pytest.raises(RequestError, match="eta: 1.5 is outside 0..1"):
+        run(eta=1.5)
+    assert S.SAMPLER_INFO["tcd"].uses_schedule and not S.SAMPLER_INFO["lcm"].uses_schedule
 
 
 def test_sde_samplers_at_eta_zero(schedule):
@@ -342,6 +401,10 @@ def test_extra_reaches_the_denoiser(schedule):
         ("uni_pc", ("unipc_bh1", None)),
         ("uni_pc_bh2", ("unipc", None)),
         ("lcm", ("lcm", None)),
+        ("TCD", ("tcd", None)),
+        ("tcd", ("tcd", None)),
+        ("Euler Align Your Steps", ("euler", "align_your_steps")),
+        ("DPM++ 2M KL Optimal", ("dpmpp_2m", "kl_optimal")),
     ],
 )
 def test_resolve_sampler(name, expected):
@@ -359,10 +422,22 @@ def test_resolve_sampler_unknown_lists_valid_names():
      ("SGM Uniform", "sgm_uniform"), ("SGMUniform", "sgm_uniform"), ("Simple", "simple"),
      ("Normal", "normal"), ("Beta", "beta"),
      ("Uniform", "uniform"), ("DDIM", "ddim_uniform"), ("ddim_uniform", "ddim_uniform"),
-     ("leading", "leading"), ("trailing", "trailing"), ("linspace", "linspace")],
+     ("leading", "leading"), ("trailing", "trailing"), ("linspace", "linspace"),
+     ("Align Your Steps", "align_your_steps"), ("align_your_steps", "align_your_steps"),
+     ("AYS", "align_your_steps"), ("KL Optimal", "kl_optimal"), ("kl_optimal", "kl_optimal"),
+     ("Polyexponential", "polyexponential"), ("polyexponential", "polyexponential")],
 )
 def test_resolve_schedule(name, expected):
     assert N.resolve_schedule(name) == expected
+
+
+def test_new_names_as_infotexts_write_and_read_them():
+    """A1111's labels for the schedules and TCD, both ways (what the PNG infotext holds and --from reads)."""
+    for name, label in [("align_your_steps", "Align Your Steps"), ("kl_optimal", "KL Optimal"),
+                        ("polyexponential", "Polyexponential")]:
+        assert N.schedule_label(name) == label and N.parse_schedule_label(label) == name
+    assert N.sampler_label("tcd") == "TCD" and N.parse_sampler_label("TCD") == ("tcd", None)
+    assert N.automatic_schedule("tcd") == "uniform"
 
 
 def test_automatic_schedule():
@@ -394,15 +469,14 @@ def test_registry_is_complete():
 
 
 def test_a1111_samplers_we_cannot_run_are_named_not_run():
-    """PLMS, DPM fast, Polyexponential, ...: known labels (infotexts read back), refused by requests."""
+    """PLMS, DPM fast, ...: known labels (infotexts read back), refused by requests. Every A1111 schedule
+    type runs."""
     assert N.parse_sampler_label("PLMS") == ("plms", None)
     assert N.parse_sampler_label("DPM adaptive") == ("dpm_adaptive", None)
-    assert N.parse_schedule_label("Align Your Steps") == "align_your_steps"
-    assert N.sampler_label("restart") == "Restart" and N.schedule_label("kl_optimal") == "KL Optimal"
+    assert N.sampler_label("restart") == "Restart"
     with pytest.raises(ValueError, match="does not implement"):
         N.resolve_sampler("DPM fast")
-    with pytest.raises(ValueError, match="does not implement"):
-        N.resolve_schedule("Polyexponential")
+    assert set(N.A1111_SCHEDULE_NAMES) - {"automatic"} == set(N.RUNNABLE_SCHEDULES)
     assert N.parse_sampler_label("Mystery Karras") == ("Mystery", "karras")
     assert N.parse_sampler_label("Mystery") == ("Mystery", None)
 

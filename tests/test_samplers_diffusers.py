@@ -433,6 +433,48 @@ def test_lcm_same_noise(schedule):
     assert_same_run(ours, theirs, integer_timesteps=True)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("n", [4, 8])
+def test_tcd_same_noise(schedule, gamma, n):
+    """TCD == TCDScheduler.step(eta=gamma), draw for draw, on TCDScheduler's own timesteps (n = 4:
+    999, 759, 499, 259). Every model input (the latents entering each step, in VP scale) and the final
+    latents agree to rtol 1e-5; the timesteps exactly. gamma 0.3 sends step 999 -> 759 through
+    t_s = floor(0.7 * 759) = 531 and re-noises to 759; the last step ends, like diffusers', on the VP sample
+    at t = 0 (both sides start from the same unit noise, ours scaled to sigma space)."""
+    ref = diffusers.TCDScheduler(**SDXL_CONFIG)
+    ref.set_timesteps(n)
+    sigmas = _sigmas_from_timesteps(ref.timesteps, schedule)
+    if n == 4:
+        assert ref.timesteps.tolist() == [999, 759, 499, 259]
+    noise = _noise()
+    theirs = run_diffusers(ref, n, noise, seed=13, eta=gamma)
+    ours = run_ours("tcd", sigmas, _vp_start(noise, sigmas), schedule, seed=13, quantize=True, eta=gamma)
+    assert_same_run(ours, theirs, integer_timesteps=True)
+
+
+@pytest.mark.parametrize(("prediction", "gamma", "timesteps"), [
+    ("v", 0.5, [999, 850, 700, 500, 301, 120]),
+    ("eps", 0.07, [999, 700, 500, 250]),  # t_s = floor(0.93 * 500): 465 in float32 (464 in float64)
+])
+def test_tcd_custom_timesteps(schedule, prediction, gamma, timesteps):
+    """TCD with custom timesteps (TCDScheduler.set_timesteps(timesteps=...)), on a v-prediction model and on
+    a gamma whose t_s depends on computing (1 - gamma) t in float32 as diffusers does: the same run,
+    rtol 1e-5."""
+    kind = {"v": "v_prediction", "eps": "epsilon"}[prediction]
+    ref = diffusers.TCDScheduler(**{**SDXL_CONFIG, "prediction_type": kind})
+    model = ToyModel()
+    ref.set_timesteps(timesteps=timesteps)
+    g = torch.Generator().manual_seed(21)
+    noise = _noise()
+    x = noise
+    for t in ref.timesteps:
+        x = ref.step(model(x, t), t, x, eta=gamma, generator=g).prev_sample
+    sigmas = _sigmas_from_timesteps(timesteps, schedule)
+    ours = run_ours("tcd", sigmas, _vp_start(noise, sigmas), schedule, seed=21, prediction=prediction,
+                    quantize=True, eta=gamma)
+    assert_same_run(ours, (x, model.calls), integer_timesteps=True)
+
+
 def test_refiner_split_matches_denoising_end(schedule):
     """split_sigmas(0.8) cuts where diffusers' denoising_end=0.8 does: 50 leading steps -> base 40, refiner 10
     (cut-off timestep 200; base keeps t >= 200)."""

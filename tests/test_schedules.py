@@ -137,7 +137,8 @@ def test_schedule_shape(schedule, name, n):
 
 
 @pytest.mark.parametrize("name", ["normal", "uniform", "trailing", "linspace", "karras", "exponential",
-                                  "sgm_uniform", "simple", "beta"])
+                                  "sgm_uniform", "simple", "beta", "align_your_steps", "kl_optimal",
+                                  "polyexponential"])
 def test_schedules_starting_at_sigma_max(schedule, name):
     assert float(sch.get_sigmas(name, 30, schedule)[0]) == pytest.approx(schedule.sigma_max, rel=1e-6)
 
@@ -208,3 +209,88 @@ def test_get_sigmas_rejects_unknown_and_bad_n(schedule):
     with pytest.raises(ValueError):
         sch.get_sigmas("karras", 0, schedule)
     assert torch.equal(sch.get_sigmas("karras", 8), sch.karras(8, DiscreteSchedule()))
+
+
+# ----------------------------------------------------------- Align Your Steps, KL-optimal, polyexponential
+# NVIDIA's published 10-step SDXL sigmas (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html), as
+# ComfyUI's AlignYourStepsScheduler carries them.
+AYS_SDXL = [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+            0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582]
+
+
+def test_align_your_steps_is_the_published_list_at_10_steps(schedule):
+    """10 steps: the 10 published sigmas above sigma_min, as float32, then 0 (ComfyUI replaces the last,
+    0.0292, by 0). Exact."""
+    expected = torch.tensor(AYS_SDXL[:10] + [0.0], dtype=torch.float32)
+    assert torch.equal(sch.align_your_steps(10, schedule), expected)
+    assert torch.equal(sch.get_sigmas("align_your_steps", 10), expected)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 11, 20, 33])
+def test_align_your_steps_interpolation(schedule, n):
+    """Other step counts: ComfyUI's loglinear_interp of the 11 sigmas to n + 1 points, last one set to 0.
+    Computed here point by point: point k sits at position 10 k / n of the published list and takes the
+    geometric interpolation of its two neighbours (rtol 1e-6: float32 output)."""
+    logs = np.log(np.array(AYS_SDXL))
+    expected = []
+    for k in range(n + 1):
+        pos = 10.0 * k / n
+        j = min(int(math.floor(pos)), 9)
+        frac = pos - j
+        expected.append(math.exp((1 - frac) * logs[j] + frac * logs[j + 1]))
+    expected[-1] = 0.0
+    torch.testing.assert_close(sch.align_your_steps(n, schedule), torch.tensor(expected, dtype=torch.float32),
+                               rtol=1e-6, atol=0)
+
+
+def test_align_your_steps_keeps_the_knots_at_20_steps(schedule):
+    """20 steps: every other sigma is a published one (to float32 rounding); the ones between are their
+    geometric means, e.g. sqrt(14.6146 * 6.3184) = 9.6095."""
+    sig = sch.align_your_steps(20, schedule).double()
+    knots = torch.tensor(AYS_SDXL[:10], dtype=torch.float64)
+    torch.testing.assert_close(sig[0:20:2], knots, rtol=1e-6, atol=0)
+    mids = [math.sqrt(a * b) for a, b in zip(AYS_SDXL[:-1], AYS_SDXL[1:])]
+    torch.testing.assert_close(sig[1:20:2], torch.tensor(mids, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert float(sig[1]) == pytest.approx(9.6095, abs=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 2, 9, 30])
+def test_kl_optimal_formula(schedule, n):
+    """sigma_i = tan(t_i atan(sigma_min) + (1 - t_i) atan(sigma_max)), t = linspace(0, 1, n), then 0
+    (ComfyUI's kl_optimal; one step = sigma_max). rtol 1e-6; the arctans are evenly spaced."""
+    lo, hi = schedule.sigma_min, schedule.sigma_max
+    t = [i / (n - 1) for i in range(n)] if n > 1 else [0.0]
+    expected = [math.tan(ti * math.atan(lo) + (1 - ti) * math.atan(hi)) for ti in t] + [0.0]
+    sig = sch.kl_optimal(n, schedule)
+    torch.testing.assert_close(sig, torch.tensor(expected, dtype=torch.float32), rtol=1e-6, atol=0)
+    if n > 2:
+        steps = np.diff(np.arctan(sig[:-1].double().numpy()))
+        np.testing.assert_allclose(steps, steps[0], rtol=1e-4)
+    custom = sch.kl_optimal(4, schedule, sigma_min=0.5, sigma_max=5.0)
+    assert float(custom[0]) == pytest.approx(5.0) and float(custom[-2]) == pytest.approx(0.5)
+
+
+def test_kl_optimal_matches_comfyui_float32_arithmetic(schedule):
+    """ComfyUI computes kl_optimal in float32 torch ops (arange / (n - 1), atan of the float sigmas, tan_);
+    ours in float64 rounded once: equal to float32 precision (rtol 2e-6)."""
+    n = 25
+    lo, hi = schedule.sigma_min, schedule.sigma_max
+    adj = torch.arange(n, dtype=torch.float32).div_(n - 1)
+    comfy = torch.zeros(n + 1)
+    comfy[:-1] = (adj * math.atan(lo) + (1 - adj) * math.atan(hi)).tan_()
+    torch.testing.assert_close(sch.kl_optimal(n, schedule), comfy, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("rho", [0.5, 1.0, 2.0, 3.0])
+def test_polyexponential_formula(schedule, rho):
+    """k-diffusion's get_sigmas_polyexponential: log sigma = log min + linspace(1, 0, n)^rho (log max -
+    log min), then 0 (rtol 1e-6). rho = 1 (A1111's default) is `exponential`."""
+    n = 12
+    lo, hi = schedule.sigma_min, schedule.sigma_max
+    ramp = [(1 - i / (n - 1)) ** rho for i in range(n)]
+    expected = [math.exp(r * (math.log(hi) - math.log(lo)) + math.log(lo)) for r in ramp] + [0.0]
+    sig = sch.polyexponential(n, schedule, rho=rho)
+    torch.testing.assert_close(sig, torch.tensor(expected, dtype=torch.float32), rtol=1e-6, atol=0)
+    if rho == 1.0:
+        torch.testing.assert_close(sig, sch.exponential(n, schedule), rtol=1e-6, atol=0)
+    assert torch.equal(sch.get_sigmas("polyexponential", n, schedule, rho=rho), sig)

@@ -514,6 +514,8 @@ def _run_sampler(pipe: SDXL, denoiser, x, sigmas, req: GenerationRequest, genera
 
     try:
         opts = {} if req.eta is None else {"eta": req.eta}
+        if S.SAMPLER_INFO[req.sampler].uses_schedule:  # TCD: this checkpoint's noise table (zero-SNR or not)
+            opts["schedule"] = pipe.schedule_for(req)
         return sampler(denoiser, x, sigmas, generator=generator, callback=cb, **opts)
     except Interrupted as e:
         raise Interrupted(

@@ -215,10 +215,11 @@ class ModelDenoiser:
         return c_skip * x + c_out * out
 
 
-# diffusers' multistep solvers (DPM-Solver++, UniPC, DDIM, LCM) round sigma to the nearest training timestep
-# before calling the UNet (as sgm does); its Euler-family schedulers pass the interpolated timestep.
+# diffusers' multistep solvers (DPM-Solver++, UniPC, DDIM, LCM, TCD) round sigma to the nearest training
+# timestep before calling the UNet (as sgm does); its Euler-family schedulers pass the interpolated timestep.
 QUANTIZED_SAMPLERS = frozenset(
-    {"dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "unipc", "unipc_bh1", "ddim", "lcm"}
+    {"dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "unipc", "unipc_bh1", "ddim", "lcm",
+     "tcd"}
 )
 
 

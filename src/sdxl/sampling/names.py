@@ -3,10 +3,10 @@
 Our names are k-diffusion's (`dpmpp_2m`, `euler_a`, `karras`). A1111 writes labels into its infotexts
 ("Sampler: DPM++ 2M, Schedule type: Karras"); ComfyUI writes its own names (`euler_ancestral`, `uni_pc`).
 The tables below hold every sampler and schedule label A1111 writes, including those this project cannot
-run (PLMS, DPM fast, Restart, Polyexponential, Align Your Steps, ...), so that their infotexts read back
-into names, plus the names only we have (`unipc_bh1`, the diffusers spacings `leading`/`trailing`/
-`linspace`). The `runnable` column must list exactly the samplers of `samplers.SAMPLER_INFO` and the
-schedules of `schedules.SCHEDULES` (a test checks it).
+run (PLMS, DPM fast, Restart, ...), so that their infotexts read back into names, plus the names only we
+have (`unipc_bh1`, the diffusers spacings `leading`/`trailing`/`linspace`) and `tcd` (labelled "TCD", as
+the A1111 forks and extensions that add it do). The `runnable` column must list exactly the samplers of
+`samplers.SAMPLER_INFO` and the schedules of `schedules.SCHEDULES` (a test checks it).
 
 Two kinds of lookup:
 - `resolve_sampler` / `resolve_schedule` (requests): any spelling -> a name we can run, else ValueError.
@@ -50,6 +50,7 @@ _SAMPLERS: dict[str, _Sampler] = {
     "unipc": _Sampler("UniPC", True),
     "unipc_bh1": _Sampler("UniPC", True),
     "lcm": _Sampler("LCM", True),
+    "tcd": _Sampler("TCD", True),
     "dpm_fast": _Sampler("DPM fast", False),
     "dpm_adaptive": _Sampler("DPM adaptive", False),
     "restart": _Sampler("Restart", False, "karras"),
@@ -83,7 +84,7 @@ A1111_SCHEDULE_NAMES: dict[str, str] = {
 }
 RUNNABLE_SCHEDULES: tuple[str, ...] = (
     "normal", "uniform", "leading", "trailing", "linspace", "karras", "exponential", "sgm_uniform", "simple",
-    "ddim_uniform", "beta",
+    "ddim_uniform", "beta", "align_your_steps", "kl_optimal", "polyexponential",
 )  # fmt: skip
 
 
@@ -131,7 +132,9 @@ _SAMPLER_ALIASES.update(
 # Every accepted schedule spelling (normalised) -> our schedule name (runnable or not, and "automatic").
 _SCHEDULE_ALIASES: dict[str, str] = {name: name for name in A1111_SCHEDULE_NAMES}
 _SCHEDULE_ALIASES.update({_norm(label): name for name, label in A1111_SCHEDULE_NAMES.items()})
-_SCHEDULE_ALIASES.update({"sgmuniform": "sgm_uniform", "ddim": "ddim_uniform", "auto": "automatic"})
+_SCHEDULE_ALIASES.update({"sgmuniform": "sgm_uniform", "ddim": "ddim_uniform", "auto": "automatic",
+                          "ays": "align_your_steps",
+                          "alignyourstepsscheduler": "align_your_steps"})  # ComfyUI's node for AYS
 
 
 def _split_sampler(key: str, runnable_only: bool) -> tuple[str, str | None] | None:

@@ -33,7 +33,9 @@ same seed. ComfyUI's "_gpu" variants only move that tree to the GPU and resolve 
 probability-flow ODE, and DDIM's eta-noise splits each step exactly like an ancestral step (derived in
 `ddim`'s docstring). `unipc` is UniPC (Zhao et al. 2023) in its data-prediction multistep form with the UniC
 corrector, as diffusers' UniPCMultistepScheduler runs it. `lcm` is the Latent Consistency Model sampler
-(jump to the model's x0 estimate, re-noise to the next sigma).
+(jump to the model's x0 estimate, re-noise to the next sigma); `tcd` the Trajectory Consistency Distillation
+sampler (its `eta` is TCD's gamma), which steps on the model's discrete timesteps and, like diffusers and
+ComfyUI, ends on the first training level (t = 0) rather than at sigma = 0.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import Interrupted
+from ..errors import Interrupted, RequestError
 from .denoiser import DiscreteSchedule
 from .names import A1111_SAMPLER_NAMES
 
@@ -515,6 +517,50 @@ def lcm(run: _Run, x: Tensor, *, s_noise: float = 1.0) -> Tensor:
     return x
 
 
+@_sampler
+def tcd(run: _Run, x: Tensor, *, eta: float = 0.3, s_noise: float = 1.0,
+        schedule: DiscreteSchedule | None = None) -> Tensor:
+    """Trajectory Consistency Distillation sampling (Zheng et al. 2024, "strategic stochastic sampling"), as
+    diffusers' TCDScheduler and the ComfyUI-TCD node's sample_tcd run it; meant for TCD-distilled models
+    (TCD LoRAs) at 2-8 steps.
+
+    `eta` is TCD's gamma, in [0, 1], default 0.3 (a request's `eta` field carries it). Each step takes the
+    model's x0 and noise estimates, goes back along the noise estimate only to the lower level
+    sigma_s = sigma(floor((1 - gamma) t_next)), t_next the timestep of the next sigma, and tops the noise
+    up with fresh noise: x' = x0 + sigma_s eps + sqrt(sigma_next^2 - sigma_s^2) z. gamma = 0 is
+    deterministic (sigma_s = sigma_next: DDIM); gamma = 1 re-noises x0 (plus sigma(t=0) eps) every step.
+    Timesteps are read off `schedule`, the model's discrete noise table (default: the denoiser's own
+    `.schedule`, else SDXL's), in float32 as both references compute them.
+
+    Like both references, the final step to sigma = 0 ends on the first training level t = 0, not on
+    sigma = 0: it returns x0 + sigma(0) eps scaled by 1 / sqrt(1 + sigma(0)^2), the variance-preserving
+    sample at t = 0 they decode (sigma(0) = 0.029).
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise RequestError(f"eta: {eta:g} is outside 0..1 (the TCD sampler's gamma)")
+    table = schedule if schedule is not None else getattr(run.denoiser, "schedule", None)
+    if not isinstance(table, DiscreteSchedule):
+        table = DiscreteSchedule()
+    sigma_t0 = float(table.sigmas[0])
+    for i in range(run.steps):
+        sigma, sigma_next = run.sigmas[i], run.sigmas[i + 1]
+        denoised = run.denoise(x, sigma)
+        eps = (x - denoised) / sigma
+        if sigma_next == 0:
+            x = (denoised + sigma_t0 * eps) / math.sqrt(1.0 + sigma_t0**2)
+        elif eta == 0:
+            x = denoised + sigma_next * eps
+        else:
+            # (1 - gamma) * t in float32, then floor, as both references do (float64 differs near integers:
+            # gamma 0.07, t 500 -> 465 in float32, 464 in float64).
+            t_next = table.sigma_to_t(torch.tensor(sigma_next, dtype=torch.float64))
+            sigma_s = float(table.sigmas[int(torch.floor((1.0 - eta) * t_next))])
+            x = denoised + sigma_s * eps
+            x = x + run.noise(x) * s_noise * math.sqrt(max(sigma_next**2 - sigma_s**2, 0.0))
+        run.done(i, x, denoised)
+    return x
+
+
 # ---------------------------------------------------------------------------------------------------- UniPC
 def _unipc_weights(rks: list[float], hh: float, variant: str) -> tuple[np.ndarray, np.ndarray, float, float]:
     """The UniPC linear system for a step of size hh = -h (data prediction): R[k][m] = rks[m]^k and
@@ -635,6 +681,7 @@ class SamplerInfo:
     fn: Callable[..., Tensor]
     stochastic: bool  # draws noise (uses the generator)
     evaluations_per_step: int  # model calls per step (the final step to sigma = 0 may use fewer)
+    uses_schedule: bool = False  # takes the model's discrete noise table as the option `schedule`
 
     @property
     def label(self) -> str:
@@ -661,6 +708,7 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {
         SamplerInfo("unipc", unipc, False, 1),
         SamplerInfo("unipc_bh1", unipc_bh1, False, 1),
         SamplerInfo("lcm", lcm, True, 1),
+        SamplerInfo("tcd", tcd, True, 1, uses_schedule=True),
     ]
 }
 

@@ -22,6 +22,13 @@ What each one reproduces:
   ddim_uniform ComfyUI: every (1000 // n)-th training sigma from t = 1 upwards.
   beta         ComfyUI (Lee et al. 2024, "Beta Sampling is All You Need"): timesteps at the quantiles of a
                Beta(0.6, 0.6) distribution, which crowds steps at both ends of the schedule.
+  align_your_steps
+               NVIDIA's "Align Your Steps" (Sabour et al. 2024) 10-step sigmas for SDXL, log-linearly
+               interpolated to n steps exactly as ComfyUI's AlignYourStepsScheduler (model_type SDXL) does.
+  kl_optimal   ComfyUI's kl_optimal (A1111 "KL Optimal"): evenly spaced in arctan(sigma).
+  polyexponential
+               k-diffusion's get_sigmas_polyexponential (A1111 "Polyexponential", rho = 1 by default, which
+               is `exponential`): log sigma follows a power rho of a linear ramp.
 
 The diffusers spacings follow diffusers' EulerDiscreteScheduler (Euler, Heun, LMS, DPM2 use the same code);
 DPM-Solver and UniPC compute "leading" differently (1000 // (n + 1)) and are not reproduced by `leading`.
@@ -171,6 +178,72 @@ def exponential(
     return _append_zero(np.exp(np.linspace(math.log(hi), math.log(lo), n)))
 
 
+# ------------------------------------------------------------ Align Your Steps, KL-optimal, polyexponential
+# Align Your Steps (Sabour, Fidler, Kreis 2024): the optimised 10-step schedule NVIDIA published for SDXL
+# (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html), 11 sigmas from sigma_max to sigma_min.
+AYS_SDXL_SIGMAS: tuple[float, ...] = (
+    14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+    0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582,
+)  # fmt: skip
+
+
+def _loglinear_interp(values: np.ndarray, count: int) -> np.ndarray:
+    """`count` points of a descending list, interpolated linearly in log value over an even grid on [0, 1]
+    (both lists spread evenly over [0, 1]), computed on the ascending reversal as np.interp needs."""
+    xs = np.linspace(0.0, 1.0, len(values))
+    ys = np.log(values[::-1])
+    return np.exp(np.interp(np.linspace(0.0, 1.0, count), xs, ys))[::-1].copy()
+
+
+def align_your_steps(n: int, schedule: DiscreteSchedule) -> Tensor:
+    """Align Your Steps for SDXL, as ComfyUI's AlignYourStepsScheduler computes it: the 11 published sigmas
+    (n = 10 uses them as they are), otherwise log-linearly interpolated to n + 1 points; the last point
+    (sigma_min) is then replaced by 0. The sigmas are absolute (the model's own table is not used).
+
+    A1111's "Align Your Steps" differs: it rounds the constants to 3 decimals and interpolates to n points
+    ending at sigma_min before appending 0 (so its last step goes from 0.029 to 0, ComfyUI's does not visit
+    0.029).
+    """
+    _check_n(n)
+    sigmas = np.asarray(AYS_SDXL_SIGMAS, dtype=np.float64)
+    if n + 1 != len(sigmas):
+        sigmas = _loglinear_interp(sigmas, n + 1)
+    return _append_zero(sigmas[:-1])
+
+
+def kl_optimal(
+    n: int, schedule: DiscreteSchedule, sigma_min: float | None = None, sigma_max: float | None = None
+) -> Tensor:
+    """The KL-optimal schedule (ComfyUI's kl_optimal, A1111's "KL Optimal"): with t_i = i / (n - 1),
+    sigma_i = tan(t_i atan(sigma_min) + (1 - t_i) atan(sigma_max)), i = 0 .. n-1, then 0.
+
+    sigma_min/max default to the model's. One step gives sigma_max (ComfyUI divides by n - 1 = 0 there).
+    A1111's version returns n + 1 sigmas ending at sigma_min instead of 0.
+    """
+    _check_n(n)
+    lo = schedule.sigma_min if sigma_min is None else sigma_min
+    hi = schedule.sigma_max if sigma_max is None else sigma_max
+    t = np.linspace(0.0, 1.0, n) if n > 1 else np.zeros(1)
+    return _append_zero(np.tan(t * math.atan(lo) + (1.0 - t) * math.atan(hi)))
+
+
+def polyexponential(
+    n: int,
+    schedule: DiscreteSchedule,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float = 1.0,
+) -> Tensor:
+    """k-diffusion's polyexponential schedule (A1111's "Polyexponential", whose default rho is 1):
+    log sigma_i = log sigma_min + r_i^rho (log sigma_max - log sigma_min), r = linspace(1, 0, n), then 0.
+    rho = 1 is `exponential`; rho > 1 spends more steps at low noise."""
+    _check_n(n)
+    lo = schedule.sigma_min if sigma_min is None else sigma_min
+    hi = schedule.sigma_max if sigma_max is None else sigma_max
+    ramp = np.linspace(1.0, 0.0, n) ** rho
+    return _append_zero(np.exp(ramp * (math.log(hi) - math.log(lo)) + math.log(lo)))
+
+
 # --------------------------------------------------------------------------------------------- beta schedule
 def _betainc(a: float, b: float, x: float) -> float:
     """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz).
@@ -253,6 +326,9 @@ SCHEDULES: dict[str, Callable[..., Tensor]] = {
     "simple": simple,
     "ddim_uniform": ddim_uniform,
     "beta": beta,
+    "align_your_steps": align_your_steps,
+    "kl_optimal": kl_optimal,
+    "polyexponential": polyexponential,
 }
 
 
