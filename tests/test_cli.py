@@ -132,3 +132,35 @@ def test_eval_shapes_command(tiny_files, tmp_path):
     params = [i["parameters"] for i in infos]
     assert all(p["steps"] == 2 and p["width"] == 64 for p in params)
     assert sum(p["eval"]["scores"]["all_ok"] for p in params) == round(2 * data["results"][0]["all_ok"])
+
+
+def test_align_your_steps_and_tcd_from_the_cli(tiny_files, tmp_path):
+    """`--schedule align_your_steps --sampler tcd --eta 0.5` runs on the tiny model; the PNG's A1111 infotext
+    names both by A1111's labels, our record keeps the names and TCD's gamma, and `--from` repeats the image
+    pixel for pixel (one image, same seed, CPU)."""
+    import numpy as np
+
+    out = tmp_path / "ays.png"
+    common = ["--model", str(tiny_files["base"]), "--quiet"]
+    res = runner.invoke(app, ["generate", "a cat", "-W", "64", "-H", "64", "--steps", "3", "--seed", "11",
+                              "--schedule", "align_your_steps", "--sampler", "tcd", "--eta", "0.5",
+                              "--out", str(out), *common])
+    assert res.exit_code == 0, res.output
+    with Image.open(out) as im:
+        infotext = im.info["parameters"]
+        first = np.asarray(im.convert("RGB"))
+    assert "Sampler: TCD, Schedule type: Align Your Steps," in infotext
+    params = json.loads(runner.invoke(app, ["info", str(out)]).output)["parameters"]
+    assert (params["sampler"], params["schedule"], params["eta"]) == ("tcd", "align_your_steps", 0.5)
+    again = tmp_path / "again.png"
+    res = runner.invoke(app, ["generate", "--from", str(out), "--out", str(again), *common])
+    assert res.exit_code == 0, res.output
+    with Image.open(again) as im:
+        assert "Sampler: TCD, Schedule type: Align Your Steps," in im.info["parameters"]
+        assert np.array_equal(np.asarray(im.convert("RGB")), first)
+    # another gamma gives another image (the eta reached the sampler)
+    other = tmp_path / "other.png"
+    res = runner.invoke(app, ["generate", "--from", str(out), "--eta", "0.1", "--out", str(other), *common])
+    assert res.exit_code == 0, res.output
+    with Image.open(other) as im:
+        assert not np.array_equal(np.asarray(im.convert("RGB")), first)
