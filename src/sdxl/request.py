@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import RequestError
-from .sampling.names import is_automatic, resolve_sampler, resolve_schedule
+from .sampling.names import RUNNABLE_SCHEDULES, is_automatic, resolve_sampler, resolve_schedule
 
 
 def _f(default: Any = None, help: str = "", *, flags: tuple[str, ...] = (), cli: bool = True, **kw: Any):
@@ -75,9 +75,9 @@ class GenerationRequest:
     cfg_end: float = _f(1.0, "Apply CFG until this fraction of the steps.")
     sampler: str = _f("dpmpp_2m", "euler, euler_a, dpmpp_2m, ... or an A1111/ComfyUI name (DPM++ 2M Karras).")
     schedule: str = _f("automatic", "automatic (the sampler's own; trailing on a zero-terminal-SNR model), "
-                       "normal, leading, trailing, karras, exponential, sgm_uniform, simple, ddim_uniform, "
-                       "beta.")
-    eta: float | None = _f(None, "Noise multiplier for ancestral/SDE samplers (default: each sampler's).")
+                       + ", ".join(RUNNABLE_SCHEDULES) + ", or an A1111 label (Karras, Align Your Steps).")
+    eta: float | None = _f(None, "Noise multiplier for ancestral/SDE samplers (default: each sampler's); "
+                           "for tcd its gamma, 0..1 (default 0.3).")
     seed: int | None = _f(None, "Seed (random if omitted or -1; printed and saved in the PNG).")
     batch: int = _f(1, "Images per forward pass; image i uses seed + i.")
     prediction: str | None = _f(None, "Force eps or v prediction (default: what the checkpoint says).")
@@ -199,6 +199,8 @@ class GenerationRequest:
         _range("negative_aesthetic_score", self.negative_aesthetic_score, -100.0, 100.0)
         if self.eta is not None:
             _range("eta", self.eta, 0.0, 100.0)
+            if self.eta > 1.0 and resolve_sampler(self.sampler)[0] == "tcd":  # the name is checked below
+                raise RequestError(f"eta: {self.eta:g} is outside 0..1 (the TCD sampler's gamma)")
         if not 0 <= self.mask_blur <= 256:
             raise RequestError(f"mask_blur: {self.mask_blur} is outside 0..256")
         if self.refiner_mode not in ("ensemble", "sdedit"):

@@ -4,6 +4,8 @@
     SDXL_API_KEY=secret python -m sdxl.serve --host 0.0.0.0     # other addresses need an API key
 
 The API key can come from the environment variable SDXL_API_KEY, which keeps it out of `ps` listings.
+A setting the server cannot start with (an open address without a key, a port in use, a data folder that
+another server holds) is one line on stderr and exit code 2, before any job is touched.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings-dir", type=Path,
                    help="folder of textual-inversion embeddings (default: MODELS_DIR/embeddings)")
     p.add_argument("--data-dir", type=Path, help="job database and images (default: the user data folder, "
-                   "e.g. ~/.local/share/sdxl)")
+                   "e.g. ~/.local/share/sdxl); one server per folder: a second one on it exits with an error")
     p.add_argument("--api-key", default=os.environ.get("SDXL_API_KEY"),
                    help="require this key on every request (or set SDXL_API_KEY)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -56,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=d.queue_size, help="jobs waiting before 429")
     p.add_argument("--job-timeout", type=float, default=d.job_timeout_s, help="seconds a job may run")
     p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace_s,
-                   help="seconds the running job may take to finish on shutdown before it is requeued")
+                   help="on SIGTERM/SIGINT, seconds the running job may take to finish before it is requeued "
+                   "(meanwhile new generations get 503; queued jobs wait for the next start)")
     p.add_argument("--preview", default=d.preview, choices=list(PREVIEW_MODES),
                    help="previews: auto (free linear map for SDXL's VAE, else a small decode with the "
                    "model's VAE), approx (linear map), vae (full decode, exact), off")

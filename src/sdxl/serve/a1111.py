@@ -48,7 +48,7 @@ import warnings
 from typing import Any
 
 import torch
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Header, HTTPException, Query
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -58,9 +58,10 @@ from ..request import GenerationRequest
 from ..sampling import SAMPLER_INFO, SCHEDULES
 from ..sampling.names import A1111_SAMPLER_NAMES, A1111_SCHEDULE_NAMES, is_automatic
 from ..version import __version__
+from .jobs import JobNotFinished, check_idempotency_key, request_digest
 from .previews import encode_image
 from .service import Service
-from .store import CANCELLED, DONE, Job
+from .store import CANCELLED, DONE, TERMINAL, Job
 
 # A1111 titles look like "sd_xl_base_1.0.safetensors [31e35c80fc]": the part in brackets is a hash.
 _TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]\s*$")
@@ -331,7 +332,10 @@ class A1111:
 
     def response(self, job: Job, body: _A1111Body, parameters: dict[str, Any]) -> dict[str, Any]:
         """A finished job as A1111 answers it; an interrupted one (cancelled) returns the images it made,
-        the stopped one included."""
+        the stopped one included. A job that is not finished (the server stopped first) is JobNotFinished:
+        503 naming the job, which runs after the restart."""
+        if job.status not in TERMINAL:
+            raise JobNotFinished(job.id)
         if job.status not in (DONE, CANCELLED):
             raise HTTPException(500, f"generation failed: {job.error}")
         images = []
@@ -419,17 +423,28 @@ def make_router(service: Service) -> APIRouter:
     manager = service.manager
     r = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 
+    def idempotency(route: str, body: _A1111Body, key: str | None) -> tuple[str, str] | None:
+        key = check_idempotency_key(key, "Idempotency-Key header")
+        return (key, request_digest(route, body.model_dump())) if key is not None else None
+
+    idempotency_header = Header(None, alias="Idempotency-Key", description=(
+        "makes retries safe: a request sent again with the same key waits for and returns the first job's "
+        "images instead of making new ones, also after a restart (1 to 128 letters, digits, "
+        ". _ : ~ + / = -)"))
+
     @r.post("/txt2img")
-    async def txt2img(body: Txt2ImgBody) -> dict[str, Any]:
-        """A1111 txt2img: waits for the image(s) and returns them base64-encoded with `info`."""
+    async def txt2img(body: Txt2ImgBody, idempotency_key: str | None = idempotency_header) -> dict[str, Any]:
+        """A1111 txt2img: waits for the image(s) and returns them base64-encoded with `info`. When the
+        server shuts down before the job finished: 503 with Retry-After and `job` (the job's id)."""
         req = api.to_request(body)
-        job = service.submit(req, n_iter=body.n_iter, source="a1111")
+        job = service.submit(req, n_iter=body.n_iter, source="a1111",
+                             idempotency=idempotency("txt2img", body, idempotency_key))
         job = await manager.wait(job.id)
         return api.response(job, body, body.model_dump())
 
     @r.post("/img2img")
-    async def img2img(body: Img2ImgBody) -> dict[str, Any]:
-        """A1111 img2img / inpainting (`mask`, white = repaint)."""
+    async def img2img(body: Img2ImgBody, idempotency_key: str | None = idempotency_header) -> dict[str, Any]:
+        """A1111 img2img / inpainting (`mask`, white = repaint). Shutdown and retries: as txt2img."""
         if not body.init_images:
             raise RequestError("init_images: give at least one base64 image")
         init = service.decode_image(body.init_images[0], "init_images[0]")
@@ -443,7 +458,8 @@ def make_router(service: Service) -> APIRouter:
             blur = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x, body.mask_blur_y)
             req = req.replace(mask_image=ImageOps.invert(mask) if body.inpainting_mask_invert else mask,
                               mask_blur=blur)
-        job = service.submit(req, n_iter=body.n_iter, source="a1111")
+        job = service.submit(req, n_iter=body.n_iter, source="a1111",
+                             idempotency=idempotency("img2img", body, idempotency_key))
         job = await manager.wait(job.id)
         params = body.model_dump()
         if not body.include_init_images:

@@ -40,8 +40,11 @@ import asyncio
 import base64
 import binascii
 import dataclasses
+import errno
 import hmac
 import logging
+import socket
+import threading
 import typing
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -51,7 +54,7 @@ from urllib.parse import unquote, urlsplit
 
 import torch
 import uvicorn
-from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ConfigDict, Field, create_model
@@ -64,10 +67,19 @@ from ..prompts import PromptError
 from ..request import GenerationRequest
 from ..version import __version__
 from .a1111 import make_router
-from .jobs import JobConflict, JobManager, JobNotFound, QueueFull, ShuttingDown
+from .datalock import DataDirLock
+from .jobs import (
+    JobConflict,
+    JobManager,
+    JobNotFound,
+    QueueFull,
+    ShuttingDown,
+    check_idempotency_key,
+    request_digest,
+)
 from .modelhost import ModelHost
 from .service import Service
-from .settings import ServeSettings, check_bind, is_loopback
+from .settings import ServeSettings, SettingsError, check_bind, is_loopback
 from .store import TERMINAL
 
 log = logging.getLogger(__name__)
@@ -75,6 +87,10 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(str(resources.files("sdxl.serve") / "static"))
 API_KEY_COOKIE = "sdxl_api_key"
 MAX_SQLITE_INT = 2**63 - 1  # a larger ?offset= made SQLite raise OverflowError: a 500 (found by schemathesis)
+RETRY_AFTER_S = 10  # Retry-After on 503 while shutting down: about what a service manager needs to restart
+IDEMPOTENCY_HELP = ("a key (1 to 128 letters, digits, . _ : ~ + / = -) that makes retries safe: a request "
+                    "sent again with the same key returns the first job instead of making another one, also "
+                    "after a restart; the same key with a different request is 409")
 
 
 # ------------------------------------------------------------------------------------------------ guard
@@ -209,6 +225,8 @@ def _request_body_model():
             fields[f.name] = (tp, f.default)
         else:
             fields[f.name] = (tp, Field(default_factory=f.default_factory))
+    # not a generation setting, so not in GenerationRequest: the route takes it out before building one
+    fields["idempotency_key"] = (str | None, Field(default=None, description=IDEMPOTENCY_HELP))
     return create_model("GenerationRequestBody", __config__=ConfigDict(extra="forbid"), **fields)
 
 
@@ -223,20 +241,32 @@ def _error_handlers(app: FastAPI) -> None:
 
         return h
 
+    async def shutting_down(request: Request, exc: Exception):
+        """503 with Retry-After; `job`: the id of the awaited job that did not finish (it runs after the
+        restart)."""
+        body: dict[str, Any] = {"detail": str(exc)}
+        if getattr(exc, "job_id", None) is not None:
+            body["job"] = exc.job_id
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
     for exc_type, status in ((RequestError, 400), (BadName, 400), (NameNotFound, 404), (JobNotFound, 404),
-                             (JobConflict, 409), (QueueFull, 429), (ShuttingDown, 503)):
+                             (JobConflict, 409), (QueueFull, 429)):
         app.add_exception_handler(exc_type, handler(status))
+    app.add_exception_handler(ShuttingDown, shutting_down)
     # PIL / load_image errors on 'output:NAME' images and prompt errors are ValueErrors with a message
     app.add_exception_handler(ImageError, handler(400))
     app.add_exception_handler(PromptError, handler(400))
 
 
-def create_app(settings: ServeSettings | None = None, pipeline: Any = None) -> FastAPI:
+def create_app(settings: ServeSettings | None = None, pipeline: Any = None,
+               data_lock: DataDirLock | None = None) -> FastAPI:
     """Build the FastAPI app. `pipeline`: an already-built `SDXL` used as the default model (tests,
-    notebooks); without it the default model is loaded from `settings.model` on the first job."""
+    notebooks); without it the default model is loaded from `settings.model` on the first job.
+    `data_lock`: the data folder's lock, already held (`serve`); without it the app's startup takes it
+    (and fails with DataDirInUse when another server holds it)."""
     settings = settings or ServeSettings()
     models = ModelHost(settings, pipeline)
-    manager = JobManager(settings, models)
+    manager = JobManager(settings, models, data_lock=data_lock)
     service = Service(settings, models, manager)
 
     @asynccontextmanager
@@ -257,10 +287,15 @@ def create_app(settings: ServeSettings | None = None, pipeline: Any = None) -> F
 
     # ---------------------------------------------------------- native API
     @app.get("/health", tags=["native"])
-    def health() -> dict[str, Any]:
-        """Liveness: the worker's state and the queue length."""
+    def health():
+        """Liveness: the worker's state and the queue length. While the server shuts down: 503 with
+        `"status": "stopping"` and Retry-After (it takes no new jobs)."""
         cur = manager.current()
-        return {"status": "ok", "queued": manager.queued_count(), "running": cur.id if cur else None}
+        d = {"status": "ok", "queued": manager.queued_count(), "running": cur.id if cur else None}
+        if manager.stopping:
+            return JSONResponse({**d, "status": "stopping"}, status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
+        return d
 
     @app.get("/info", tags=["native"])
     def info() -> dict[str, Any]:
@@ -268,9 +303,20 @@ def create_app(settings: ServeSettings | None = None, pipeline: Any = None) -> F
         return service.info()
 
     @app.post("/jobs", tags=["native"], status_code=202)
-    def submit_job(body: GenerationRequestBody) -> dict[str, Any]:  # type: ignore[valid-type]
-        """Queue a generation. Runs in submission order; answers 429 when the queue is full."""
-        job = service.submit(service.request_from_body(body.model_dump()))
+    def submit_job(body: GenerationRequestBody,  # type: ignore[valid-type]
+                   idempotency_key: str | None = Header(None, alias="Idempotency-Key",
+                                                        description=IDEMPOTENCY_HELP)) -> dict[str, Any]:
+        """Queue a generation. Runs in submission order; answers 429 when the queue is full, 503 while the
+        server shuts down. With an idempotency key (the `Idempotency-Key` header or the `idempotency_key`
+        field), a request sent again returns the first job's id."""
+        d = body.model_dump()
+        key = check_idempotency_key(idempotency_key, "Idempotency-Key header")
+        field_key = check_idempotency_key(d.pop("idempotency_key"), "idempotency_key")
+        if key is not None and field_key is not None and key != field_key:
+            raise RequestError("idempotency_key: differs from the Idempotency-Key header; send one of them")
+        key = key or field_key
+        idempotency = (key, request_digest("POST /jobs", d)) if key is not None else None
+        job = service.submit(service.request_from_body(d), idempotency=idempotency)
         return {"id": job.id, "status": job.status, "url": f"/jobs/{job.id}", "ws": f"/ws/jobs/{job.id}"}
 
     @app.get("/jobs", tags=["native"])
@@ -319,7 +365,7 @@ def create_app(settings: ServeSettings | None = None, pipeline: Any = None) -> F
             while True:
                 event = await q.get()
                 await ws.send_json(event)
-                if event["type"] == "finished":
+                if event["type"] in ("finished", "shutdown"):  # shutdown: the job runs after the restart
                     break
             await ws.close()
         except WebSocketDisconnect:
@@ -345,15 +391,104 @@ def create_app(settings: ServeSettings | None = None, pipeline: Any = None) -> F
     return app
 
 
+def bind_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bind the listening sockets (every address `host` resolves to, as asyncio would), before the app
+    starts: a port in use is a one-line SettingsError here, before the job store is opened."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise SettingsError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    sockets: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, kind, proto, _, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            try:
+                if hasattr(socket, "SO_REUSEADDR") and not hasattr(socket, "SO_EXCLUSIVEADDRUSE"):  # POSIX
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+            except OSError as e:
+                sock.close()
+                if e.errno == errno.EADDRNOTAVAIL and len(infos) > 1:  # e.g. ::1 for localhost without IPv6
+                    continue
+                raise
+            sockets.append(sock)
+    except OSError as e:
+        for sock in sockets:
+            sock.close()
+        raise SettingsError(f"cannot listen on {host} port {port}: {e.strerror or e} (see --host, --port)"
+                            ) from None
+    if not sockets:
+        raise SettingsError(f"cannot listen on {host} port {port}: no usable address")
+    return sockets
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a shutdown that drains the job queue before it closes the listener.
+
+    uvicorn alone, on SIGTERM, closes the listener (new clients: connection refused), then waits for open
+    requests, and only then runs the app's shutdown, so a client awaiting an A1111 generation kept the
+    worker going through the queue. Here the first SIGTERM or SIGINT starts `JobManager.drain` at once (in
+    a thread, from the next 0.1 s tick of uvicorn's main loop, not inside the signal handler): new
+    generations get 503 with Retry-After while the listener stays open, the worker takes no new job, the
+    running one gets the grace, and awaiting clients whose job did not finish get 503 naming it. When the
+    drain is over, uvicorn's own shutdown runs and the process exits (by the signal, as uvicorn does). A
+    second signal ends the grace at once; a third is uvicorn's (SIGINT: force quit)."""
+
+    def __init__(self, config: uvicorn.Config, manager: JobManager):
+        super().__init__(config)
+        self.manager = manager
+        self._signals = 0
+        self._drain: threading.Thread | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:  # the signal handler: only counts
+        self._signals += 1
+        if self._signals == 1:
+            self._captured_signals.append(sig)  # re-raised when the server has stopped, as uvicorn does
+        elif self._signals > 2:
+            super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._signals and self._drain is None:
+            log.warning("shutting down: no new jobs; the running one gets %g s to finish",
+                        self.manager.settings.shutdown_grace_s)
+            self.manager.begin_shutdown()
+            self._drain = threading.Thread(target=self.manager.drain, name="sdxl-drain", daemon=True)
+            self._drain.start()
+        if self._signals >= 2:
+            self.manager.hurry()
+        if self._drain is not None and not self._drain.is_alive():
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
 def serve(settings: ServeSettings, log_level: str = "info") -> None:
     """Run the server until SIGINT/SIGTERM (what `sdxl serve` calls). Raises SettingsError for an unsafe
-    bind. On shutdown, the running job gets `shutdown_grace_s` to finish, then is queued again.
+    bind, a port in use, or a data folder another server holds (`DataDirInUse`): all before the job
+    store is opened. In that order: the data folder's lock, the port, then the app (which recovers the
+    jobs an earlier process left). On SIGTERM/SIGINT see `DrainingServer`: the running job gets
+    `shutdown_grace_s` to finish, then is queued again; queued jobs wait for the next start.
     `settings.threads` sets torch's CPU threads for the whole process."""
     check_bind(settings)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
-                            timeout_graceful_shutdown=int(max(settings.shutdown_grace_s, 1)))
-    uvicorn.Server(config).run()
-
+    lock = DataDirLock(settings.data_path).acquire()
+    try:
+        sockets = bind_sockets(settings.host, settings.port)
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        app = create_app(settings, data_lock=lock)
+        # timeout_graceful_shutdown: for connections still open after the drain answered every waiter
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                                timeout_graceful_shutdown=RETRY_AFTER_S)
+        server = DrainingServer(config, app.state.manager)
+        port = sockets[0].getsockname()[1]
+        shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+        logging.getLogger("uvicorn.error").info("sdxl serve on http://%s:%d (data folder %s; Ctrl+C to stop)",
+                                                shown, port, settings.data_path)
+        server.run(sockets=sockets)
+    finally:
+        lock.release()

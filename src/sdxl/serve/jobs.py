@@ -15,6 +15,16 @@ Life of a job::
   that were queued are queued again in their original order; a job that was *running* when the process
   died is queued again too, unless it already had `max_attempts` tries (then it fails, so a job that kills
   the process cannot do so forever).
+- One process owns a data folder: `start` takes the folder's lock (`datalock.py`) before it opens the
+  store or recovers anything, so a second server on the same folder stops without touching the first
+  one's jobs.
+- Shutdown (`begin_shutdown`, then `drain`): new submissions are refused at once (`ShuttingDown`, HTTP 503),
+  the worker takes no new job, the running job gets `shutdown_grace_s` to finish and is then stopped at its
+  next step and queued again. Queued jobs stay queued for the next start. Clients awaiting a job that did
+  not finish are answered `JobNotFinished` (503 naming the job) as soon as the worker has stopped.
+- Idempotency: a submission may carry a client's key and a digest of the body it came with. The key is
+  unique in the job table, so a retry with the same key and body returns the first job (across restarts
+  too) instead of queueing a second one; the same key with another body is `IdempotencyConflict` (409).
 - Any exception inside a job, CUDA out-of-memory included, fails that job with its message; the worker
   frees cached GPU memory and goes on with the next job.
 - Cancel, A1111's interrupt and skip, the per-job timeout and shutdown act between sampler steps: the
@@ -31,8 +41,11 @@ Life of a job::
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import random
+import re
 import secrets
 import threading
 import time
@@ -46,12 +59,13 @@ import torch
 from PIL import Image
 
 from ..data.images import load_image
-from ..errors import Interrupted
+from ..errors import Interrupted, RequestError
 from ..files import resolve_in_folder
 from ..metadata import write_png
 from ..pipeline import a1111_parameters, to_pil
 from ..request import GenerationRequest, LoraSpec, iteration_seeds
 from ..version import __version__
+from .datalock import DataDirLock
 from .modelhost import ModelHost
 from .previews import encode_image, make_preview
 from .settings import ServeSettings
@@ -62,6 +76,7 @@ log = logging.getLogger(__name__)
 INPUT_PREFIX = "input:"  # how a request stored in the database refers to an uploaded init/mask image
 PREVIEW_INTEREST_S = 10.0  # a /progress poll keeps previews coming for this long
 KEEP_STOPPED_IMAGE = ("cancel", "interrupt", "skip")  # stop reasons whose partial image is kept
+IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:~+/=-]{1,128}")  # UUIDs, ULIDs, base64 and hex tokens fit
 
 
 class QueueFull(Exception):
@@ -69,7 +84,20 @@ class QueueFull(Exception):
 
 
 class ShuttingDown(Exception):
-    """The server is stopping and takes no new jobs (HTTP 503)."""
+    """The server is stopping and takes no new jobs (HTTP 503 with Retry-After)."""
+
+    job_id: str | None = None
+
+
+class JobNotFinished(ShuttingDown):
+    """The server stopped before the awaited job finished; it stays queued and runs after the next start
+    (HTTP 503 naming the job)."""
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(f"the server is shutting down and job {job_id} did not finish; it stays queued and "
+                         "runs after the restart: retry with the same Idempotency-Key to get its result, or "
+                         f"poll GET /jobs/{job_id}")
 
 
 class JobNotFound(LookupError):
@@ -78,6 +106,26 @@ class JobNotFound(LookupError):
 
 class JobConflict(Exception):
     """The job is in a state that does not allow the operation, e.g. cancelling a finished job (HTTP 409)."""
+
+
+class IdempotencyConflict(JobConflict):
+    """An idempotency key already used with a different request (HTTP 409)."""
+
+
+def check_idempotency_key(key: str | None, what: str) -> str | None:
+    """A client's idempotency key as given (None: none), or RequestError naming `what` (the header or the
+    field) when it is not 1 to 128 letters, digits or `. _ : ~ + / = -`."""
+    if key is None:
+        return None
+    if not isinstance(key, str) or not IDEMPOTENCY_KEY.fullmatch(key):
+        raise RequestError(f"{what}: must be 1 to 128 characters, letters, digits and . _ : ~ + / = - only")
+    return key
+
+
+def request_digest(kind: str, body: dict[str, Any]) -> str:
+    """A digest of what a client sent (`kind`: the route), compared when a key comes again."""
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(f"{kind}\n{text}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass
@@ -103,15 +151,18 @@ def _put_latest(q: asyncio.Queue, event: dict) -> None:
 class JobManager:
     """The queue, the worker thread and the job records. Thread-safe; the HTTP layer calls it."""
 
-    def __init__(self, settings: ServeSettings, models: ModelHost, store: JobStore | None = None):
+    def __init__(self, settings: ServeSettings, models: ModelHost, store: JobStore | None = None,
+                 data_lock: DataDirLock | None = None):
+        """Touches no file: the data folder is locked, created and opened by `start`. `data_lock`: the
+        folder's lock when the caller took it already (`serve` does, before binding its port)."""
         self.settings = settings
         self.models = models
         self.data_dir = settings.data_path
         self.outputs = self.data_dir / "outputs"
         self.inputs = self.data_dir / "inputs"
-        self.outputs.mkdir(parents=True, exist_ok=True)
-        self.inputs.mkdir(parents=True, exist_ok=True)
-        self.store = store or JobStore(self.data_dir / "jobs.sqlite3")
+        self._store = store
+        self.data_lock = data_lock
+        self._own_lock = False  # True when start() took the lock (shutdown() then lets it go)
         self._cond = threading.Condition()
         self._pending: deque[str] = deque()
         self._live: dict[str, Job] = {}  # queued and running jobs
@@ -122,17 +173,45 @@ class JobManager:
         self._subs: dict[str, list[_Subscriber]] = {}
         self._subs_lock = threading.Lock()
         self._preview_polled_at = 0.0
-        self._seq = self.store.max_value("seq")
-        self._run_number = self.store.max_value("run_number")
+        self._seq = 0
+        self._run_number = 0
+        self._drained = threading.Event()  # set when the worker has stopped for good (shutdown)
+        self._hurry = threading.Event()  # set to end the shutdown grace at once
         self.warmed_up = threading.Event()
+
+    @property
+    def store(self) -> JobStore:
+        """The job table, opened on first use (`start` opens it only once it holds the folder's lock)."""
+        if self._store is None:
+            self._store = JobStore(self.data_dir / "jobs.sqlite3")
+        return self._store
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Pick up what the previous process left, then start the worker (which warms up first when the
-        settings ask for it)."""
-        self._recover()
-        self._accepting = True
-        self._stopping = False
+        """Take the data folder's lock (DataDirInUse when another server holds it: then nothing is
+        touched), pick up what the previous process left, then start the worker (which warms up first when
+        the settings ask for it)."""
+        if self.data_lock is None:
+            self.data_lock = DataDirLock(self.data_dir)
+            self._own_lock = True
+        try:
+            self.data_lock.acquire()
+        except Exception:
+            if self._own_lock:
+                self.data_lock, self._own_lock = None, False
+            raise
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        self.inputs.mkdir(parents=True, exist_ok=True)
+        with self._cond:
+            self._seq = self.store.max_value("seq")
+            self._run_number = self.store.max_value("run_number")
+            self._pending.clear()
+            self._live.clear()
+            self._recover()
+            self._drained.clear()
+            self._hurry.clear()
+            self._accepting = True
+            self._stopping = False
         self._worker = threading.Thread(target=self._work, name="sdxl-job-worker", daemon=True)
         self._worker.start()
 
@@ -152,44 +231,91 @@ class JobManager:
             self._live[job.id] = job
             self._pending.append(job.id)
 
-    def shutdown(self, grace_s: float | None = None) -> None:
-        """Stop taking jobs; give the running job `grace_s` to finish, else stop it and queue it again.
-        Queued jobs stay queued in the database and run after the next start."""
-        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+    @property
+    def stopping(self) -> bool:
+        """True from the start of a shutdown on: submissions are refused."""
+        return self._stopping
+
+    def begin_shutdown(self) -> None:
+        """Refuse new submissions (ShuttingDown) and let the worker take no new job; returns at once."""
         with self._cond:
             self._accepting = False
             self._stopping = True  # the worker takes no new job after the current one
             self._cond.notify_all()
+
+    def hurry(self) -> None:
+        """End the shutdown grace now: the running job stops at its next step and is queued again."""
+        self._hurry.set()
+
+    def drain(self, grace_s: float | None = None) -> None:
+        """`begin_shutdown`, then give the running job `grace_s` (default `shutdown_grace_s`) to finish,
+        else stop it at its next step and queue it again. Queued jobs stay queued in the database for the
+        next start. When the worker has stopped, everyone awaiting a job (`wait`) is woken: those whose job
+        did not finish get JobNotFinished. Blocks; safe to call more than once."""
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        self.begin_shutdown()
         worker = self._worker
-        if worker is None:
-            return
-        worker.join(timeout=max(grace, 0.0))
-        if worker.is_alive():
-            job = self._current
-            if job is not None:
-                log.warning("job %s still running %.0f s into shutdown; it will run again", job.id, grace)
-                job.stop_reason = "shutdown"
-            worker.join(timeout=10.0)
-            if worker.is_alive() and job is not None:
-                # stuck inside one step: record it as queued so the next start runs it again
-                job.status = QUEUED
-                self.store.save(job)
-        self._worker = None
+        if worker is not None:
+            end = time.monotonic() + max(grace, 0.0)
+            while worker.is_alive() and not self._hurry.is_set() and time.monotonic() < end:
+                worker.join(timeout=min(0.05, max(end - time.monotonic(), 0.0)))
+            if worker.is_alive():
+                job = self._current
+                if job is not None:
+                    log.warning("job %s still running %.1f s into shutdown; it will run again", job.id, grace)
+                    job.stop_reason = "shutdown"
+                worker.join(timeout=10.0)
+                if worker.is_alive() and job is not None:
+                    # stuck inside one step: record it as queued so the next start runs it again
+                    job.status = QUEUED
+                    job.finished_at = None
+                    self.store.save(job)
+            self._worker = None
+        self._drained.set()
+        with self._subs_lock:
+            waiting = list(self._subs)
+        for job_id in waiting:
+            self._publish(job_id, {"type": "shutdown", "id": job_id})
+
+    def shutdown(self, grace_s: float | None = None) -> None:
+        """`drain`, then let go of the data folder's lock if `start` took it."""
+        self.drain(grace_s)
+        if self._own_lock and self.data_lock is not None:
+            self.data_lock.release()
+            self.data_lock, self._own_lock = None, False
 
     # ------------------------------------------------------------------ submit / cancel / query
     def submit(self, request: GenerationRequest, n_iter: int = 1, source: str = "api",
-               job_id: str | None = None) -> Job:
-        """Queue a validated request. Raises QueueFull or ShuttingDown."""
+               job_id: str | None = None, idempotency: tuple[str, str] | None = None) -> Job:
+        """Queue a validated request. Raises QueueFull or ShuttingDown.
+
+        `idempotency`: (the client's key, `request_digest` of what it sent). When a job with that key
+        exists, it is returned instead (`job.id != job_id`; the uploaded images saved for `job_id` are
+        deleted), whatever its state and even during shutdown; when it was sent with another body,
+        IdempotencyConflict."""
         if request.seed is None:  # fixed now, so a job that runs again after a restart gives the same image
             request = request.replace(seed=random.randrange(2**32))
         with self._cond:
+            if idempotency is not None:
+                existing = self.store.by_idempotency_key(idempotency[0])
+                if existing is not None:
+                    if existing.request_digest != idempotency[1]:
+                        raise IdempotencyConflict(
+                            f"Idempotency-Key {idempotency[0]!r} was already used for a different request "
+                            f"(job {existing.id}); use a new key for a new request")
+                    if job_id is not None and job_id != existing.id:
+                        for path in self.inputs.glob(f"{job_id}-*.png"):
+                            path.unlink(missing_ok=True)
+                    return self._live.get(existing.id, existing)
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down; try again later")
             if len(self._pending) >= self.settings.queue_size:
                 raise QueueFull(f"the queue is full ({len(self._pending)} jobs waiting); try again later")
             self._seq += 1
+            key, digest = idempotency if idempotency is not None else (None, None)
             job = Job(id=job_id or secrets.token_hex(16), seq=self._seq, request=request.to_dict(),
-                      n_iter=int(n_iter), source=source, created_at=time.time())
+                      n_iter=int(n_iter), source=source, created_at=time.time(), idempotency_key=key,
+                      request_digest=digest)
             self.store.save(job)
             self._live[job.id] = job
             self._pending.append(job.id)
@@ -308,13 +434,16 @@ class JobManager:
                 self.unsubscribe(job_id, s.queue)
 
     async def wait(self, job_id: str) -> Job:
-        """Await the end of a job (done, failed or cancelled) and return it."""
+        """Await the end of a job (done, failed or cancelled) and return it. Raises JobNotFinished when the
+        server stops first (the job stays queued for the next start)."""
         q = self.subscribe(job_id, asyncio.get_running_loop())
         try:
             while True:
                 job = self.get(job_id)
                 if job.status in TERMINAL:
                     return job
+                if self._drained.is_set():
+                    raise JobNotFinished(job_id)
                 try:
                     await asyncio.wait_for(q.get(), timeout=1.0)
                 except asyncio.TimeoutError:

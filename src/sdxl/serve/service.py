@@ -99,13 +99,15 @@ class Service:
             for ref in loras:
                 self.models.resolve_lora(ref.name)
 
-    def submit(self, req: GenerationRequest, n_iter: int = 1, source: str = "api") -> Job:
+    def submit(self, req: GenerationRequest, n_iter: int = 1, source: str = "api",
+               idempotency: tuple[str, str] | None = None) -> Job:
         """Validate a request against the limits and the folders, store its images, queue it.
         `req.init_image` / `req.mask_image` are decoded PIL images here (see `request_from_body`).
 
         Validation checks every field, sampler and schedule names included (400 with the field's name),
         but resolves nothing: "automatic" and A1111 labels stay as the client sent them, and the worker
-        resolves them once, against the model it runs (`GenerationRequest.resolve`)."""
+        resolves them once, against the model it runs (`GenerationRequest.resolve`). `idempotency`: the
+        client's key and a digest of its body (`JobManager.submit`: a known key returns its job)."""
         req.validate(self.settings.limits)
         if n_iter < 1:
             raise RequestError(f"n_iter: {n_iter} must be at least 1")
@@ -126,7 +128,8 @@ class Service:
             saved.append(self.manager.inputs / ref.partition(":")[2])
             refs[key] = ref
         try:
-            return self.manager.submit(req.replace(**refs), n_iter=n_iter, source=source, job_id=job_id)
+            return self.manager.submit(req.replace(**refs), n_iter=n_iter, source=source, job_id=job_id,
+                                       idempotency=idempotency)
         except Exception:
             for p in saved:
                 p.unlink(missing_ok=True)

@@ -57,7 +57,8 @@ class ServeSettings:
     loras_dir: folder of LoRA files; default `<models_dir>/loras`.
     embeddings_dir: folder of textual-inversion embeddings (safetensors with `clip_l` and `clip_g`), loaded
         into every model; prompts use them by file stem. Default `<models_dir>/embeddings`.
-    data_dir: job database and images; default `default_data_dir()`.
+    data_dir: job database and images; default `default_data_dir()`. One server at a time: it holds the
+        folder's lock (`datalock.py`) while it runs, and a second one on the same folder refuses to start.
     api_key: when set, every route except the static web-UI files needs it (see `app.py`).
     device/dtype: where and how models run; None/"auto" = CUDA with fp16 when available, else CPU fp32.
     limits: per-request limits (pixels, steps, batch, prompt length), checked before a job is queued.
@@ -65,8 +66,9 @@ class ServeSettings:
     max_body_bytes: the largest request body accepted (base64 init images make bodies big).
     queue_size: jobs waiting (not counting the running one); a full queue answers 429.
     job_timeout_s: a job running longer is stopped between two sampler steps and fails.
-    shutdown_grace_s: on shutdown, how long the running job may take to finish before it is stopped and
-        put back in the queue for the next start.
+    shutdown_grace_s: on shutdown (SIGTERM, SIGINT), how long the running job may take to finish before
+        it is stopped at its next step and put back in the queue for the next start. Meanwhile new
+        generations are answered 503 with Retry-After, and no queued job is started.
     max_attempts: a job that was running when the server died this many times is failed, not retried
         (protects against a job that crashes the process on every start).
     preview: "auto" (SDXL's linear latent->RGB map for models with SDXL's VAE, else a small decode with the
@@ -130,6 +132,9 @@ class ServeSettings:
             raise SettingsError("queue_size must be at least 1")
         if self.preview_every < 1:
             raise SettingsError("preview_every must be at least 1")
+        if not 0 <= self.shutdown_grace_s < float("inf"):  # also refuses NaN
+            raise SettingsError(f"shutdown grace: {self.shutdown_grace_s} must be a number of seconds, 0 or "
+                                "more")
 
     @property
     def data_path(self) -> Path:

@@ -40,6 +40,10 @@ class Job:
     infos: list[str] = field(default_factory=list)  # A1111 infotext per image
     # the request as the model ran it (first iteration): canonical sampler/schedule names, size, seed
     resolved: dict[str, Any] | None = None
+    # the client's idempotency key (unique in the table) and a digest of the body sent with it: a retry with
+    # the same key gets this job back, the same key with another body is a conflict (see JobManager.submit)
+    idempotency_key: str | None = None
+    request_digest: str | None = None
     # --- live state, not persisted ---
     progress: float = 0.0
     step: int = 0
@@ -104,11 +108,15 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 """
 
 _COLUMNS = ("id", "seq", "source", "status", "request", "n_iter", "created_at", "started_at", "finished_at",
-            "attempts", "run_number", "error", "images", "seeds", "infos", "resolved")
+            "attempts", "run_number", "error", "images", "seeds", "infos", "resolved", "idempotency_key",
+            "request_digest")
 _COLS = ", ".join(_COLUMNS)
 _JSON_COLUMNS = ("request", "images", "seeds", "infos", "resolved")
 # columns added after the first release: (name, definition), added to older databases on open
-_ADDED = (("resolved", "TEXT NOT NULL DEFAULT 'null'"),)
+_ADDED = (("resolved", "TEXT NOT NULL DEFAULT 'null'"), ("idempotency_key", "TEXT"),
+          ("request_digest", "TEXT"))
+# created after the columns above exist (SQLite allows any number of NULLs in a unique index)
+_INDEXES = "CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency_key ON jobs (idempotency_key);"
 
 
 class JobStore:
@@ -128,6 +136,7 @@ class JobStore:
             for name, definition in _ADDED:
                 if name not in have:
                     self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
+            self._db.executescript(_INDEXES)
 
     def close(self) -> None:
         with self._lock:
@@ -140,18 +149,28 @@ class JobStore:
         return Job(**d)
 
     def save(self, job: Job) -> None:
-        """Insert or replace the persisted fields of `job`."""
+        """Insert the persisted fields of `job`, or update its row. An upsert on the id, not INSERT OR
+        REPLACE: a second job with a key already in the table must fail (sqlite3.IntegrityError), never
+        silently delete the row that holds the key."""
         values = []
         for k in _COLUMNS:
             v = getattr(job, k)
             values.append(json.dumps(v) if k in _JSON_COLUMNS else v)
         marks = ", ".join("?" for _ in _COLUMNS)
+        updates = ", ".join(f"{k} = excluded.{k}" for k in _COLUMNS if k != "id")
         with self._lock:
-            self._db.execute(f"INSERT OR REPLACE INTO jobs ({_COLS}) VALUES ({marks})", values)
+            self._db.execute(f"INSERT INTO jobs ({_COLS}) VALUES ({marks}) "
+                             f"ON CONFLICT (id) DO UPDATE SET {updates}", values)
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
             row = self._db.execute(f"SELECT {_COLS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._row_to_job(row) if row else None
+
+    def by_idempotency_key(self, key: str) -> Job | None:
+        """The job submitted with this idempotency key, if any."""
+        with self._lock:
+            row = self._db.execute(f"SELECT {_COLS} FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
         return self._row_to_job(row) if row else None
 
     def list(self, limit: int = 50, offset: int = 0, status: str | None = None) -> list[Job]:
