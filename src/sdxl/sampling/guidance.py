@@ -1,5 +1,7 @@
 """Classifier-free guidance as a model function for `ModelDenoiser`: both branches in one batch, guidance
-rescale, CFG limited to a range of steps, and per-step conditioning (A1111 prompt editing).
+rescale, CFG limited to a range of steps, per-step conditioning (A1111 prompt editing), and
+perturbed-attention guidance (PAG: a third, perturbed cond branch in the same batch; `sdxl.models.pag`
+perturbs the layers).
 
 A conditioning schedule is a list of (end_step, context, y) entries: entry k applies to the steps before
 `end_step` (1-based, inclusive). The step a UNet call belongs to is read off its timestep, so the
@@ -13,14 +15,24 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..models.pag import PerturbState
+
 Schedule = Sequence[tuple[int, Tensor, Tensor]]
 
 
-def cfg_combine(uncond: Tensor, cond: Tensor, scale: float, rescale: float = 0.0) -> Tensor:
-    """uncond + scale * (cond - uncond), then guidance rescale (Lin et al. 2023, "Common Diffusion Noise
-    Schedules and Sample Steps are Flawed", eq. 15-16): match the guided output's std to the cond branch's
-    and blend with weight `rescale`."""
-    guided = uncond + scale * (cond - uncond)
+def cfg_combine(uncond: Tensor | None, cond: Tensor, scale: float, rescale: float = 0.0,
+                perturbed: Tensor | None = None, pag_scale: float = 0.0) -> Tensor:
+    """uncond + scale * (cond - uncond) [+ pag_scale * (cond - perturbed)], then guidance rescale (Lin et al.
+    2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", eq. 15-16): match the guided
+    output's std to the cond branch's and blend with weight `rescale`.
+
+    PAG (Ahn et al. 2024) adds pag_scale * (cond - perturbed), as diffusers' PAG pipelines do; `uncond` None
+    means no CFG (cond + pag_scale * (cond - perturbed), no rescale)."""
+    guided = cond if uncond is None else uncond + scale * (cond - uncond)
+    if perturbed is not None:
+        guided = guided + pag_scale * (cond - perturbed)
+    if uncond is None:
+        return guided
     if rescale > 0:
         dims = list(range(1, cond.ndim))
         rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
@@ -57,13 +69,34 @@ def guided_model(
     step_of: Callable[[float], int],
     dtype: torch.dtype = torch.float32,
     extra_channels: Tensor | None = None,
+    pag_scale: float = 0.0,
+    pag_state: PerturbState | None = None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """A model function (x, t) -> output for `ModelDenoiser`.
 
     cfg_steps: guidance applies on steps first <= step < last; other steps (and scale 1) run the cond
     branch alone. extra_channels: concatenated to x (an inpainting UNet's [mask | masked-image latents]).
+    pag_scale, pag_state: with a scale > 0 and the state of `sdxl.models.pag.perturb_self_attention` (the
+    UNet's layers already swapped), every step also runs the cond branch perturbed, last in the batch.
     """
     first, last = cfg_steps
+    pag = pag_state is not None and pag_scale > 0
+
+    def run(x: Tensor, tt: Tensor, context: Tensor, y: Tensor, branches: int) -> list[Tensor]:
+        """The UNet on `branches` copies of x with the given per-branch (already batched) conditioning;
+        with PAG the cond branch is repeated last and perturbed."""
+        b = x.shape[0]
+        if pag:
+            context = torch.cat([context, context[-b:]])
+            y = torch.cat([y, y[-b:]])
+            branches += 1
+            pag_state.rows = b
+        try:
+            out = unet(torch.cat([x] * branches), torch.cat([tt] * branches), context, y).float()
+        finally:
+            if pag:
+                pag_state.rows = 0
+        return list(out.split(b))
 
     def model_fn(x: Tensor, t: Tensor) -> Tensor:
         x = x.to(dtype)
@@ -73,12 +106,13 @@ def guided_model(
         step = step_of(float(tt[0]))
         context, y = conditioning_at(cond, step)
         if scale == 1.0 or not first <= step < last:
-            return unet(x, tt, context, y).float()
+            if not pag:
+                return unet(x, tt, context, y).float()
+            out_cond, out_ptb = run(x, tt, context, y, 1)
+            return cfg_combine(None, out_cond, scale, perturbed=out_ptb, pag_scale=pag_scale)
         ncontext, ny = conditioning_at(uncond, step)
-        b = x.shape[0]
-        out = unet(
-            torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([ncontext, context]), torch.cat([ny, y])
-        ).float()
-        return cfg_combine(out[:b], out[b:], scale, rescale)
+        outs = run(x, tt, torch.cat([ncontext, context]), torch.cat([ny, y]), 2)
+        return cfg_combine(outs[0], outs[1], scale, rescale, perturbed=outs[2] if pag else None,
+                           pag_scale=pag_scale)
 
     return model_fn
