@@ -13,7 +13,25 @@ work="${1:-runs/default}"
 scale="${2:-1}"
 steps() { python3 -c "import sys; print(max(2, int(round($1 * $scale))))"; }
 mkdir -p "$work"
-n_images=$(python3 -c "print(max(16, int(6000 * min(1.0, $scale * 20))))")
+n_images=${RECIPE_IMAGES:-$(python3 -c "print(max(16, int(6000 * min(1.0, $scale * 20))))")}
+# Smoke runs only (tests/test_default_model.py): RECIPE_IMAGES sets the dataset's size, RECIPE_MAX_BATCH and
+# RECIPE_MAX_RES cap the --batch-size and --resolution of every `sdxl train` below. Unset: as shipped.
+if [ -n "${RECIPE_MAX_BATCH:-}${RECIPE_MAX_RES:-}" ]; then
+    sdxl() {
+        local args=() prev="" a
+        for a in "$@"; do
+            local cap=""
+            case "$prev" in
+                --batch-size) cap="${RECIPE_MAX_BATCH:-}" ;;
+                --resolution) cap="${RECIPE_MAX_RES:-}" ;;
+            esac
+            prev="$a"
+            if [ -n "$cap" ] && [ "$a" -gt "$cap" ]; then a="$cap"; fi
+            args+=("$a")
+        done
+        command sdxl "${args[@]}"
+    }
+fi
 
 # 1. data: 6000 captioned scenes at many aspect ratios (30% rendered small and upscaled, 15% cropped)
 [ -f "$work/shapes/metadata.jsonl" ] || sdxl data shapes --n "$n_images" --out "$work/shapes" --seed 0
