@@ -569,17 +569,15 @@ def test_unmatched_and_unsupported_keys_are_reported():
     good = pair("lora_unet_input_blocks_4_1_proj_in", 2, 64, 64)
     unknown_layer = pair("lora_unet_input_blocks_99_1_proj_in", 2, 64, 64)
     wrong_shape = pair("lora_unet_input_blocks_4_1_proj_out", 2, 63, 64)
-    loha = {
-        f"lora_unet_input_blocks_5_1_proj_in.hada_{w}": torch.zeros(2, 2) for w in ("w1_a", "w1_b", "w2_a")
-    }
-    dora = {
+    oft = {f"lora_unet_input_blocks_5_1_proj_in.oft_{w}": torch.zeros(2, 2) for w in ("blocks", "diag")}
+    dora = {  # a DoRA magnitude that fits neither axis of the 64 x 64 layer
         **pair("lora_unet_input_blocks_5_1_proj_out", 2, 64, 64),
-        "lora_unet_input_blocks_5_1_proj_out.dora_scale": torch.ones(1, 64),
+        "lora_unet_input_blocks_5_1_proj_out.dora_scale": torch.ones(1, 63),
     }
     stray = {"model.first_stage_model.decoder.conv_in.weight": torch.zeros(1)}
     incomplete = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 32)}
     refiner_te = pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 2, 32, 32)
-    tensors = {**good, **unknown_layer, **wrong_shape, **loha, **dora, **stray, **incomplete, **refiner_te}
+    tensors = {**good, **unknown_layer, **wrong_shape, **oft, **dora, **stray, **incomplete, **refiner_te}
     lora = L.Lora.from_state_dict(tensors, name="messy")
     no_te1 = {**models, "te1": None}
     patch = L.apply(no_te1, lora)
@@ -589,7 +587,7 @@ def test_unmatched_and_unsupported_keys_are_reported():
     why = report.reasons
     assert "no layer named" in why["lora_unet_input_blocks_99_1_proj_in.lora_down.weight"]
     assert "shape mismatch" in why["lora_unet_input_blocks_4_1_proj_out.lora_up.weight"]
-    assert "LoHa" in why["lora_unet_input_blocks_5_1_proj_in.hada_w1_a"]
+    assert "OFT" in why["lora_unet_input_blocks_5_1_proj_in.oft_blocks"]
     assert "DoRA" in why["lora_unet_input_blocks_5_1_proj_out.lora_down.weight"]
     assert "unknown prefix" in why["model.first_stage_model.decoder.conv_in.weight"]
     assert "incomplete" in why["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"]

@@ -4,6 +4,7 @@ dots or underscores), then add the update with forward hooks (`apply`), or bake 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -103,9 +104,70 @@ class MatchedLayer:
     module_name: str  # our name (sgm for the UNet, HF-without-text_model for the towers)
     module: nn.Module
     lora: LoraModule
-    down: Tensor
-    up: Tensor
+    down: Tensor | None
+    up: Tensor | None
     mid: Tensor | None
+    dense: Tensor | None = None  # LoHa / LoKr / DoRA: scale * dW shaped like the weight, float32
+
+
+def _fit_dense(lm: LoraModule, module: nn.Module) -> Tensor | str:
+    """scale * dW of a LoHa / LoKr layer (or of a LoRA carrying DoRA) shaped like `module.weight`, or the
+    reason it does not fit. A conv update stored flat ([out, in * kh * kw]) is reshaped; a Linear accepts a
+    [out, in, 1, 1] update."""
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        return f"layer is a {type(module).__name__}, not a Linear or Conv2d"
+    if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+        return "grouped or non-zero-padded convolutions are not supported"
+    if lm.kind == "lora":
+        fitted = _fit_shapes(lm, module)
+        if isinstance(fitted, str):
+            return fitted
+        lm = LoraModule(lm.part, lm.name, lm.style, *fitted, lm.alpha, lm.scale, lm.keys)
+    dw = lm.dense()
+    shape = tuple(module.weight.shape)
+    fits = dw.shape[:2] == shape[:2] and (dw.ndim == 2 or tuple(dw.shape[2:]) == shape[2:])
+    if dw.ndim == 2 and len(shape) == 4:
+        fits = dw.shape[0] == shape[0] and dw.shape[1] == math.prod(shape[1:])
+    if dw.ndim == 4 and len(shape) == 2:
+        fits = dw.shape[2:] == (1, 1) and dw.shape[:2] == shape
+    if not fits:
+        return f"shape mismatch: the {lm.kind} update is {tuple(dw.shape)}, the layer's weight {shape}"
+    return dw.reshape(shape) * lm.scale
+
+
+def _dora_delta(lm: LoraModule, weight: Tensor, update: Tensor, multiplier: float) -> Tensor:
+    """multiplier * (m * (W + dW) / ||W + dW|| - W), float32: the DoRA weight as a change of W.
+
+    The norm is per output channel over the input dimension(s) for PEFT's `lora_magnitude_vector` (any
+    shape with `out` elements) and for a kohya / LyCORIS `dora_scale` shaped [out, 1, ...]; per input
+    channel over the output dimension for a `dora_scale` shaped [1, in, ...] (older LyCORIS, A1111). LyCORIS
+    adds float32 eps to the norm, PEFT does not; each file gets its own trainer's. The multiplier blends W and
+    the DoRA weight linearly (ComfyUI's strength), so 0 is no change; at 1 it is the trainer's merged weight.
+    """
+    w = weight.detach().float()
+    merged = w + update
+    out, inn, rest = w.shape[0], w.shape[1], [1] * (w.ndim - 2)
+    if _dora_axis(lm, tuple(w.shape)) == "out":
+        norm = merged.flatten(1).norm(dim=1).reshape(out, 1, *rest)
+    else:
+        norm = merged.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, inn, *rest)
+    if not _is_peft_dora(lm):
+        norm = norm + torch.finfo(torch.float32).eps
+    return multiplier * (lm.dora.float().reshape(norm.shape) * merged / norm - w)
+
+
+def _is_peft_dora(lm: LoraModule) -> bool:
+    return lm.dora_key.endswith(("lora_magnitude_vector", "lora_magnitude_vector.weight"))
+
+
+def _dora_axis(lm: LoraModule, shape: tuple[int, ...]) -> str | None:
+    """"out" (norm per output channel), "in" (per input channel) or None when the magnitude fits neither."""
+    m = lm.dora
+    if m.numel() == shape[0] and (_is_peft_dora(lm) or m.shape[0] == shape[0]):
+        return "out"
+    if not _is_peft_dora(lm) and m.numel() == shape[1] and m.shape[0] == 1:
+        return "in"
+    return None
 
 
 def _fit_shapes(lm: LoraModule, module: nn.Module) -> tuple[Tensor, Tensor, Tensor | None] | str:
@@ -182,6 +244,19 @@ def match_lora(lora: Lora, models: Mapping[str, nn.Module | None]) -> tuple[list
             )
             continue
         module = model.get_submodule(ours)
+        if lm.kind != "lora" or lm.dora is not None:
+            dense = _fit_dense(lm, module)
+            if isinstance(dense, str):
+                report._miss(lm.keys, dense)
+                continue
+            axis = _dora_axis(lm, tuple(module.weight.shape)) if lm.dora is not None else "out"
+            if axis is None:  # the DoRA weight itself is built in `apply`, from the weight of that moment
+                got, shape = tuple(lm.dora.shape), tuple(module.weight.shape)
+                report._miss(lm.keys, f"DoRA magnitude {got} fits no axis of the weight {shape}")
+                continue
+            taken[(lm.part, ours)] = lm
+            matched.append(MatchedLayer(lm.part, ours, module, lm, None, None, None, dense))
+            continue
         fitted = _fit_shapes(lm, module)
         if isinstance(fitted, str):
             report._miss(lm.keys, fitted)
@@ -234,6 +309,28 @@ class _Delta:
         else:
             w = torch.einsum("oa,abhw,bi->oihw", up[:, :, 0, 0], self.mid.float(), down[:, :, 0, 0])
         return w * self.factor
+
+
+class _DenseDelta:
+    """A whole-weight update (LoHa, LoKr, DoRA): the layer run again with `factor * delta` as its weight."""
+
+    def __init__(self, module: nn.Module, delta: Tensor, factor: float):
+        w = module.weight
+        self.module = module
+        self.delta = delta.to(device=w.device, dtype=w.dtype)
+        self.full = delta if w.dtype == torch.float32 else None  # exact float32 copy for `fuse`
+        self.factor = factor
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = x.to(self.delta.dtype)
+        m = self.module
+        if isinstance(m, nn.Linear):
+            return F.linear(x, self.delta) * self.factor
+        return F.conv2d(x, self.delta, None, m.stride, m.padding, m.dilation) * self.factor
+
+    def weight(self) -> Tensor:
+        full = self.full if self.full is not None else self.delta
+        return full.float() * self.factor
 
 
 def _make_hook(deltas: list[_Delta]):
@@ -426,7 +523,13 @@ def apply(
             if factor == 0.0:
                 continue  # exactly no change
             entry = per_module.setdefault(id(ml.module), (ml.module, []))
-            entry[1].append(_Delta(ml.module, ml.down, ml.up, ml.mid, factor * ml.lora.scale))
+            if ml.lora.dora is not None:
+                delta = _dora_delta(ml.lora, ml.module.weight, ml.dense, factor)
+                entry[1].append(_DenseDelta(ml.module, delta, 1.0))
+            elif ml.dense is not None:
+                entry[1].append(_DenseDelta(ml.module, ml.dense, factor))
+            else:
+                entry[1].append(_Delta(ml.module, ml.down, ml.up, ml.mid, factor * ml.lora.scale))
             qkv_names.setdefault(ml.part, []).append(ml.module_name)
     qkv = [m for part, names in qkv_names.items() for m in qkv_parents(models[part], names)]
     return LoraPatch(list(per_module.values()), reports, qkv)
