@@ -7,6 +7,7 @@
   open, the worker takes no new job, the running job is stopped after the grace and queued again, the
   waiting client gets 503 naming its job (not 500), the process exits; after a restart the queued jobs run
   exactly once and the client's retry with the same Idempotency-Key gets the first job's images.
+- A second Ctrl+C ends the grace at once: the running job is queued again, exit code 130, no traceback.
 - Idempotency keys (native header and field, A1111 header): a retry returns the first job, also after a
   restart; the same key with another body is 409; a malformed key is a one-line 400.
 
@@ -214,6 +215,25 @@ def test_sigterm_answers_a_waiting_a1111_client_503_and_leaves_the_queue_for_the
     assert all(j["status"] == "done" and j["attempts"] == 1 for j in jobs)  # each queued job ran once
     rows = stored(data)
     assert len(rows) == 4 and len({r["run_number"] for r in rows.values()}) == 4
+
+
+def test_second_ctrl_c_ends_the_grace_at_once_and_exits_130_without_a_traceback(model_file, tmp_path):
+    data = tmp_path / "data"
+    server = Server(model_file, data, "--shutdown-grace", "600").wait_ready()
+    try:
+        job_id = server.client.post("/jobs", json=small(width=256, height=256, steps=150)).json()["id"]
+        server.wait_running(job_id)
+        server.proc.send_signal(signal.SIGINT)
+        end = time.monotonic() + 10
+        while server.client.get("/health").status_code == 200 and time.monotonic() < end:
+            time.sleep(0.01)
+        server.proc.send_signal(signal.SIGINT)  # do not wait out the 600 s grace
+        assert server.proc.wait(60) == 130
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log.read_text(), server.log.read_text()
+    row = stored(data)[job_id]
+    assert row["status"] == "queued" and row["attempts"] == 1  # stopped at a step, runs after the restart
 
 
 # ------------------------------------------------------------------------------------------------ idempotency

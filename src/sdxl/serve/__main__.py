@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C: the server has drained and stopped; uvicorn re-raises the signal
+        return 130
     return 0
 
 

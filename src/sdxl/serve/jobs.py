@@ -256,13 +256,15 @@ class JobManager:
         self.begin_shutdown()
         worker = self._worker
         if worker is not None:
-            end = time.monotonic() + max(grace, 0.0)
+            began = time.monotonic()
+            end = began + max(grace, 0.0)
             while worker.is_alive() and not self._hurry.is_set() and time.monotonic() < end:
                 worker.join(timeout=min(0.05, max(end - time.monotonic(), 0.0)))
             if worker.is_alive():
                 job = self._current
                 if job is not None:
-                    log.warning("job %s still running %.1f s into shutdown; it will run again", job.id, grace)
+                    log.warning("job %s still running %.1f s into shutdown; it will run again", job.id,
+                                time.monotonic() - began)
                     job.stop_reason = "shutdown"
                 worker.join(timeout=10.0)
                 if worker.is_alive() and job is not None:
