@@ -24,7 +24,14 @@ Reading (`load_lora`) only sorts the file's keys into per-layer `LoraModule`s. M
 modules happens in `apply`, against the real models: every Linear / Conv2d gets its sgm name, the diffusers
 name (through `sdxl.weights.diffusers_layout`, the one sgm <-> diffusers table of the project) and the
 HF text names, each with dots and with underscores. Whatever does not match (unknown layer, wrong shape,
-LoHa / LoKr / DoRA, a part the model lacks) is listed in a `LoraReport`, key by key, with the reason.
+OFT / IA3 / GLoRA, a part the model lacks) is listed in a `LoraReport`, key by key, with the reason.
+
+LyCORIS files (kohya `lora_unet_` / `lora_te1_` / `lora_te2_` names, or `lycoris_` + diffusers UNet names)
+are applied too: LoHa dW = (w1a @ w1b) * (w2a @ w2b) * alpha / rank (Tucker conv: t x wa x wb per
+factor), LoKr dW = kron(w1 or w1a @ w1b, w2 or w2a @ w2b) * scale (alpha / rank when a factor is
+decomposed, else 1), and DoRA on any of them (`dora_scale`, PEFT's `lora_magnitude_vector`):
+W' = m * (W + dW) / ||W + dW||, blended as W + multiplier * (W' - W). Factors that cannot form an update
+are a one-line `CheckpointError` naming the key, raised when the file is read.
 
 `apply` adds the update with forward hooks: the stored weights are never touched, a weight of 0 registers
 nothing (bit-identical outputs), several LoRAs on one layer add up. `LoraPatch.fuse()` bakes the updates
