@@ -29,6 +29,8 @@ from .metadata import lora_hash, request_infotext, short_hash
 from .models.conditioning import conditioning_numbers, micro_conditioning
 from .models.config import ModelConfig
 from .models.fast import speed_up
+from .models.freeu import apply_freeu
+from .models.pag import PerturbState, perturb_self_attention
 from .models.text import CLIPTextTower, TextEncoders
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
@@ -285,12 +287,14 @@ class SDXL:
         req: GenerationRequest,
         sigmas: torch.Tensor,
         extra_channels: torch.Tensor | None = None,
+        pag_state: PerturbState | None = None,
     ) -> ModelDenoiser:
         """A denoiser D(x, sigma) with classifier-free guidance (both branches in one batch), guidance
         rescale, CFG limited to a range of steps, and per-step conditioning (prompt editing).
 
         `cond`/`uncond` are schedules from `text_conditioning`; see `sampling.guidance`. Needs a resolved
-        request.
+        request. `pag_state`: the UNet's PAG layers swapped (`guidance_variants`); then the request's
+        pag_scale applies.
         """
         prediction = req.prediction or self.config.prediction
         den = ModelDenoiser(
@@ -307,6 +311,8 @@ class SDXL:
             step_of=step_finder(den.timestep(sigmas[:-1].float().cpu()).tolist()),
             dtype=self.dtype,
             extra_channels=extra_channels,
+            pag_scale=req.pag_scale if pag_state is not None else 0.0,
+            pag_state=pag_state,
         )
         return den
 
@@ -604,11 +610,13 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
     if refiner is not None and req.refiner_mode == "ensemble":
         base_sigmas, ref_sigmas = S.split_sigmas(sigmas, req.refiner_switch, pipe.schedule_for(req))
 
-    denoiser = pipe.make_denoiser(cond, uncond, req, base_sigmas, extra_channels=extra)
-    if mask is not None and extra is None and init is not None:
-        denoiser = _masked(denoiser, init, noise, lat_mask, first_sigma=float(base_sigmas[0]))
-    with pipe.on_device(pipe.unet):
-        x = _run_sampler(pipe, denoiser, x, base_sigmas, req, generator, "base", callback)
+    with guidance_variants(pipe.unet, req) as pag_state:  # FreeU and PAG: the base model only
+        denoiser = pipe.make_denoiser(cond, uncond, req, base_sigmas, extra_channels=extra,
+                                      pag_state=pag_state)
+        if mask is not None and extra is None and init is not None:
+            denoiser = _masked(denoiser, init, noise, lat_mask, first_sigma=float(base_sigmas[0]))
+        with pipe.on_device(pipe.unet):
+            x = _run_sampler(pipe, denoiser, x, base_sigmas, req, generator, "base", callback)
 
     if refiner is not None:
         rreq = refiner_request(req, refiner)
@@ -639,6 +647,26 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
     result = GenerationResult(images=pil, latents=x, seeds=seeds, request=req)
     result.infos = [a1111_parameters(pipe, req, s, refiner) for s in seeds]
     return result
+
+
+@contextlib.contextmanager
+def guidance_variants(unet: UNet, req: GenerationRequest):
+    """FreeU hooked onto `unet` when the request asks for it, and the request's PAG layers swapped when its
+    pag_scale > 0 (yields their `PerturbState`, else None); both removed on exit, whatever happens."""
+    freeu = apply_freeu(unet, req.freeu_b1, req.freeu_b2, req.freeu_s1, req.freeu_s2) if req.freeu else None
+    pag = None
+    try:
+        if req.pag_scale > 0:
+            try:
+                pag = perturb_self_attention(unet, req.pag_layers)
+            except ValueError as e:
+                raise RequestError(f"pag_layers: {e}") from None
+        yield pag
+    finally:
+        if pag is not None:
+            pag.undo()
+        if freeu is not None:
+            freeu.remove()
 
 
 def _masked(denoiser, init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, first_sigma=None):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import RequestError
+from .models.pag_layers import parse_layer, split_layers
 from .sampling.names import RUNNABLE_SCHEDULES, is_automatic, resolve_sampler, resolve_schedule
 
 
@@ -105,6 +106,14 @@ class GenerationRequest:
                                      default_factory=tuple)
     vae_tiling: bool | None = _f(None, "Tiled VAE decode (default: automatic, for large images).")
     watermark: bool = _f(False, "Add the official invisible watermark.")
+    # --- guidance variants (the base model; a refiner runs without them) ---
+    pag_scale: float = _f(0.0, "Perturbed-attention guidance scale (Ahn et al.; 0 = off, 3 is common).")
+    pag_layers: str = _f("mid", "PAG layers, comma-separated diffusers names: mid, down.2, up.0, up.0.1.")
+    freeu: bool = _f(False, "FreeU (Si et al.): scale the up path's backbone (b1, b2) and skips (s1, s2).")
+    freeu_b1: float = _f(1.3, "FreeU backbone scale of the first up stage (SDXL's 1.3).")
+    freeu_b2: float = _f(1.4, "FreeU backbone scale of the second up stage (SDXL's 1.4).")
+    freeu_s1: float = _f(0.9, "FreeU skip low-frequency scale of the first up stage (SDXL's 0.9).")
+    freeu_s2: float = _f(0.2, "FreeU skip low-frequency scale of the second up stage (SDXL's 0.2).")
 
     def __post_init__(self):
         # lists and dicts (JSON, pydantic's model_dump, callers) become a tuple of LoraSpec: the request is
@@ -215,6 +224,15 @@ class GenerationRequest:
             raise RequestError(f"prediction: {show_value(self.prediction)} is not 'eps' or 'v'")
         if self.mask_image is not None and self.init_image is None:
             raise RequestError("mask_image: inpainting needs init_image too")
+        _range("pag_scale", self.pag_scale, 0.0, 100.0)
+        for name in split_layers(self.pag_layers):
+            if parse_layer(name) is None:
+                raise RequestError(f"pag_layers: {show_value(name)} is not a layer name (mid, down.N, up.N, "
+                                   "down.N.M or up.N.M)")
+        if self.pag_scale > 0 and not split_layers(self.pag_layers):
+            raise RequestError("pag_layers: empty; PAG needs at least one layer (e.g. mid)")
+        for name in ("freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2"):
+            _range(name, getattr(self, name), -10.0, 10.0)
         _sampler_and_schedule(self.sampler, self.schedule, False)
         return self
 
@@ -283,7 +301,8 @@ def _lora(x: Any) -> LoraSpec:
 
 # The limits of what a request may hold besides `Limits` (which a server configures).
 TEXT_FIELDS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")  # each up to max_prompt_chars
-NAME_FIELDS = ("sampler", "schedule", "emphasis", "refiner_mode", "prediction", "model", "refiner")
+NAME_FIELDS = ("sampler", "schedule", "emphasis", "refiner_mode", "prediction", "model", "refiner",
+               "pag_layers")
 MAX_NAME_CHARS = 1024  # names and paths
 MAX_LORAS = 64
 MAX_CLIP_SKIP = 12  # CLIP ViT-L's layer count; `resolve` also checks the model's own towers

@@ -72,6 +72,8 @@ _SIMPLE_FIELDS: dict[str, tuple[str, type]] = {
     "Hires upscaler": ("hires_upscaler", str),
     "RNG": ("rng", str),
     "Emphasis": ("emphasis", str),
+    "PAG scale": ("pag_scale", float),
+    "PAG layers": ("pag_layers", str),
     "Version": ("version", str),
     "User": ("user", str),
 }
@@ -99,6 +101,9 @@ _WORD = re.compile(r"\w")
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _LABEL = re.compile(r"\w[\w \-/]+")
 _NEGATIVE = "Negative prompt:"
+# "FreeU: b1=1.3 b2=1.4 s1=0.9 s2=0.2" (our label; the values are the request's freeu_b1 .. freeu_s2)
+_FREEU_KEYS = ("b1", "b2", "s1", "s2")
+_FREEU = re.compile(r"b1=(\S+) b2=(\S+) s1=(\S+) s2=(\S+)")
 
 
 def _value_text(value: Any) -> str:
@@ -169,6 +174,9 @@ def _fields(params: dict[str, Any]) -> dict[str, str]:
             out["Lora hashes"] = _hash_list(value)
         elif key == "ti_hashes":
             out["TI hashes"] = _hash_list(value)
+        elif key == "freeu":  # (b1, b2, s1, s2)
+            pairs = zip(_FREEU_KEYS, value, strict=True)
+            out["FreeU"] = " ".join(f"{k}={_value_text(float(v))}" for k, v in pairs)
         elif key == "clip_skip":
             if int(value) > 1:  # ours counts from the penultimate layer, A1111's from the last one
                 out["Clip skip"] = _value_text(int(value) + 1)
@@ -266,6 +274,15 @@ def _parse_hash_list(text: str) -> dict[str, str]:
 
 
 
+def _parse_freeu(text: str) -> dict[str, float] | None:
+    """'b1=1.3 b2=1.4 s1=0.9 s2=0.2' -> {'freeu_b1': 1.3, ...}; None when it does not read."""
+    m = _FREEU.fullmatch(text.strip())
+    values = [number(v, float) for v in m.groups()] if m else []
+    if not values or any(v is None for v in values):
+        return None
+    return {f"freeu_{k}": v for k, v in zip(_FREEU_KEYS, values, strict=True)}
+
+
 def parse_a1111(text: str) -> dict[str, Any]:
     """Read an A1111 infotext back into the normalised dictionary `format_a1111` takes.
 
@@ -316,6 +333,9 @@ def parse_a1111(text: str) -> dict[str, Any]:
                 out["refiner_hash"] = refiner_hash
         elif label in ("Lora hashes", "TI hashes"):
             out["lora_hashes" if label == "Lora hashes" else "ti_hashes"] = _parse_hash_list(value)
+        elif label == "FreeU" and (freeu := _parse_freeu(value)) is not None:
+            out["freeu"] = True
+            out.update(freeu)
         elif label == "Clip skip" and (number(value, int) or 0) >= 2:
             out["clip_skip"] = number(value, int) - 1  # A1111 counts from the last layer, we from SDXL's
         elif label in _SIMPLE_FIELDS:
@@ -379,7 +399,8 @@ def request_infotext(
 ) -> str:
     """The A1111 infotext of one image made from `request` (a resolved GenerationRequest or its `to_dict()`).
 
-    The request gives the prompts, steps, sampler, schedule, CFG scale (and CFG rescale phi when set), size,
+    The request gives the prompts, steps, sampler, schedule, CFG scale (and CFG rescale phi when set), PAG
+    scale and layers and FreeU's b1 b2 s1 s2 (when on), size,
     clip skip, denoising strength (img2img and inpainting only) and the refiner switch (ensemble mode only).
     Its LoRAs are appended to the prompt as `<lora:name:weight>` tags, named by their file stem, unless the
     prompt already names them, as A1111 keeps LoRAs in the prompt. The rest is what only the caller knows:
@@ -411,6 +432,10 @@ def request_infotext(
         "clip_skip": get("clip_skip"),
         "CFG rescale phi": get("guidance_rescale") or None,
     }
+    if get("pag_scale"):
+        params["pag_scale"], params["pag_layers"] = get("pag_scale"), get("pag_layers")
+    if get("freeu"):
+        params["freeu"] = tuple(get(f"freeu_{k}") for k in _FREEU_KEYS)
     if refiner:
         params["refiner"], params["refiner_hash"] = refiner, refiner_hash
         if (get("refiner_mode") or "ensemble") == "ensemble":
