@@ -155,6 +155,9 @@ class GenerationRequest:
             _text(name, getattr(self, name), lim.max_prompt_chars)
         for name in NAME_FIELDS:
             _text(name, getattr(self, name), MAX_NAME_CHARS)
+            if getattr(self, name) == "":
+                raise RequestError(f"{name}: an empty name" + (" (leave it out, or null, for none)"
+                                                               if name in ("model", "refiner") else ""))
         for key in ("init_image", "mask_image"):  # a path (CLI, Python API) or a decoded image
             v = getattr(self, key)
             if isinstance(v, str):
@@ -210,8 +213,8 @@ class GenerationRequest:
             _range("eta", self.eta, 0.0, 100.0)
             if self.eta > 1.0 and resolve_sampler(self.sampler)[0] == "tcd":  # the name is checked below
                 raise RequestError(f"eta: {self.eta:g} is outside 0..1 (the TCD sampler's gamma)")
-        if not 0 <= self.mask_blur <= 256:
-            raise RequestError(f"mask_blur: {self.mask_blur} is outside 0..256")
+        if not 0 <= self.mask_blur <= MAX_MASK_BLUR:
+            raise RequestError(f"mask_blur: {self.mask_blur} is outside 0..{MAX_MASK_BLUR}")
         if self.refiner_mode not in ("ensemble", "sdedit"):
             raise RequestError(f"refiner_mode: {show_value(self.refiner_mode)} is not 'ensemble' or 'sdedit'")
         if self.emphasis not in ("original", "no_norm", "none"):
@@ -305,6 +308,7 @@ NAME_FIELDS = ("sampler", "schedule", "emphasis", "refiner_mode", "prediction", 
                "pag_layers")
 MAX_NAME_CHARS = 1024  # names and paths
 MAX_LORAS = 64
+MAX_MASK_BLUR = 256  # pixels
 MAX_CLIP_SKIP = 12  # CLIP ViT-L's layer count; `resolve` also checks the model's own towers
 MAX_MICRO_SIZE = 65536  # micro-conditioning sizes and crops, in pixels
 MICRO_SIZE_FIELDS = ("original_width", "original_height", "target_width", "target_height",

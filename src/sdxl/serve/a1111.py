@@ -54,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import RequestError
 from ..metadata import parse_a1111
-from ..request import GenerationRequest
+from ..request import MAX_CLIP_SKIP, MAX_MASK_BLUR, GenerationRequest, show_value
 from ..sampling import SAMPLER_INFO, SCHEDULES
 from ..sampling.names import A1111_SAMPLER_NAMES, A1111_SCHEDULE_NAMES, is_automatic
 from ..version import __version__
@@ -63,15 +63,36 @@ from .previews import encode_image
 from .service import Service
 from .store import CANCELLED, DONE, TERMINAL, Job
 
+MAX_OPTIONS = 1000  # option keys kept (A1111 clients post back the whole options dict)
+MAX_OPTION_TEXT = 1024  # characters of an option this server does not use
+
+
+def _whole(lo: int, hi: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+# What each option this server knows may hold. A value outside is refused when it is set (400, nothing
+# changes), so no stored option can make a later request fail. `CLIP_stop_at_last_layers` is checked by
+# building a request with it (`to_request`); other keys (A1111 has hundreds) are kept as sent, within limits.
+OPTION_CHECKS = {
+    "sd_vae": (lambda v: v in ("Automatic", "None"), "'Automatic' or 'None' (checkpoints use their own VAE)"),
+    "samples_format": (lambda v: v == "png", "'png' (results are PNG files)"),
+    "eta_noise_seed_delta": (_whole(0, 2**32 - 1), "a whole number in 0..2^32-1"),
+    "live_previews_enable": (lambda v: isinstance(v, bool), "true or false"),
+    "show_progress_every_n_steps": (_whole(-1, 1000), "a whole number in -1..1000"),
+}
+
 # A1111 titles look like "sd_xl_base_1.0.safetensors [31e35c80fc]": the part in brackets is a hash.
 _TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]\s*$")
 
 
 # ------------------------------------------------------------------------------------------------ bodies
 class _A1111Body(BaseModel):
-    """Fields shared by txt2img and img2img. Unknown fields are accepted (A1111 clients send many)."""
+    """Fields shared by txt2img and img2img. Unknown fields are accepted (A1111 clients send many). Types
+    are strict (no bool for a number, no "5" for 5), as the request's own validation is: pydantic's lax
+    mode would turn `"steps": true` into one step before anything could see it."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -150,6 +171,8 @@ class Img2ImgBody(_A1111Body):
 
 
 class PngInfoBody(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     image: str = Field(..., description="base64 PNG (a data: URL is fine)")
 
 
@@ -248,22 +271,28 @@ class A1111:
         return path.name if path is not None else "default"
 
     # ---------------------------------------------------------- requests
-    def to_request(self, body: _A1111Body, width_height: tuple[int, int] | None = None) -> GenerationRequest:
+    def to_request(self, body: _A1111Body, width_height: tuple[int, int] | None = None,
+                   options: dict[str, Any] | None = None) -> GenerationRequest:
         """An A1111 body -> a request. Sampler and scheduler go in as the client named them ("DPM++ 2M",
         "DPM++ 2M Karras", "Karras"; "Automatic" or none -> "automatic"): the one resolve step, against the
         model that runs the job, turns them into our names (so "Automatic" is "trailing" on a
         zero-terminal-SNR model, as in the CLI and the web UI). Unknown names fail validation (400) when the
         job is submitted. Width and height left out are the model's native size (`width_height`: img2img's
-        default, the init image's size)."""
+        default, the init image's size). `options`: the global options to apply (default: the current
+        ones; `set_options` passes the candidate ones to test them)."""
         _refuse_unsupported(body)
-        opts = {**self.options, **(body.override_settings or {})}
-        model = self.model_name(opts.get("sd_model_checkpoint")) if "sd_model_checkpoint" in (
-            body.override_settings or {}) else None
+        overrides = body.override_settings or {}
+        opts = {**(self.options if options is None else options), **overrides}
+        model = None
+        if "sd_model_checkpoint" in overrides:
+            model = self.model_name(opts.get("sd_model_checkpoint"))
         default_w, default_h = width_height if width_height is not None else (None, None)
-        try:
-            clip_skip = max(1, int(opts.get("CLIP_stop_at_last_layers", 1)) - 1)
-        except (TypeError, ValueError):
-            raise RequestError("override_settings.CLIP_stop_at_last_layers: must be an integer") from None
+        clip = opts.get("CLIP_stop_at_last_layers", 1)
+        where = "override_settings.CLIP_stop_at_last_layers" if "CLIP_stop_at_last_layers" in overrides else (
+            "CLIP_stop_at_last_layers")
+        if isinstance(clip, bool) or not isinstance(clip, int) or not 1 <= clip <= MAX_CLIP_SKIP + 1:
+            raise RequestError(f"{where}: {show_value(clip)} is not a whole number in 1..{MAX_CLIP_SKIP + 1}")
+        clip_skip = max(1, clip - 1)  # A1111 on SDXL: 1 and 2 are both the penultimate layer
         changes: dict[str, Any] = {}
         if body.eta is not None:
             changes["eta"] = body.eta
@@ -280,7 +309,7 @@ class A1111:
             cfg=body.cfg_scale,
             sampler=body.sampler_name or body.sampler_index or "Euler",
             schedule="automatic" if is_automatic(body.scheduler) else body.scheduler,
-            seed=None if body.seed is None or body.seed < 0 else body.seed,
+            seed=None if body.seed == -1 else body.seed,  # A1111: -1 = random; other negatives are refused
             batch=body.batch_size,
             clip_skip=clip_skip,
             model=model,
@@ -455,7 +484,15 @@ def make_router(service: Service) -> APIRouter:
                           init_image=init)
         if body.mask:
             mask = service.decode_image(body.mask, "mask").convert("L")
-            blur = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x, body.mask_blur_y)
+            if body.inpainting_mask_invert not in (0, 1):
+                raise RequestError(f"inpainting_mask_invert: {body.inpainting_mask_invert} is not 0 or 1")
+            if body.mask_blur is not None:
+                blur = body.mask_blur
+            else:  # A1111 blurs x and y apart; one radius here, so the larger (each checked as mask_blur is)
+                for name in ("mask_blur_x", "mask_blur_y"):
+                    if not 0 <= getattr(body, name) <= MAX_MASK_BLUR:
+                        raise RequestError(f"{name}: {getattr(body, name)} is outside 0..{MAX_MASK_BLUR}")
+                blur = max(body.mask_blur_x, body.mask_blur_y)
             req = req.replace(mask_image=ImageOps.invert(mask) if body.inpainting_mask_invert else mask,
                               mask_blur=blur)
         job = service.submit(req, n_iter=body.n_iter, source="a1111",
@@ -653,16 +690,37 @@ def make_router(service: Service) -> APIRouter:
     @r.post("/options")
     def set_options(body: dict[str, Any]) -> dict[str, Any]:
         """Change options. `sd_model_checkpoint` switches the default model (a name in the models folder);
-        other keys are stored and used as defaults for later A1111 requests where they mean something."""
+        other keys are stored and used as defaults for later A1111 requests where they mean something.
+        Options are checked before anything is stored: a value that would make every later request fail
+        (say `CLIP_stop_at_last_layers: 1000`) is refused with 400 and nothing changes."""
+        candidate = {**api.options, **{k: v for k, v in body.items() if k != "sd_model_checkpoint"}}
+        if len(candidate) > MAX_OPTIONS:
+            raise RequestError(f"options: more than {MAX_OPTIONS} keys")
+        for key, value in body.items():
+            check = OPTION_CHECKS.get(key)
+            if check is not None and not check[0](value):
+                raise RequestError(f"{key}: {show_value(value)} is not {check[1]}; nothing was changed")
+            if len(json.dumps(value)) > MAX_OPTION_TEXT:
+                raise RequestError(f"{key}: longer than {MAX_OPTION_TEXT} characters; nothing was changed")
+        try:
+            # a minimal request under the candidate options: what they change is all that can fail
+            req = api.to_request(Txt2ImgBody(width=8, height=8, steps=1), options=candidate)
+            title = body.get("sd_model_checkpoint")
+            if "sd_model_checkpoint" in body:
+                if title is not None and not isinstance(title, str):
+                    raise RequestError("sd_model_checkpoint: must be a model name")
+                api.model_name(title)  # BadName / NameNotFound before anything changes
+            try:
+                config = service.models.default_config() if title is None else None
+            except Exception:  # noqa: BLE001 - no readable default model: the ranges alone are checked
+                config = None
+            req.resolve(config, service.settings.limits)
+        except RequestError as e:
+            raise RequestError(f"options: {e}; nothing was changed") from None
         if "sd_model_checkpoint" in body:
             title = body["sd_model_checkpoint"]
-            service.models.set_default(strip_title(str(title)) if title else None)
-        if "CLIP_stop_at_last_layers" in body:
-            try:
-                int(body["CLIP_stop_at_last_layers"])
-            except (TypeError, ValueError):
-                raise RequestError("CLIP_stop_at_last_layers: must be an integer") from None
-        api.options.update({k: v for k, v in body.items() if k != "sd_model_checkpoint"})
+            service.models.set_default(strip_title(title) if title else None)
+        api.options = candidate
         return {}
 
     return r

@@ -42,14 +42,16 @@ import binascii
 import dataclasses
 import errno
 import hmac
+import json
 import logging
+import math
 import socket
 import threading
 import typing
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import unquote, urlsplit
 
 import torch
@@ -57,7 +59,7 @@ import uvicorn
 from fastapi import FastAPI, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import ConfigDict, Field, create_model
+from pydantic import ConfigDict, Field, Strict, create_model
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 
@@ -194,6 +196,9 @@ class Guard:
                 if not message.get("more_body", False):
                     break
             body = b"".join(chunks)
+            problem = json_problem(body, headers.get("content-type", ""))
+            if problem is not None:
+                return await self._refuse(scope, receive, send, 400, problem)
             replayed = False
 
             async def replay():
@@ -207,10 +212,49 @@ class Guard:
         return await self.app(scope, receive, send)
 
 
+def json_problem(body: bytes, content_type: str) -> str | None:
+    """What makes a JSON body unusable before any route sees it, or None: numbers JSON does not have (NaN,
+    Infinity: Python's parser accepts them, but they cannot be stored or sent back as JSON) and text that
+    is not Unicode (a lone surrogate escape such as \\ud800 cannot be encoded as UTF-8 for a PNG, the job
+    table or a response). The message names the field's path. Bodies that are not JSON are left to the
+    route (422)."""
+    if not body or (content_type and "json" not in content_type.lower()):
+        return None
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        return "request body: JSON nested too deeply"
+    except ValueError:  # not JSON (or not UTF-8): the route answers 422
+        return None
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"{path or 'request body'}: {v} is not a number JSON allows (RFC 8259)"
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return (f"{path or 'request body'}: not valid Unicode text (it holds a lone surrogate "
+                        "escape such as \\ud800)")
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                try:
+                    k.encode("utf-8")
+                except UnicodeEncodeError:
+                    return f"{path or 'request body'}: a key that is not valid Unicode text"
+                stack.append((f"{path}.{k}" if path else k, item))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(v))
+    return None
+
+
 # ------------------------------------------------------------------------------------------------ requests
 def _request_body_model():
     """A pydantic model mirroring `GenerationRequest` field for field, so the OpenAPI schema documents the
-    native job body and unknown fields are refused (a typo must not be silently ignored)."""
+    native job body and unknown fields are refused (a typo must not be silently ignored). Scalar fields are
+    strict (no bool for a number, no "5" for 5): the request's own `validate` checks them again, but
+    pydantic's lax mode would have converted them before it could see them."""
     hints = typing.get_type_hints(GenerationRequest)
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(GenerationRequest):
@@ -219,15 +263,19 @@ def _request_body_model():
             tp = str | None
             desc = ("base64 PNG/JPEG (a data: URL is fine), or 'output:NAME' for an image this server made"
                     + ("; white = repaint" if f.name == "mask_image" else ""))
-            fields[f.name] = (tp, Field(default=None, description=desc))
+            fields[f.name] = (Annotated[tp, Strict()], Field(default=None, description=desc))
             continue
+        if f.name != "loras":
+            tp = Annotated[tp, Strict()]
         if f.default is not dataclasses.MISSING:
-            fields[f.name] = (tp, f.default)
+            fields[f.name] = (tp, Field(default=f.default, description=f.metadata.get("help") or None))
         else:
-            fields[f.name] = (tp, Field(default_factory=f.default_factory))
+            fields[f.name] = (tp, Field(default_factory=f.default_factory,
+                                        description=f.metadata.get("help") or None))
     # not a generation setting, so not in GenerationRequest: the route takes it out before building one
     fields["idempotency_key"] = (str | None, Field(default=None, description=IDEMPOTENCY_HELP))
-    return create_model("GenerationRequestBody", __config__=ConfigDict(extra="forbid"), **fields)
+    return create_model("GenerationRequestBody",
+                        __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **fields)
 
 
 GenerationRequestBody = _request_body_model()

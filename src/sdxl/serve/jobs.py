@@ -217,6 +217,10 @@ class JobManager:
 
     def _recover(self) -> None:
         for job in self.store.unfinished():
+            if job.status == FAILED:  # a row that cannot be read (see JobStore._row_to_job): never run
+                log.warning("job %s: its stored record cannot be read; marked failed", job.id)
+                self.store.mark_failed(job.id, job.error or "unreadable", time.time())
+                continue
             if job.status == RUNNING:
                 if job.attempts >= self.settings.max_attempts:
                     job.status = FAILED

@@ -9,6 +9,7 @@ anyone is told about it, so a restart loses nothing finished (see `jobs.JobManag
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 from dataclasses import dataclass, field
@@ -84,6 +85,21 @@ class Job:
         }
 
 
+def _unreadable_job(d: dict[str, Any], error: Exception) -> Job:
+    """A failed stand-in for a stored row that cannot be read (see `JobStore._row_to_job`)."""
+
+    def number(v: Any, default: Any) -> Any:
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else default
+
+    job_id = d.get("id") if isinstance(d.get("id"), str) else str(d.get("id"))
+    job_id = job_id.encode("utf-8", "replace").decode("utf-8")
+    return Job(id=job_id, seq=int(number(d.get("seq"), 0)), request={}, status=FAILED,
+               source=d.get("source") if d.get("source") in ("api", "a1111") else "api",
+               created_at=number(d.get("created_at"), 0.0), started_at=number(d.get("started_at"), None),
+               finished_at=number(d.get("finished_at"), None),
+               error=f"this job's stored record cannot be read ({type(error).__name__}); shown as failed")
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -143,10 +159,21 @@ class JobStore:
             self._db.close()
 
     def _row_to_job(self, row: tuple) -> Job:
+        """A row as a Job. A row this code cannot use (broken JSON, numbers JSON cannot send back such as
+        NaN, text that is not Unicode, wrong types: written by an older version or by hand) never breaks a
+        listing: it is returned as a failed job that says why, with its id and times kept."""
         d = dict(zip(_COLUMNS, row))
-        for k in _JSON_COLUMNS:
-            d[k] = json.loads(d[k])
-        return Job(**d)
+        try:
+            for k in _JSON_COLUMNS:
+                d[k] = json.loads(d[k])
+            job = Job(**d)
+            # what the API will send: it must encode as strict JSON in UTF-8
+            json.dumps(job.public(), allow_nan=False, ensure_ascii=False).encode("utf-8")
+            if not isinstance(job.request, dict) or not isinstance(job.id, str):
+                raise TypeError("request is not an object")
+            return job
+        except (TypeError, ValueError, RecursionError) as e:
+            return _unreadable_job(d, e)
 
     def save(self, job: Job) -> None:
         """Insert the persisted fields of `job`, or update its row. An upsert on the id, not INSERT OR
@@ -161,6 +188,12 @@ class JobStore:
         with self._lock:
             self._db.execute(f"INSERT INTO jobs ({_COLS}) VALUES ({marks}) "
                              f"ON CONFLICT (id) DO UPDATE SET {updates}", values)
+
+    def mark_failed(self, job_id: str, error: str, finished_at: float) -> None:
+        """Set a row's status to failed without rewriting the rest (an unreadable row keeps its text)."""
+        with self._lock:
+            self._db.execute("UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+                             (FAILED, error, finished_at, job_id))
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
