@@ -41,7 +41,11 @@ def diffusers_components(path: str | Path, tok_dir: Path):
     out = {"unet": unet.eval(), "vae": vae.eval(), "config": cfg}
     if cfg.text_l is not None:
         te = CLIPTextModel(CLIPTextConfig(**text_config_to_hf(cfg.text_l, False)))
-        te.load_state_dict(_strip(sd, "conditioner.embedders.0.transformer."), strict=False)
+        sd_l = _strip(sd, "conditioner.embedders.0.transformer.")
+        if not any(k.startswith("text_model.") for k in te.state_dict()):  # transformers >= 5 drops the prefix
+            sd_l = {k.removeprefix("text_model."): v for k, v in sd_l.items()}
+        missing, unexpected = te.load_state_dict(sd_l, strict=False)
+        assert not [k for k in missing + unexpected if "position_ids" not in k], (missing, unexpected)
         out["text_encoder"] = te.eval()
         write_hf_tokenizer_files(tok_dir / "tokenizer", pad="<|endoftext|>")
         out["tokenizer"] = CLIPTokenizer.from_pretrained(tok_dir / "tokenizer")
