@@ -269,13 +269,11 @@ class Recorder:
     def __init__(self, client: TestClient):
         self.client = client
         self.statuses: Counter = Counter()
-        self.seconds: Counter = Counter()
         self.failures: list[str] = []
         self.ignored: list[str] = []  # hostile values accepted in fields that do not reach a generation
 
     def send(self, label: str, method: str, url: str, *, body: dict | None = None,
              headers: dict | None = None, what: str = "") -> tuple[int, object]:
-        t0 = time.monotonic()
         try:
             r = self.client.request(method, url, content=None if body is None else _json(body),
                                     headers={"content-type": "application/json", **(headers or {})})
@@ -287,7 +285,6 @@ class Recorder:
         except Exception as e:  # noqa: BLE001 - an unhandled exception in the app: the 500 a client gets
             status, detail, data = 500, _exception_summary(e), None
         self.statuses[(label, status)] += 1
-        self.seconds[(label, status // 100)] += time.monotonic() - t0
         if status >= 500:
             self.failures.append(f"{label} {what}: {status} {detail}")
         return status, data
@@ -506,8 +503,6 @@ def test_hostile_values_in_every_field(served_app):
           f"rereading {t4 - t3:.1f}")
     for (label, code), n in sorted(rec.statuses.items()):
         print(f"  {label} {code}: {n}")
-    for key, sec in rec.seconds.most_common(8):
-        print(f"  time {key}: {sec:.1f} s")
     print(f"hostile values accepted and ignored (fields that reach no generation): {len(rec.ignored)}")
     for line in rec.ignored:
         print(f"  {line}")
