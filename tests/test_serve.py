@@ -368,7 +368,8 @@ def test_a1111_connect_time_endpoints(client):
                  "face-restorers", "realesrgan-models", "hypernetworks"):
         r = client.get(f"/sdapi/v1/{path}")
         assert r.status_code == 200 and r.json() == [], path
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    builtin = ["freeu integrated", "perturbed attention guidance integrated"]  # Forge's, see test_serve_guidance
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": builtin, "img2img": builtin}
     assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     flags = client.get("/sdapi/v1/cmd-flags").json()
     assert flags["api"] is True and flags["listen"] is False and flags["port"] == 7860

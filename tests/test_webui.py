@@ -239,10 +239,24 @@ def test_browser_with_api_key(model_file, tmp_path):
             page.fill("#api-key", "browser key")
             page.click("#key-form button")  # saves the key and reloads
             wait_ready(page)
+            # the guidance controls: PAG scale, FreeU and eta reach the request and the infotext
+            page.fill("#pag_scale", "2")
+            page.check("#freeu")
+            page.fill("#eta", "0.5")
             generate(page, steps=3)
             wait_done(page)
             # the websocket got through (its events arrived) and the image loaded through the cookie
             assert page.evaluate("window.sdxl.events.some(e => e.type === 'finished')")
+            request = page.evaluate("window.sdxl.events.find(e => e.type === 'finished').job.request")
+            assert (request["pag_scale"], request["freeu"], request["eta"]) == (2, True, 0.5)
+            info = page.locator("#gallery .card .info").first.text_content()
+            assert "PAG scale: 2" in info and "FreeU: b1=1.3 b2=1.4 s1=0.9 s2=0.2" in info
+            page.fill("#pag_scale", "0")
+            page.uncheck("#freeu")
+            page.fill("#eta", "")
+            page.locator("#gallery .card .reuse").first.click()
+            assert page.input_value("#pag_scale") == "2" and page.is_checked("#freeu")
+            assert page.input_value("#eta") == "0.5"
             page.wait_for_function(
                 "(() => { const i = document.querySelector('#gallery .card img');"
                 " return i && i.complete && i.naturalWidth === 128; })()", timeout=30_000)

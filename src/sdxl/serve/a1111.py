@@ -22,7 +22,9 @@ Mapping to `GenerationRequest`:
 
 Features this server does not have are refused with 400 and a message rather than silently ignored,
 because the client would get a different picture than it asked for: hires fix (`enable_hr`), scripts,
-`alwayson_scripts` (ControlNet and other extensions), variation seeds (`subseed_strength` > 0), tiling and
+`alwayson_scripts` other than Forge's built-in "FreeU Integrated" (args [enabled, b1, b2, s1, s2]) and
+"Perturbed Attention Guidance Integrated" (args [enabled, scale]; the middle block), which map onto the
+request's freeu* and pag_* fields (ControlNet and other extensions are refused), variation seeds (`subseed_strength` > 0), tiling and
 saved styles. Purely cosmetic or server-side fields (restore_faces, save_images, s_churn, ...) are accepted
 and ignored.
 
@@ -218,14 +220,44 @@ def a1111_labels(parsed: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _script_args(title: str, value: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """An `alwayson_scripts` entry ({"args": [...]}, as A1111 clients send it) -> {name: arg}."""
+    args = value.get("args") if isinstance(value, dict) else value
+    if not isinstance(args, list) or len(args) != len(names):
+        raise RequestError(f"alwayson_scripts.{title}.args: expected [{', '.join(names)}]")
+    if not isinstance(args[0], bool):
+        raise RequestError(f"alwayson_scripts.{title}.args[0]: {show_value(args[0])} is not true or false")
+    return dict(zip(names, args))
+
+
+def _forge_freeu(title: str, value: Any) -> dict[str, Any]:
+    a = _script_args(title, value, ("enabled", "b1", "b2", "s1", "s2"))
+    if not a["enabled"]:
+        return {}
+    return {"freeu": True, "freeu_b1": a["b1"], "freeu_b2": a["b2"], "freeu_s1": a["s1"], "freeu_s2": a["s2"]}
+
+
+def _forge_pag(title: str, value: Any) -> dict[str, Any]:
+    a = _script_args(title, value, ("enabled", "scale"))
+    # Forge perturbs the middle block's self-attention: diffusers' (and our) "mid"
+    return {"pag_scale": a["scale"], "pag_layers": "mid"} if a["enabled"] else {}
+
+
+# Forge's built-in always-on scripts, by title as clients send it (any case) -> the request fields they set.
+# Their values are checked by the request's own validation, under the request's field names.
+FORGE_SCRIPT_TITLES = ("FreeU Integrated", "Perturbed Attention Guidance Integrated")
+FORGE_SCRIPTS = {"freeu integrated": _forge_freeu, "perturbed attention guidance integrated": _forge_pag}
+
+
 def _refuse_unsupported(body: _A1111Body) -> None:
     if getattr(body, "enable_hr", False):
         raise RequestError("enable_hr: hires fix is not supported by this server")
     if body.script_name:
         raise RequestError(f"script_name: scripts are not supported ({body.script_name!r})")
-    if body.alwayson_scripts:
-        names = ", ".join(sorted(body.alwayson_scripts))
-        raise RequestError(f"alwayson_scripts: extensions are not supported ({names})")
+    unknown = sorted(k for k in body.alwayson_scripts if k.strip().lower() not in FORGE_SCRIPTS)
+    if unknown:
+        raise RequestError(f"alwayson_scripts: extensions are not supported ({', '.join(unknown)}); "
+                           f"built in: {', '.join(FORGE_SCRIPT_TITLES)}")
     if body.subseed_strength:
         raise RequestError("subseed_strength: variation seeds are not supported")
     if body.tiling:
@@ -294,6 +326,8 @@ class A1111:
             raise RequestError(f"{where}: {show_value(clip)} is not a whole number in 1..{MAX_CLIP_SKIP + 1}")
         clip_skip = max(1, clip - 1)  # A1111 on SDXL: 1 and 2 are both the penultimate layer
         changes: dict[str, Any] = {}
+        for title, value in body.alwayson_scripts.items():
+            changes.update(FORGE_SCRIPTS[title.strip().lower()](title, value))
         if body.eta is not None:
             changes["eta"] = body.eta
         if body.refiner_checkpoint and strip_title(body.refiner_checkpoint).lower() != "none":
@@ -629,8 +663,10 @@ def make_router(service: Service) -> APIRouter:
 
     @r.get("/scripts")
     def scripts() -> dict[str, list[str]]:
-        """Scripts and always-on extensions: none (requests naming them are refused)."""
-        return {"txt2img": [], "img2img": []}
+        """Always-on scripts this server runs (Forge's built-in FreeU and PAG), by A1111's lowercase name;
+        requests naming others are refused."""
+        names = [t.lower() for t in FORGE_SCRIPT_TITLES]
+        return {"txt2img": names, "img2img": list(names)}
 
     @r.get("/embeddings")
     def embeddings() -> dict[str, Any]:

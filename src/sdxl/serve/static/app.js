@@ -146,6 +146,9 @@ function readForm() {
     cfg: numberOrNull("cfg"),
     seed: numberOrNull("seed"),
     batch: numberOrNull("batch") || 1,
+    pag_scale: numberOrNull("pag_scale") || 0,
+    freeu: $("freeu").checked,
+    eta: numberOrNull("eta"),
     refiner: refiner || null,
     refiner_switch: Number($("refiner_switch").value),
     loras: loras.filter((l) => l.name),
@@ -163,6 +166,9 @@ function reuse(request, seed) {
   $("cfg").value = request.cfg;
   $("seed").value = seed === undefined || seed === null ? request.seed : seed;
   $("batch").value = 1;
+  $("pag_scale").value = request.pag_scale || 0;
+  $("freeu").checked = Boolean(request.freeu);
+  $("eta").value = request.eta === undefined || request.eta === null ? "" : request.eta;
   $("refiner").value = request.refiner || "";
   $("refiner_switch").value = request.refiner_switch;
   $("refiner_switch_out").textContent = request.refiner_switch;
