@@ -168,6 +168,8 @@ _CLI_OPTIONS: dict[str, tuple[Any, Any]] = {
     "model": (str | None, typer.Option(None, "--model", "-m", help="Checkpoint file/folder, a name in "
                                        "--models-dir, or 'default' (the shipped miniature).")),
     "refiner": (str | None, typer.Option(None, help="Refiner checkpoint ('default' = the shipped refiner).")),
+    "unet": (str | None, typer.Option(None, help="A UNet-only file (SDXL-Lightning, Turbo, DMD2) used in "
+                                      "place of --model's UNet; text encoders and VAE come from --model.")),
     "models_dir": (Path | None, typer.Option(None, help="Folder searched for model names.")),
     "embeddings": (Path | None, typer.Option(None, help="Folder of textual-inversion embeddings "
                                              "(safetensors), "
@@ -236,9 +238,9 @@ def _flagged(message: str) -> str:
 
 def _generate(**opts: Any) -> None:
     """Generate images from a text prompt (txt2img; img2img with --init-image; inpaint with --mask)."""
-    run = RunOptions(model=opts["model"], refiner=opts["refiner"], device=opts["device"], dtype=opts["dtype"],
-                     vae_dtype=opts["vae_dtype"], threads=opts["threads"], fast=opts["fast"],
-                     compile=opts["compile"], allow_pickle=opts["allow_pickle"])
+    run = RunOptions(model=opts["model"], unet=opts["unet"], refiner=opts["refiner"], device=opts["device"],
+                     dtype=opts["dtype"], vae_dtype=opts["vae_dtype"], threads=opts["threads"],
+                     fast=opts["fast"], compile=opts["compile"], allow_pickle=opts["allow_pickle"])
     base: dict = _stored_request(opts["from_image"]) if opts["from_image"] is not None else {}
     given = {f.name: opts[f.name] for f in _request_fields() if opts.get(f.name) is not None}
     for option, (wf, hf) in _SIZE_PAIRS.items():
@@ -328,8 +330,9 @@ def load_for_run(run: RunOptions, path: str, kind: str = "base"):
     try:
         return SDXL.load(path, device=_device(run.device), dtype=_dtype(run.dtype),
                          vae_dtype=_dtype(run.vae_dtype) if run.vae_dtype else None,
-                         allow_pickle=run.allow_pickle, **speed)
+                         allow_pickle=run.allow_pickle, **speed, **unet)
     except CheckpointError as e:
+        unet = {"unet": run.unet} if run.unet and kind == "base" else {}  # --unet replaces the base's UNet
         fail(str(e))
 
 

@@ -39,13 +39,13 @@ from .prompt_encoding import TextStack, encode_schedule, encode_text, encode_wei
 from .prompts import EmbeddingLibrary, extract_loras
 from .request import GenerationRequest, RequestError
 from .sampling import samplers as S
-from .sampling.denoiser import DiscreteSchedule, ModelDenoiser, quantizes_timesteps
+from .sampling.denoiser import DiscreteSchedule, ModelDenoiser, quantizes_timesteps, schedule_for_config
 from .sampling.guidance import guided_model, step_finder
 from .sampling.schedules import get_sigmas
 from .tokenizer import CLIPTokenizer
 from .version import __version__
 from .watermark import apply_watermark
-from .weights.checkpoint import build_module, read_checkpoint
+from .weights.checkpoint import build_module, read_checkpoint, read_unet_override
 from .weights.lora import LoraSet, apply, load_lora, lora_models
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class SDXL:
         self.path = Path(path) if path is not None else None
         self.tok_l = CLIPTokenizer.clip_l() if config.text_l is not None else None
         self.tok_g = CLIPTokenizer.bigg() if config.text_g is not None else None
-        self.schedule = DiscreteSchedule(zero_terminal_snr=config.zero_terminal_snr)
+        self.schedule = schedule_for_config(config)  # discrete DDPM, or continuous EDM (Playground, CosXL)
         self.lora_dirs: list[Path] = []  # where LoRA names are looked up
         self.allow_lora_paths = True  # the server turns this off: names only, inside lora_dirs
         self.embeddings = None  # an EmbeddingLibrary of textual inversions (`load_embeddings`)
@@ -119,8 +119,12 @@ class SDXL:
         allow_pickle: bool = False,
         fast: bool = True,
         compile: bool = False,
+        unet: str | Path | None = None,
     ) -> SDXL:
         """Load a checkpoint (official single file or diffusers folder) onto `device`.
+
+        `unet`: a UNet-only file (SDXL-Lightning, Turbo, DMD2; official or diffusers key layout) that replaces
+        the checkpoint's UNet, which must have the same architecture; the other parts come from `path`.
 
         fast=True (the default) applies the speed switches that change nothing but float rounding
         (`sdxl.models.fast.speed_up`: fused q/k/v projections, channels_last, oneDNN linears on a CPU, the
@@ -130,9 +134,13 @@ class SDXL:
         ck = read_checkpoint(path, allow_pickle=allow_pickle)
         cfg = ck.config
         name = str(path)
+        unet_name = name
+        if unet is not None:
+            ck.parts["unet"] = read_unet_override(unet, cfg)
+            unet_name = str(unet)
         unet = vae = tl = tg = None
         if "unet" in ck.parts:
-            unet = build_module(UNet, cfg.unet, ck.parts["unet"], device, dtype, f"{name} (UNet)")
+            unet = build_module(UNet, cfg.unet, ck.parts["unet"], device, dtype, f"{unet_name} (UNet)")
         if "vae" in ck.parts:
             vae = build_module(
                 AutoencoderKL, cfg.vae, ck.parts["vae"], device, vae_dtype or dtype, f"{name} (VAE)"
@@ -317,7 +325,10 @@ class SDXL:
         return den
 
     def schedule_for(self, req: GenerationRequest) -> DiscreteSchedule:
-        """The training schedule, rescaled to zero terminal SNR when the checkpoint or the request says so."""
+        """The training schedule, rescaled to zero terminal SNR when the checkpoint or the request says so
+        (an EDM model's continuous schedule as it is)."""
+        if self.config.edm is not None:
+            return self.schedule
         zsnr = self.config.zero_terminal_snr if req.zero_terminal_snr is None else req.zero_terminal_snr
         if zsnr == self.schedule.zero_terminal_snr:
             return self.schedule

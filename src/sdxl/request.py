@@ -81,7 +81,8 @@ class GenerationRequest:
                            "for tcd its gamma, 0..1 (default 0.3).")
     seed: int | None = _f(None, "Seed (random if omitted or -1; printed and saved in the PNG).")
     batch: int = _f(1, "Images per forward pass; image i uses seed + i.")
-    prediction: str | None = _f(None, "Force eps or v prediction (default: what the checkpoint says).")
+    prediction: str | None = _f(None, "Force eps, v or x0 prediction (x0: SDXL-Lightning 1-step; default: "
+                                      "what the checkpoint says).")
     zero_terminal_snr: bool | None = _f(
         None, "Force the zero-terminal-SNR schedule on or off (default: the checkpoint's).", flags=("--zsnr",)
     )
@@ -223,8 +224,8 @@ class GenerationRequest:
             raise RequestError(f"clip_skip: {self.clip_skip} is outside 1..{MAX_CLIP_SKIP}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise RequestError(f"seed: {self.seed} is outside 0..2^64-1")
-        if self.prediction not in (None, "eps", "v"):
-            raise RequestError(f"prediction: {show_value(self.prediction)} is not 'eps' or 'v'")
+        if self.prediction not in (None, "eps", "v", "x0"):
+            raise RequestError(f"prediction: {show_value(self.prediction)} is not 'eps', 'v' or 'x0'")
         if self.mask_image is not None and self.init_image is None:
             raise RequestError("mask_image: inpainting needs init_image too")
         _range("pag_scale", self.pag_scale, 0.0, 100.0)
@@ -254,7 +255,8 @@ class GenerationRequest:
         zsnr = self.zero_terminal_snr
         if zsnr is None:
             zsnr = bool(getattr(config, "zero_terminal_snr", False))
-        sampler, schedule = _sampler_and_schedule(self.sampler, self.schedule, zsnr)
+        sampler, schedule = _sampler_and_schedule(self.sampler, self.schedule, zsnr,
+                                                  getattr(config, "edm", None) is not None)
         out = dataclasses.replace(
             self,
             width=self.width or native,
@@ -384,7 +386,8 @@ def _range(name: str, v: float, lo: float, hi: float) -> None:
         raise RequestError(f"{name}: {show_value(v)} is outside {lo:g}..{hi:g}")
 
 
-def _sampler_and_schedule(sampler: str, schedule: str, zero_terminal_snr: bool) -> tuple[str, str]:
+def _sampler_and_schedule(sampler: str, schedule: str, zero_terminal_snr: bool,
+                          edm: bool = False) -> tuple[str, str]:
     """Canonical (sampler, schedule). An old A1111 name ("DPM++ 2M Karras") carries its schedule; otherwise
     "automatic" gives the sampler's own, or "trailing" on a zero-terminal-SNR model (Lin et al. 2024: the
     Karras ramp from sigma_max = 4096 would spend half the steps on pure noise)."""
@@ -429,3 +432,6 @@ class Limits:
     max_steps: int = 150
     max_batch: int = 8
     max_prompt_chars: int = 4000
+        elif automatic and edm:  # continuous EDM models (Playground v2.5): Karras, as ComfyUI and diffusers
+            schedule = "karras"
+    unet: str | None = None  # a UNet-only file (Lightning, Turbo, DMD2) replacing the model's UNet

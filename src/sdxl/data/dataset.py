@@ -113,6 +113,45 @@ def shuffle_tags(caption: str, rng: np.random.Generator, keep_tokens: int = 0, s
     return (separator + " ").join(fixed + rest)
 
 
+def process_tags(
+    caption: str,
+    rng: np.random.Generator,
+    shuffle: bool = False,
+    keep_tokens: int = 0,
+    separator: str = ",",
+    tag_dropout: float = 0.0,
+    keep_separator: str = "",
+) -> str:
+    """kohya's tag processing (`process_caption`): shuffle and / or drop tags, keeping some in place.
+
+    The caption is split on `separator` (tags stripped, empty ones dropped). When `keep_separator` (kohya
+    `keep_tokens_separator`, e.g. "|||") occurs in it, the tags before its first occurrence are kept first
+    and the tags after a second occurrence are kept last; otherwise the first `keep_tokens` tags are kept
+    first. Only the tags in between are shuffled (a permutation from `rng`) and then each dropped with
+    probability `tag_dropout` (one `rng.random()` per tag, in the shuffled order; none drawn when it is 0).
+    The result joins kept + remaining + kept-last with `separator + " "`; the keep separator itself never
+    reaches the text encoder.
+    """
+    def split(text: str) -> list[str]:
+        return [t for t in (x.strip() for x in text.split(separator)) if t]
+
+    suffix: list[str] = []
+    if keep_separator and keep_separator in caption:
+        head, flex_text = caption.split(keep_separator, 1)
+        if keep_separator in flex_text:
+            flex_text, tail = flex_text.split(keep_separator, 1)
+            suffix = split(tail.replace(keep_separator, separator))
+        fixed, flex = split(head), split(flex_text)
+    else:
+        tags = split(caption)
+        fixed, flex = tags[:keep_tokens], tags[keep_tokens:]
+    if shuffle:
+        flex = [flex[int(j)] for j in rng.permutation(len(flex))]
+    if tag_dropout > 0:
+        flex = [t for t in flex if rng.random() >= tag_dropout]
+    return (separator + " ").join(fixed + flex + suffix)
+
+
 class ImageCaptionDataset(Dataset):
     """Images + captions, bucketed by aspect ratio, returning pixels and SDXL's conditioning.
 
@@ -129,7 +168,9 @@ class ImageCaptionDataset(Dataset):
         ucg: caption dropout probability. A dropped item has `caption == ""` and `drop_caption == True`;
             the trainer then uses the all-zero text embedding, which is SDXL's unconditional input
             (sgm's ucg_rate 0.1, paper Appendix C "10% of the time").
-        shuffle_caption / keep_tokens / caption_separator: kohya tag shuffling (see `shuffle_tags`).
+        shuffle_caption / keep_tokens / caption_separator: kohya tag shuffling (see `process_tags`).
+        caption_tag_dropout_rate / keep_tokens_separator: kohya tag dropout and kept-tag markup (see
+            `process_tags`), seeded like the other choices by (seed, epoch, index).
         size_conditioning: False records original_size = target_size (ablation: "no size conditioning").
         crop_conditioning: False records crop_top_left = (0, 0) (ablation: "no crop conditioning").
         min_size: leave out images whose shorter original side is below this (paper: this filter at 256
@@ -157,6 +198,8 @@ class ImageCaptionDataset(Dataset):
         shuffle_caption: bool = False,
         keep_tokens: int = 0,
         caption_separator: str = ",",
+        caption_tag_dropout_rate: float = 0.0,
+        keep_tokens_separator: str = "",
         size_conditioning: bool = True,
         crop_conditioning: bool = True,
         min_size: int = 0,
@@ -183,6 +226,8 @@ class ImageCaptionDataset(Dataset):
         self.shuffle_caption = bool(shuffle_caption)
         self.keep_tokens = int(keep_tokens)
         self.caption_separator = caption_separator
+        self.caption_tag_dropout_rate = float(caption_tag_dropout_rate)
+        self.keep_tokens_separator = keep_tokens_separator
         self.size_conditioning = bool(size_conditioning)
         self.crop_conditioning = bool(crop_conditioning)
         self.min_size = int(min_size)
@@ -333,8 +378,10 @@ class ImageCaptionDataset(Dataset):
         drop = bool(rng.random() < self.ucg)
         flip = bool(rng.random() < self.flip_prob)
         caption = rec.caption
-        if self.shuffle_caption:
-            caption = shuffle_tags(caption, rng, self.keep_tokens, self.caption_separator)
+        if self.shuffle_caption or self.caption_tag_dropout_rate > 0 or self.keep_tokens_separator:
+            caption = process_tags(caption, rng, self.shuffle_caption, self.keep_tokens,
+                                   self.caption_separator, self.caption_tag_dropout_rate,
+                                   self.keep_tokens_separator)
         if drop:
             caption = ""
         image = load_image(rec.path, self.max_pixels)

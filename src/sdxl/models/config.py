@@ -134,9 +134,16 @@ class VAEConfig:
     norm_groups: int = 32
     scale_factor: float = 0.13025
     shift_factor: float = 0.0
+    # per-channel latent statistics (Playground v2.5): latents = (z - mean) * scale_factor / std
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", _tuple(self.ch_mult))
+        for name in ("latents_mean", "latents_std"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _tuple(value))
 
     @property
     def downscale(self) -> int:
@@ -190,10 +197,17 @@ class ModelConfig:
     vae: VAEConfig | None = field(default_factory=VAEConfig)
     text_l: TextConfig | None = field(default_factory=TextConfig.clip_l)
     text_g: TextConfig | None = field(default_factory=TextConfig.bigg)
-    prediction: str = "eps"  # "eps" or "v"
+    prediction: str = "eps"  # "eps", "v" or "x0" (SDXL-Lightning 1-step: the UNet outputs the clean latent)
     zero_terminal_snr: bool = False  # trained on the schedule rescaled to pure noise at t=999 (needs v)
+    # Continuous EDM noise (Playground v2.5, CosXL): (sigma_min, sigma_max, sigma_data); None = SDXL's
+    # discrete DDPM schedule. See sdxl.sampling.denoiser.EDMSchedule.
+    edm: tuple[float, float, float] | None = None
     fourier_dim: int = 256  # features per micro-conditioning number
     sample_size: int = 1024  # the native image side, used when a request gives no size
+
+    def __post_init__(self):
+        if self.edm is not None:
+            object.__setattr__(self, "edm", _tuple(self.edm))
 
     @classmethod
     def base(cls) -> ModelConfig:
@@ -223,6 +237,7 @@ class ModelConfig:
             text_g=sub(TextConfig, d.get("text_g")),
             prediction=d.get("prediction", "eps"),
             zero_terminal_snr=d.get("zero_terminal_snr", False),
+            edm=d.get("edm"),
             fourier_dim=d.get("fourier_dim", 256),
             sample_size=d.get("sample_size", 1024),
         )

@@ -65,6 +65,30 @@ def tiled_apply(
     return out / weight
 
 
+def _channel_stats(cfg, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (1, -1) + (1,) * (like.ndim - 2)
+    mean = torch.tensor(cfg.latents_mean, dtype=like.dtype, device=like.device).view(shape)
+    std = torch.tensor(cfg.latents_std, dtype=like.dtype, device=like.device).view(shape)
+    return mean, std
+
+
+def latents_to_vae(latents: torch.Tensor, cfg) -> torch.Tensor:
+    """The diffusion model's latents -> the VAE's: latents / scale_factor + shift_factor, or with per-channel
+    statistics (Playground v2.5) latents * std / scale_factor + mean."""
+    if cfg.latents_mean is None:
+        return latents / cfg.scale_factor + cfg.shift_factor
+    mean, std = _channel_stats(cfg, latents)
+    return latents * std / cfg.scale_factor + mean
+
+
+def vae_to_latents(z: torch.Tensor, cfg) -> torch.Tensor:
+    """The inverse of `latents_to_vae`."""
+    if cfg.latents_mean is None:
+        return (z - cfg.shift_factor) * cfg.scale_factor
+    mean, std = _channel_stats(cfg, z)
+    return (z - mean) * cfg.scale_factor / std
+
+
 def _decode_raw(vae, z: torch.Tensor, tiled: bool, cfg) -> torch.Tensor:
     if tiled:
         return tiled_apply(vae.decode, z, TILE_LATENT, TILE_OVERLAP, cfg.downscale, cfg.out_channels)
@@ -74,7 +98,7 @@ def _decode_raw(vae, z: torch.Tensor, tiled: bool, cfg) -> torch.Tensor:
 def vae_decode(pipe, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
     """Scaled latents -> float32 images in [-1, 1]-ish. Falls back to float32 if the VAE overflows."""
     vae, cfg = pipe.vae, pipe.config.vae
-    z = latents / cfg.scale_factor + cfg.shift_factor
+    z = latents_to_vae(latents, cfg)
     if tiled is None:
         tiled = z.shape[-1] * z.shape[-2] * cfg.downscale**2 > AUTO_TILE_PIXELS
     dtype = next(vae.parameters()).dtype
@@ -148,4 +172,4 @@ def vae_encode(
             one = (1, *mean.shape[1:])
             eps = torch.cat([torch.randn(one, generator=g, dtype=torch.float32) for g in gens])
         z = mean + std * eps.to(mean.device)
-    return (z - cfg.shift_factor) * cfg.scale_factor
+    return vae_to_latents(z, cfg)

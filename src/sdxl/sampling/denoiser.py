@@ -25,6 +25,7 @@ own index with no rounding error (see `sigma_to_t`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -156,6 +157,60 @@ class DiscreteSchedule:
         raise ValueError(f"interpolation must be 'log' or 'linear', got {interpolation!r}")
 
 
+class EDMSchedule(DiscreteSchedule):
+    """A continuous EDM noise range (Karras et al. 2022): Playground v2.5 (sigma 0.002..80, sigma_data 0.5)
+    and CosXL-style `edm_vpred` models (0.002..120, sigma_data 1), as ComfyUI's ModelSamplingContinuousEDM.
+
+    The model sees `c_in * x` with c_in = 1 / sqrt(sigma^2 + sigma_data^2) and the noise conditioning
+    c_noise = 0.25 * log(sigma) in place of a timestep (`noise_conditioning`). For the schedules that work on
+    a table (normal, simple, ...), `sigmas` holds 1000 levels evenly spaced in log sigma from sigma_min to
+    sigma_max, as ComfyUI builds them, and timesteps index that table; Karras and exponential span
+    [sigma_min, sigma_max] directly.
+    """
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5,
+                 num_timesteps: int = 1000):
+        if not 0 < sigma_min < sigma_max or sigma_data <= 0:
+            raise ValueError(f"EDM needs 0 < sigma_min < sigma_max and sigma_data > 0, got "
+                             f"{sigma_min}, {sigma_max}, {sigma_data}")
+        self.sigma_data = float(sigma_data)
+        self.num_timesteps = num_timesteps
+        self.dtype = torch.float64
+        self.zero_terminal_snr = False
+        logs = torch.linspace(math.log(sigma_min), math.log(sigma_max), num_timesteps, dtype=torch.float64)
+        self.sigmas = logs.exp().to(torch.float32)
+        self.log_sigmas = self.sigmas.to(torch.float64).log()
+        self.alphas_cumprod = 1.0 / (1.0 + self.sigmas.to(torch.float64) ** 2)
+        self.betas = 1.0 - self.alphas_cumprod / torch.cat([self.alphas_cumprod.new_ones(1),
+                                                            self.alphas_cumprod[:-1]])
+        self._range = (float(sigma_min), float(sigma_max))
+
+    def __repr__(self) -> str:
+        lo, hi = self._range
+        return f"EDMSchedule(sigma_min={lo}, sigma_max={hi}, sigma_data={self.sigma_data})"
+
+    @property
+    def sigma_min(self) -> float:
+        return self._range[0]
+
+    @property
+    def sigma_max(self) -> float:
+        return self._range[1]
+
+    @staticmethod
+    def noise_conditioning(sigma: Tensor) -> Tensor:
+        """c_noise = 0.25 * log(sigma), what EDM models take in place of a timestep (float32)."""
+        return (0.25 * torch.as_tensor(sigma, dtype=torch.float64).clamp(min=1e-10).log()).to(torch.float32)
+
+
+def schedule_for_config(config) -> DiscreteSchedule:
+    """The noise schedule a ModelConfig's model was trained on: its EDM range, or the discrete SDXL table."""
+    edm = getattr(config, "edm", None)
+    if edm is not None:
+        return EDMSchedule(*edm)
+    return DiscreteSchedule(zero_terminal_snr=bool(getattr(config, "zero_terminal_snr", False)))
+
+
 def _per_sample(sigma, x: Tensor) -> Tensor:
     """sigma (float, 0-d or [B] tensor) -> a float32 [B] tensor on x's device."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
@@ -165,7 +220,8 @@ def _per_sample(sigma, x: Tensor) -> Tensor:
 
 
 class ModelDenoiser:
-    """Wrap an eps- or v-predicting UNet `model_fn(x_in, t, **cond)` into `denoiser(x, sigma, **cond) -> x0`.
+    """Wrap an eps-, v- or x0-predicting UNet `model_fn(x_in, t, **cond)` into a denoiser
+    `denoiser(x, sigma, **cond) -> x0`.
 
     The UNet is called on `x_in = x / sqrt(sigma^2 + 1)` (the variance-preserving latent it was trained on)
     with `t = schedule.sigma_to_t(sigma, quantize, interpolation)` as a float32 [B] tensor, and its output is
@@ -173,6 +229,13 @@ class ModelDenoiser:
       - eps: x0 = x - sigma * eps
       - v:   x0 = c_skip * x + c_out * v, with c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1)
              (v = alpha * eps - sigma_vp * x0 in the VP variables; rearranged in sigma space).
+      - x0:  x0 = the output (diffusers' prediction_type "sample"; SDXL-Lightning's 1-step UNet).
+
+    On an `EDMSchedule` the UNet sees `x / sqrt(sigma^2 + sigma_data^2)` and c_noise = 0.25 log(sigma), and
+    x0 = c_skip * x + c_out * out with c_skip = sigma_data^2 / (sigma^2 + sigma_data^2) and
+    c_out = +-sigma * sigma_data / sqrt(sigma^2 + sigma_data^2): "+" for eps (EDM's own preconditioning, which
+    diffusers' EDM schedulers call "epsilon" and ComfyUI's model type EDM: Playground v2.5), "-" for v
+    (CosXL); x0 again takes the output as it is.
 
     Timesteps: for sigmas that are training levels the UNet sees the integer timestep, exactly as diffusers
     passes it for "leading"/"trailing" spacing; with the defaults (log interpolation, no quantization) it sees
@@ -191,8 +254,8 @@ class ModelDenoiser:
         quantize: bool = False,
         interpolation: str = "log",
     ):
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+        if prediction not in ("eps", "v", "x0"):
+            raise ValueError(f"prediction must be 'eps', 'v' or 'x0', got {prediction!r}")
         self.model_fn = model_fn
         self.schedule = schedule if schedule is not None else DiscreteSchedule()
         self.prediction = prediction
@@ -200,14 +263,26 @@ class ModelDenoiser:
         self.interpolation = interpolation
 
     def timestep(self, sigma) -> Tensor:
-        """The timestep the UNet sees for `sigma` (float32, shaped like `sigma`)."""
+        """The timestep the UNet sees for `sigma` (float32, shaped like `sigma`): c_noise on EDM models."""
+        if isinstance(self.schedule, EDMSchedule):
+            return self.schedule.noise_conditioning(sigma).to(torch.as_tensor(sigma).device)
         return self.schedule.sigma_to_t(sigma, quantize=self.quantize, interpolation=self.interpolation)
 
     def __call__(self, x: Tensor, sigma, **cond) -> Tensor:
         sigma = _per_sample(sigma, x)
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        if isinstance(self.schedule, EDMSchedule):
+            sd = self.schedule.sigma_data
+            norm = (s**2 + sd**2) ** 0.5
+            out = self.model_fn(x / norm, self.timestep(sigma), **cond)
+            if self.prediction == "x0":
+                return out
+            c_out = s * sd / norm
+            return x * (sd**2 / norm**2) + (c_out if self.prediction == "eps" else -c_out) * out
         c_in = 1.0 / (s**2 + 1.0) ** 0.5
         out = self.model_fn(x * c_in, self.timestep(sigma), **cond)
+        if self.prediction == "x0":
+            return out
         if self.prediction == "eps":
             return x - s * out
         c_skip = 1.0 / (s**2 + 1.0)

@@ -105,6 +105,14 @@ class DataSection:
     shuffle_caption: bool = _f(False, "Shuffle comma-separated caption tags (kohya `shuffle_caption`).")
     keep_tokens: int = _f(0, "With `shuffle_caption`: number of leading tags kept in place.")
     caption_separator: str = _f(",", "Tag separator for `shuffle_caption`.")
+    caption_tag_dropout_rate: float = _f(0.0, "Drop each tag of the caption with this probability (kohya "
+                                              "`caption_tag_dropout_rate`; seeded per image and epoch). "
+                                              "Kept tags (`keep_tokens`, or the parts outside "
+                                              "`keep_tokens_separator`) are never dropped.")
+    keep_tokens_separator: str = _f("", "kohya `keep_tokens_separator`, e.g. \"|||\": in a caption holding "
+                                        "it, the tags before it stay first and are never shuffled or "
+                                        "dropped (instead of `keep_tokens`); a second occurrence marks tags "
+                                        "kept at the end. Empty: off.")
     size_conditioning: bool = _f(True, "False records original size = target size (ablation: no size "
                                        "conditioning).")
     crop_conditioning: bool = _f(True, "False records crop = (0, 0) (ablation: no crop conditioning).")
@@ -242,6 +250,22 @@ class LoRASection:
     conv_rank: int = _f(0, "Rank of the 3x3-conv adapters (0: `rank`).")
     conv_alpha: float = _f(0.0, "Alpha of the 3x3-conv adapters (0: conv rank).")
     text_encoders: bool = _f(False, "Also put adapters on both text towers (trained at `optim.text_lr`).")
+    algo: str = _f("lora", "Adapter kind: `lora` (kohya LoRA / LoCon) or `lokr` (LyCORIS LoKr: a Kronecker "
+                           "product of `lokr_w1` and `lokr_w2`, the latter split as `lokr_w2_a @ lokr_w2_b` "
+                           "when rank < half its larger side; saved under LyCORIS' kohya key names).",
+                   ("lora", "lokr"))
+    factor: int = _f(-1, "LoKr: split each layer side as factor x (side / factor) when `factor` divides it; "
+                         "-1: the most balanced split (LyCORIS' `factor`).")
+    dora: bool = _f(False, "DoRA (weight-decomposed LoRA, LyCORIS `dora_wd`): also train one magnitude per "
+                           "output channel, initialised to the base weight's row norms and saved as kohya "
+                           "`dora_scale` [out, 1(, 1, 1)]. Needs `algo = \"lora\"`.")
+    loraplus_lr_ratio: float = _f(0.0, "LoRA+ (kohya `loraplus_lr_ratio`): the `lora_up` (B) matrices, and "
+                                       "LoKr's zero-initialised `lokr_w2` / `lokr_w2_b`, train at lr x this "
+                                       "ratio in their own parameter groups (16 is the paper's value). 0: "
+                                       "off.")
+    loraplus_unet_lr_ratio: float = _f(0.0, "LoRA+ ratio of the UNet adapters (0: `loraplus_lr_ratio`).")
+    loraplus_text_encoder_lr_ratio: float = _f(0.0, "LoRA+ ratio of the text-tower adapters (0: "
+                                                    "`loraplus_lr_ratio`).")
 
 
 @dataclass
@@ -382,6 +406,28 @@ class TrainConfig:
         expected = get_type_hints(type(obj))[key]
         setattr(obj, key, _coerce(dotted, value, expected))
 
+    def _validate_adapters_and_tags(self) -> None:
+        """LoRA+ ratios, DoRA / LoKr options and the tag-caption keys."""
+        lc, d = self.lora, self.data
+        for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+            if not getattr(lc, key) >= 0:
+                raise ConfigError(f"lora.{key} must be >= 0 (0: off), got {getattr(lc, key)}")
+        if lc.factor == 0 or lc.factor < -1:
+            raise ConfigError(f"lora.factor must be -1 (balanced) or a positive integer, got {lc.factor}")
+        if lc.dora and lc.algo != "lora":
+            raise ConfigError(f"lora.dora needs lora.algo = \"lora\", got {lc.algo!r}")
+        if not 0.0 <= d.caption_tag_dropout_rate <= 1.0:
+            raise ConfigError(f"data.caption_tag_dropout_rate must be in [0, 1], got "
+                              f"{d.caption_tag_dropout_rate}")
+        if d.keep_tokens < 0:
+            raise ConfigError(f"data.keep_tokens must be >= 0, got {d.keep_tokens}")
+        if not d.caption_separator:
+            raise ConfigError("data.caption_separator must not be empty")
+        sep = d.keep_tokens_separator
+        if sep and (sep.strip() == "" or sep in d.caption_separator or d.caption_separator in sep):
+            raise ConfigError(f"data.keep_tokens_separator = {sep!r} must be visible text that neither holds "
+                              f"nor is part of data.caption_separator {d.caption_separator!r}")
+
     def validate(self) -> None:
         """Check choices and ranges; raises ConfigError naming the key."""
         for section in SECTIONS:
@@ -414,6 +460,7 @@ class TrainConfig:
             raise ConfigError(f"optim.betas needs two numbers, got {self.optim.betas}")
         if self.lora.rank < 0:
             raise ConfigError("lora.rank must be >= 0")
+        self._validate_adapters_and_tags()
         if self.vae.patch_size < 0 or self.vae.patch_size % 8:
             raise ConfigError(
                 f"vae.patch_size must be 0 or a positive multiple of 8, got {self.vae.patch_size}")

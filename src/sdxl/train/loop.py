@@ -28,6 +28,7 @@ from . import checkpointing as C
 from .config import ConfigError, TrainConfig, TrainingError
 from .distributed import DistInfo, all_true, any_true, assign_full, ddp, full_tensor, shard_fsdp
 from .feed import BatchStream
+from .loraplus import loraplus_groups
 from .optim import EMA, build_optimizer, build_scheduler
 
 log = logging.getLogger("sdxl.train")
@@ -226,7 +227,7 @@ class TrainerBase(abc.ABC):
         tb_writer = tensorboard_writer(cfg.train.tensorboard)  # before the (slow) model build
         self.build()
         self.wrap()
-        self.optimizer = build_optimizer(self.param_groups(), cfg)
+        self.optimizer = build_optimizer(loraplus_groups(self.param_groups(), self.module, cfg.lora), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         if cfg.train.mixed_precision == "fp16":
             self.scaler = torch.amp.GradScaler(self.info.device.type)

@@ -267,7 +267,8 @@ def inject_lora_network(models: Models, lc: LoRASection, clip_skip: int) -> LoRA
     Adapters on CLIP-L layers that never run (those after the `clip_skip` hidden state) are removed again:
     they would get no gradient and only confuse DDP and the saved file.
     """
-    kw = dict(rank=lc.rank, alpha=lc.alpha or float(lc.rank), dropout=lc.dropout)
+    kw = dict(rank=lc.rank, alpha=lc.alpha or float(lc.rank), dropout=lc.dropout, algo=lc.algo, dora=lc.dora,
+              factor=lc.factor)
     layers: dict[str, dict[str, nn.Module]] = {
         "unet": inject_lora(models.unet, conv=lc.conv, conv_rank=lc.conv_rank or lc.rank,
                             conv_alpha=lc.conv_alpha or float(lc.conv_rank or lc.rank), **kw),

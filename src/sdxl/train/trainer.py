@@ -110,6 +110,8 @@ class Trainer(TrainerBase):
                 d.path, resolution=d.resolution, buckets=buckets, seed=self.cfg.train.seed, crop=d.crop,
                 flip_prob=d.flip_prob, ucg=d.ucg, shuffle_caption=d.shuffle_caption,
                 keep_tokens=d.keep_tokens, caption_separator=d.caption_separator,
+                caption_tag_dropout_rate=d.caption_tag_dropout_rate,
+                keep_tokens_separator=d.keep_tokens_separator,
                 size_conditioning=d.size_conditioning,
                 crop_conditioning=d.crop_conditioning, min_size=d.min_size, upscale=d.upscale,
                 masks=self.cfg.loss.masked)

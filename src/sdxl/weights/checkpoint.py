@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -80,6 +80,10 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
 
 
 # ---------------------------------------------------------------------------------------------- diffusers
+# diffusers' scheduler prediction_type -> ours, and back
+DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+PREDICTION_TO_DIFFUSERS = {v: k for k, v in DIFFUSERS_PREDICTIONS.items()}
+
 _WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 
 
@@ -173,6 +177,8 @@ def read_diffusers(folder: Path) -> Checkpoint:
     if (folder / "vae").is_dir():
         vd = _json(folder / "vae" / "config.json")
         vae = vae_config_from_diffusers(vd)
+        if vd.get("latents_mean") is not None and vd.get("latents_std") is not None:  # Playground v2.5
+            vae = replace(vae, latents_mean=tuple(vd["latents_mean"]), latents_std=tuple(vd["latents_std"]))
         parts["vae"] = vae_diffusers_to_sgm(_diffusers_weights(folder / "vae"), vae)
     te = [s for s in ("text_encoder", "text_encoder_2") if (folder / s).is_dir()]
     for sub in te:
@@ -199,13 +205,79 @@ def read_diffusers(folder: Path) -> Checkpoint:
     prediction = "eps"
     sched = folder / "scheduler" / "scheduler_config.json"
     zsnr = False
+    edm = None
     if sched.is_file():
         sc = _json(sched)
-        prediction = "v" if sc.get("prediction_type") == "v_prediction" else "eps"
+        prediction = DIFFUSERS_PREDICTIONS.get(sc.get("prediction_type"), "eps")
         zsnr = sc.get("rescale_betas_zero_snr") is True
+        if str(sc.get("_class_name", "")).startswith("EDM"):  # EDMDPMSolverMultistep / EDMEuler schedulers
+            edm = (float(sc.get("sigma_min", 0.002)), float(sc.get("sigma_max", 80.0)),
+                   float(sc.get("sigma_data", 0.5)))
     cfg = ModelConfig(kind=kind, unet=unet, vae=vae, text_l=text_l, text_g=text_g, prediction=prediction,
-                      zero_terminal_snr=zsnr)
+                      zero_terminal_snr=zsnr, edm=edm)
+    try:
+        D.check_config(cfg, widths=False)
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
     return Checkpoint(path=folder, config=cfg, parts=parts, layout="diffusers")
+
+
+# ---------------------------------------------------------------------------------------------- UNet override
+class _Shapes:
+    """keys() / shape() over a dict of tensors (what `detect` reads)."""
+
+    def __init__(self, sd: Mapping[str, torch.Tensor]):
+        self.sd = sd
+
+    def keys(self):
+        return self.sd.keys()
+
+    def shape(self, k: str) -> tuple[int, ...]:
+        return tuple(self.sd[k].shape)
+
+
+def read_unet_override(path: str | Path, base: ModelConfig) -> dict[str, torch.Tensor]:
+    """The UNet of a UNet-only file (SDXL-Lightning, Turbo, DMD2 publish these) in our naming, checked against
+    the base model's UNet architecture. The layout is read off the tensor names: official
+    (`model.diffusion_model.*`, or bare `input_blocks.*`) or diffusers (`conv_in.*`, `down_blocks.*`, as in
+    `unet/diffusion_pytorch_model.safetensors`, optionally under `unet.`). Raises CheckpointError naming
+    the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (--unet needs a .safetensors UNet file)")
+    if base.unet is None:
+        raise CheckpointError(f"{path}: the base model has no UNet to replace")
+    f = open_tensors(path)
+    keys = list(f.keys())
+    official = D.split_components(keys).get("unet")
+    diffusers_prefix = next((p for p in ("", "unet.") if p + "conv_in.weight" in keys
+                             and any(k.startswith(p + "down_blocks.") for k in keys)), None)
+    if official is not None:
+        sd = _sub(f, official)
+    elif diffusers_prefix is not None:
+        try:
+            sd = unet_diffusers_to_sgm(_sub(f, diffusers_prefix), base.unet)
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: a diffusers UNet of another architecture than the base model "
+                                  f"({str(e).strip(chr(34))[:160]})") from None
+    else:
+        sample = ", ".join(sorted(keys)[:3]) or "no tensors"
+        raise CheckpointError(f"{path}: not a UNet file (no model.diffusion_model.* or diffusers UNet "
+                              f"tensors; found {sample} ...)")
+    try:
+        found = D.detect_unet(D._View(_Shapes(sd), ""))
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (KeyError, IndexError, ZeroDivisionError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: inconsistent UNet tensors ({e})") from None
+    # head width and norm groups are not in the tensors: the base's are the ones that count
+    found = replace(found, head_dim=base.unet.head_dim, norm_groups=base.unet.norm_groups)
+    if found != base.unet:
+        diff = [f"{k} {getattr(found, k)} vs {getattr(base.unet, k)}" for k in found.__dataclass_fields__
+                if getattr(found, k) != getattr(base.unet, k)]
+        raise CheckpointError(f"{path}: a UNet of another architecture than the base model's "
+                              f"({'; '.join(diff[:3])})")
+    return sd
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -273,7 +345,7 @@ def config_metadata(config: ModelConfig, extra: dict | None = None) -> dict[str,
             "refiner": "stable-diffusion-xl-v1-refiner",
             "inpaint": "stable-diffusion-xl-v1-base/inpaint",
         }.get(config.kind, config.kind),
-        "modelspec.prediction_type": "v" if config.prediction == "v" else "epsilon",
+        "modelspec.prediction_type": {"v": "v", "x0": "x0"}.get(config.prediction, "epsilon"),
     }
     md.update(extra or {})
     return md
@@ -320,9 +392,12 @@ def write_diffusers(ckpt: Checkpoint, dst: str | Path, dtype=None) -> Path:
         )
         index["unet"] = ["diffusers", "UNet2DConditionModel"]
     if "vae" in ckpt.parts:
+        vae_config = vae_diffusers_config(cfg.vae)
+        if cfg.vae.latents_mean is not None:
+            vae_config.update(latents_mean=list(cfg.vae.latents_mean), latents_std=list(cfg.vae.latents_std))
         put(
             "vae",
-            vae_diffusers_config(cfg.vae),
+            vae_config,
             "diffusion_pytorch_model.safetensors",
             vae_sgm_to_diffusers(dict(ckpt.parts["vae"]), cfg.vae),
         )
@@ -338,9 +413,20 @@ def write_diffusers(ckpt: Checkpoint, dst: str | Path, dtype=None) -> Path:
             index[sub] = ["transformers", "CLIPTextModelWithProjection" if proj else "CLIPTextModel"]
             index[tok] = ["transformers", "CLIPTokenizer"]
     (dst / "scheduler").mkdir(exist_ok=True)
+    scheduler = None
+    if cfg.edm is not None:
+        scheduler = {
+            "_class_name": "EDMDPMSolverMultistepScheduler",
+            "sigma_min": cfg.edm[0],
+            "sigma_max": cfg.edm[1],
+            "sigma_data": cfg.edm[2],
+            "sigma_schedule": "karras",
+            "num_train_timesteps": 1000,
+            "prediction_type": PREDICTION_TO_DIFFUSERS[cfg.prediction],
+        }
     (dst / "scheduler" / "scheduler_config.json").write_text(
         json.dumps(
-            {
+            scheduler or {
                 "_class_name": "EulerDiscreteScheduler",
                 "beta_start": 0.00085,
                 "beta_end": 0.012,
@@ -350,13 +436,13 @@ def write_diffusers(ckpt: Checkpoint, dst: str | Path, dtype=None) -> Path:
                 "timestep_spacing": "leading",
                 "interpolation_type": "linear",
                 "use_karras_sigmas": False,
-                "prediction_type": "v_prediction" if cfg.prediction == "v" else "epsilon",
+                "prediction_type": PREDICTION_TO_DIFFUSERS[cfg.prediction],
                 "rescale_betas_zero_snr": cfg.zero_terminal_snr,
             },
             indent=2,
         )
     )
-    index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
+    index["scheduler"] = ["diffusers", scheduler["_class_name"] if scheduler else "EulerDiscreteScheduler"]
     (dst / "model_index.json").write_text(json.dumps(index, indent=2))
     return dst
 

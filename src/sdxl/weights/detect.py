@@ -214,8 +214,14 @@ def check_config(config: ModelConfig, widths: bool = True) -> ModelConfig:
     """
     if config.kind not in ("base", "refiner", "inpaint"):
         raise ValueError(f"kind {config.kind!r} is not base, refiner or inpaint")
-    if config.prediction not in ("eps", "v"):
-        raise ValueError(f"prediction {config.prediction!r} is not eps or v")
+    if config.prediction not in ("eps", "v", "x0"):
+        raise ValueError(f"prediction {config.prediction!r} is not eps, v or x0")
+    if config.edm is not None:
+        edm = config.edm
+        if len(edm) != 3 or not all(_is_positive(x) for x in edm) or edm[0] >= edm[1]:
+            raise ValueError(f"edm {edm!r} is not (sigma_min, sigma_max, sigma_data) with 0 < min < max")
+    if config.vae is not None:
+        _check_latent_stats(config.vae)
     if not isinstance(config.zero_terminal_snr, bool):
         raise ValueError(f"zero_terminal_snr {config.zero_terminal_snr!r} is not true or false")
     parts = {"": config, "unet.": config.unet, "vae.": config.vae}
@@ -225,7 +231,8 @@ def check_config(config: ModelConfig, widths: bool = True) -> ModelConfig:
             continue
         for fld in dataclasses.fields(part):
             value = getattr(part, fld.name)
-            if fld.name in ("unet", "vae", "text_l", "text_g", "kind", "prediction", "zero_terminal_snr"):
+            if fld.name in ("unet", "vae", "text_l", "text_g", "kind", "prediction", "zero_terminal_snr",
+                            "edm", "latents_mean", "latents_std"):
                 continue
             where = prefix + fld.name
             low = -1 if fld.name in _MAY_BE_MINUS_ONE else 0 if fld.name in _MAY_BE_ZERO else 1
@@ -280,17 +287,94 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_positive(x) -> bool:
+    return _is_number(x) and x > 0
+
+
+def _check_latent_stats(vae: VAEConfig) -> None:
+    """Per-channel latent mean and std: both or neither, one finite number per latent channel (std > 0)."""
+    mean, std = vae.latents_mean, vae.latents_std
+    if (mean is None) != (std is None):
+        raise ValueError("vae.latents_mean and vae.latents_std must be given together")
+    if mean is None:
+        return
+    for name, values, check in (("latents_mean", mean, _is_number), ("latents_std", std, _is_positive)):
+        if not isinstance(values, tuple) or len(values) != vae.embed_dim or not all(map(check, values)):
+            raise ValueError(f"vae.{name} {values!r} is not {vae.embed_dim} finite numbers"
+                             + (" > 0" if name == "latents_std" else ""))
+
+
+# Playground v2.5's latent statistics (diffusers' vae config, ComfyUI's SDXL_Playground_2_5), used when a file
+# marks itself with edm_mean / edm_std tensors of another size than the latent channels.
+PLAYGROUND_LATENTS_MEAN = (-1.6574, 1.886, -1.383, 2.5155)
+PLAYGROUND_LATENTS_STD = (8.4927, 5.9022, 6.5498, 5.2299)
+PLAYGROUND_EDM = (0.002, 80.0, 0.5)  # sigma_min, sigma_max, sigma_data (ComfyUI and diffusers agree)
+EDM_VPRED_DEFAULTS = (0.002, 120.0, 1.0)  # ComfyUI's ModelSamplingContinuousEDM defaults
+
+
+def _scalar(f, key: str) -> float:
+    try:
+        value = float(f[key].float().reshape(-1)[0])
+    except (IndexError, RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"tensor {key} is not a number ({e})") from None
+    if not math.isfinite(value) or value <= 0:
+        raise CheckpointError(f"tensor {key} is {value}, not a positive number")
+    return value
+
+
+def detect_edm(f, vae: VAEConfig | None):
+    """(edm, vae) for the EDM markers ComfyUI reads: Playground v2.5's `edm_mean`/`edm_std` (EDM
+    preconditioning with sigma_data 0.5, per-channel latent statistics, latent scale 0.5) and CosXL's
+    `edm_vpred.sigma_max` / `edm_vpred.sigma_min` (v-prediction on a continuous EDM schedule, sigma_data 1).
+    Returns (None, vae) for an ordinary SDXL file."""
+    keys = set(f.keys())
+    if "edm_mean" in keys and "edm_std" in keys:
+        if vae is not None:
+            channels = vae.embed_dim
+            mean = f["edm_mean"].float().reshape(-1)
+            std = f["edm_std"].float().reshape(-1)
+            if mean.numel() == channels and std.numel() == channels:
+                stats = (tuple(float(x) for x in mean), tuple(float(x) for x in std))
+            else:
+                stats = (PLAYGROUND_LATENTS_MEAN, PLAYGROUND_LATENTS_STD)
+            vae = dataclasses.replace(vae, scale_factor=0.5, shift_factor=0.0, latents_mean=stats[0],
+                                      latents_std=stats[1])
+        return PLAYGROUND_EDM, vae
+    if "edm_vpred.sigma_max" in keys:
+        lo, hi, data = EDM_VPRED_DEFAULTS
+        hi = _scalar(f, "edm_vpred.sigma_max")
+        if "edm_vpred.sigma_min" in keys:
+            lo = _scalar(f, "edm_vpred.sigma_min")
+        if lo >= hi:
+            raise CheckpointError(f"edm_vpred.sigma_min {lo} is not below edm_vpred.sigma_max {hi}")
+        return (lo, hi, data), vae
+    return None, vae
+
+
 def detect(f: Mapping, metadata: dict[str, str] | None = None, name: str = "checkpoint") -> ModelConfig:
     """The ModelConfig of an official-layout (or bare component) file. Raises CheckpointError."""
     metadata = metadata if metadata is not None else getattr(f, "metadata", {}) or {}
     if CONFIG_METADATA_KEY in metadata:
         try:
-            return check_config(ModelConfig.from_json(metadata[CONFIG_METADATA_KEY]))
+            config = check_config(ModelConfig.from_json(metadata[CONFIG_METADATA_KEY]))
         # a JSON list instead of an object gives AttributeError; deep nesting RecursionError
         except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as e:
             raise CheckpointError(
                 f"{name}: unreadable {CONFIG_METADATA_KEY} metadata ({str(e)[:200]})"
             ) from None
+        if config.edm is None:  # EDM marker tensors added to one of our files (e.g. merged in by hand)
+            try:
+                edm, vae = detect_edm(f, config.vae)
+            except CheckpointError as e:
+                raise CheckpointError(f"{name}: {e}") from None
+            if edm is not None:
+                prediction = "v" if "edm_vpred.sigma_max" in f else config.prediction
+                config = dataclasses.replace(config, edm=edm, vae=vae, prediction=prediction)
+        return config
     parts = split_components(f.keys())
     if not parts:
         sample = ", ".join(sorted(f.keys())[:3]) or "no tensors"
@@ -344,8 +428,16 @@ def detect(f: Mapping, metadata: dict[str, str] | None = None, name: str = "chec
     # community zero-terminal-SNR files (e.g. v-prediction anime fine-tunes) carry an empty "ztsnr" tensor as
     # a marker, as they carry "v_pred"; ComfyUI reads both the same way
     zsnr = "ztsnr" in f
+    try:
+        edm, vae = detect_edm(f, vae)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from None
+    if edm is not None and "edm_vpred.sigma_max" in f:
+        prediction = "v"
+    elif str(metadata.get("modelspec.prediction_type", "")).lower() in ("x0", "sample"):
+        prediction = "x0"
     config = ModelConfig(kind=kind, unet=unet, vae=vae, text_l=text_l, text_g=text_g, prediction=prediction,
-                         zero_terminal_snr=zsnr)
+                         zero_terminal_snr=zsnr, edm=edm)
     try:  # sizes only: head widths are an assumption here (64), which the modules check when built
         return check_config(config, widths=False)
     except ValueError as e:  # e.g. a zero-size dimension

@@ -38,7 +38,8 @@ nothing (bit-identical outputs), several LoRAs on one layer add up. `LoraPatch.f
 into the weights for speed and keeps a copy of the originals, so `unfuse()` restores them bit for bit.
 
 Training: `inject_lora` hangs trainable `LoRALayer`s (zero-initialised `lora_up`, so the model starts
-unchanged) on the kohya default targets, and `save_kohya` writes them under kohya names with the `ss_*`
+unchanged) on the kohya default targets (with a trained DoRA magnitude, `dora=True`, or as `LoKrLayer`s,
+`algo="lokr"`), and `save_kohya` writes them under kohya names with the `ss_*`
 metadata A1111 / ComfyUI / kohya tools read.
 
 Modules: `read` (files -> LoraModules), `patch` (matching, hooks, fuse / unfuse: inference), `train`
@@ -48,6 +49,7 @@ Modules: `read` (files -> LoraModules), `patch` (matching, hooks, fuse / unfuse:
 from .patch import LoraPatch, LoraReport, LoraSet, MatchedLayer, apply, lora_models, match_lora
 from .read import PARTS, Lora, LoraError, LoraModule, load_lora
 from .train import (
+    LoKrLayer,
     LoRALayer,
     inject_lora,
     kohya_name,
@@ -64,6 +66,7 @@ __all__ = [
     "LoraPatch",
     "LoraReport",
     "LoraSet",
+    "LoKrLayer",
     "LoRALayer",
     "MatchedLayer",
     "apply",

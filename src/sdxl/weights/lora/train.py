@@ -44,6 +44,7 @@ class LoRALayer(nn.Module):
         alpha: float | None = None,
         dropout: float = 0.0,
         dtype: torch.dtype = torch.float32,
+        dora: bool = False,
     ):
         super().__init__()
         device = target.weight.device
@@ -75,7 +76,19 @@ class LoRALayer(nn.Module):
         self.multiplier = 1.0
         self._target = [target]  # a list, so that the target is not registered as a submodule
         self._held: list[nn.Module] = []  # attention modules kept off their fused-qkv path (see inject_lora)
+        self.register_parameter("dora_scale", None)
+        if dora:
+            # DoRA magnitude, one per output channel: the row norms of the base weight (kohya / LyCORIS
+            # `dora_scale` shape [out, 1] or [out, 1, 1, 1]; PEFT's initialisation)
+            w = target.weight.detach().float()
+            norm = w.flatten(1).norm(dim=1).reshape(w.shape[0], *[1] * (w.ndim - 1))
+            self.dora_scale = nn.Parameter(norm.to(device))
         self._handle = target.register_forward_hook(self._hook)
+
+    @property
+    def is_kxk(self) -> bool:
+        """True when the target is a k x k convolution (k > 1): LoCon's conv rank applies."""
+        return isinstance(self.lora_down, nn.Conv2d) and tuple(self.lora_down.kernel_size) != (1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         """The branch's output for the target's input x."""
@@ -85,7 +98,156 @@ class LoRALayer(nn.Module):
         return self.lora_up(h) * (self.multiplier * self.scale)
 
     def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        return output + self(args[0]).to(output.dtype)
+        if self.dora_scale is None:
+            return output + self(args[0]).to(output.dtype)
+        return self._dora_output(module, args[0], output)
+
+    def dense_update(self) -> Tensor:
+        """scale * up @ down as a float32 [out, in * kh * kw] matrix (without the multiplier)."""
+        up, down = self.lora_up.weight.float().flatten(1), self.lora_down.weight.float().flatten(1)
+        return self.scale * (up @ down)
+
+    def _dora_output(self, module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
+        """DoRA: W' = m * (W + dW) / (||W + dW|| + eps), the norm per output channel; since that is a
+        per-channel factor r, W'x = r * (Wx + dW x). Blended as W + multiplier * (W' - W), as the reader
+        applies the saved file."""
+        w = module.weight.detach().float()
+        norm = (w.flatten(1) + self.dense_update()).norm(dim=1) + torch.finfo(torch.float32).eps
+        r = self.dora_scale.flatten() / norm
+        bias = module.bias
+        base = output.float()
+        if bias is not None:
+            base = base - self._channels(bias.detach().float(), output)
+        branch = self.lora_up(self._dropped(self.lora_down(x.to(self.lora_down.weight.dtype)))).float()
+        merged = self._channels(r, output) * (base + self.scale * branch)
+        return (output.float() + self.multiplier * (merged - base)).to(output.dtype)
+
+    def _dropped(self, h: Tensor) -> Tensor:
+        return F.dropout(h, p=self.dropout) if self.dropout and self.training else h
+
+    @staticmethod
+    def _channels(v: Tensor, output: Tensor) -> Tensor:
+        """A per-output-channel vector shaped to broadcast over `output` ([..., out] or [B, out, H, W])."""
+        return v.reshape(-1, 1, 1) if output.ndim == 4 else v
+
+    def file_tensors(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """The kohya tensors of this layer, by key suffix (`dtype` for the weights; alpha stays float32)."""
+        out = {"lora_down.weight": self.lora_down.weight.detach(),
+               "lora_up.weight": self.lora_up.weight.detach()}
+        if self.dora_scale is not None:
+            out["dora_scale"] = self.dora_scale.detach()
+        out = {k: (t.to(dtype) if dtype else t) for k, t in out.items()}
+        out["alpha"] = self.alpha.detach().float().cpu()
+        return out
+
+    def remove(self) -> None:
+        """Detach from the target layer (it computes its plain output again)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+            release_unfused(self._held)
+            self._held = []
+
+
+def lokr_factors(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Split `dimension` into (m, n), m <= n, m * n = dimension, for a LoKr layer (LyCORIS' rule).
+
+    factor > 0 that divides `dimension`: (factor, dimension / factor), smaller first. Otherwise the divisor
+    pair whose smaller member is as large as possible while not above `factor` (any, for factor -1), going
+    up from (1, dimension) while m + n does not grow: the most balanced split allowed.
+    """
+    if factor > 0 and dimension % factor == 0:
+        m, n = factor, dimension // factor
+        return (m, n) if m <= n else (n, m)
+    limit = dimension if factor <= 0 else factor
+    m, n = 1, dimension
+    for cand in range(2, dimension + 1):
+        if dimension % cand:
+            continue
+        other = dimension // cand
+        if cand > other or cand > limit or cand + other > m + n:
+            break
+        m, n = cand, other
+    return m, n
+
+
+class LoKrLayer(nn.Module):
+    """A trainable LoKr (Kronecker product) update hung on one Linear / Conv2d with a forward hook:
+
+        out = layer(x) + multiplier * scale * (kron(lokr_w1, w2) applied to x)
+
+    with the weight shape [out, in(, kh, kw)] split as out = out_l * out_k, in = in_m * in_n
+    (`lokr_factors(dim, factor)`): lokr_w1 [out_l, in_m]; w2 is either whole, lokr_w2 [out_k, in_n(, kh, kw)],
+    or, when rank < max(out_k, in_n) / 2, decomposed as lokr_w2_a [out_k, rank] @ lokr_w2_b
+    [rank, in_n * kh * kw]. LyCORIS' initialisation: lokr_w1 and lokr_w2_a Kaiming-uniform, lokr_w2 /
+    lokr_w2_b zero (the model starts unchanged); scale = alpha / rank when w2 is decomposed, else 1 (as
+    LyCORIS and our reader apply the saved `lokr_w1`, `lokr_w2(_a/_b)`, `alpha` keys).
+    """
+
+    def __init__(
+        self,
+        target: nn.Module,
+        rank: int,
+        alpha: float | None = None,
+        factor: int = -1,
+        dropout: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if not isinstance(target, (nn.Linear, nn.Conv2d)):
+            raise LoraError(f"LoKr needs a Linear or Conv2d layer, got {type(target).__name__}")
+        w = target.weight
+        device = w.device
+        out_dim, in_dim, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
+        out_l, out_k = lokr_factors(out_dim, factor)
+        in_m, in_n = lokr_factors(in_dim, factor)
+        self.lokr_w1 = nn.Parameter(torch.empty(out_l, in_m, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5))
+        self.decomposed = rank < max(out_k, in_n) / 2
+        if self.decomposed:
+            ksize = math.prod(kernel) if kernel else 1
+            self.lokr_w2_a = nn.Parameter(torch.empty(out_k, rank, device=device, dtype=dtype))
+            self.lokr_w2_b = nn.Parameter(torch.zeros(rank, in_n * ksize, device=device, dtype=dtype))
+            nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
+        else:
+            self.lokr_w2 = nn.Parameter(torch.zeros(out_k, in_n, *kernel, device=device, dtype=dtype))
+        alpha = float(rank) if not alpha else float(alpha)
+        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
+        self.rank = rank
+        self.scale = alpha / rank if self.decomposed else 1.0
+        self.factor = factor
+        self.dropout = dropout
+        self.multiplier = 1.0
+        self.is_kxk = isinstance(target, nn.Conv2d) and kernel != (1, 1)
+        self._target = [target]
+        self._held: list[nn.Module] = []
+        self._handle = target.register_forward_hook(self._hook)
+
+    def dense_update(self) -> Tensor:
+        """scale * kron(w1, w2) shaped as the target's weight, float32 (without the multiplier)."""
+        weight = self._target[0].weight
+        w2 = self.lokr_w2_a.float() @ self.lokr_w2_b.float() if self.decomposed else self.lokr_w2.float()
+        dw = torch.kron(self.lokr_w1.float(), w2.flatten(1))
+        return self.scale * dw.reshape(weight.shape)
+
+    def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        x = args[0]
+        if self.dropout and self.training:
+            x = F.dropout(x, p=self.dropout)
+        dw = self.dense_update().to(x.dtype)
+        if isinstance(module, nn.Linear):
+            delta = F.linear(x, dw)
+        else:
+            delta = F.conv2d(x, dw, None, module.stride, module.padding, module.dilation, module.groups)
+        return output + (self.multiplier * delta).to(output.dtype)
+
+    def file_tensors(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """The LyCORIS / kohya tensors of this layer, by key suffix."""
+        names = ("lokr_w1", "lokr_w2_a", "lokr_w2_b") if self.decomposed else ("lokr_w1", "lokr_w2")
+        out = {n: getattr(self, n).detach() for n in names}
+        out = {k: (t.to(dtype) if dtype else t) for k, t in out.items()}
+        out["alpha"] = self.alpha.detach().float().cpu()
+        return out
 
     def remove(self) -> None:
         """Detach from the target layer (it computes its plain output again)."""
@@ -154,20 +316,31 @@ def inject_lora(
     conv_rank: int | None = None,
     conv_alpha: float | None = None,
     dtype: torch.dtype = torch.float32,
-) -> dict[str, LoRALayer]:
+    algo: str = "lora",
+    dora: bool = False,
+    factor: int = -1,
+) -> dict[str, LoRALayer | LoKrLayer]:
     """Hang trainable `LoRALayer`s on the kohya default targets of our UNet or of ONE text tower.
 
     Returns {layer name relative to `module`: LoRALayer}; those names are what `save_kohya` writes, so call it
     on the UNet itself and on each `CLIPTextTower` (not on a wrapper). The base weights are not frozen here.
     Attention modules that fuse q/k/v into one matmul are switched to separate projections, because that
     path would bypass the hooks. conv=True adds the ResBlock / Down- / Upsample layers (LoCon); their k x k
-    convs use conv_rank / conv_alpha (default: rank / alpha).
+    convs use conv_rank / conv_alpha (default: rank / alpha). algo "lokr" hangs `LoKrLayer`s (split by
+    `factor`) instead; dora=True gives each `LoRALayer` a trained DoRA magnitude.
     """
-    layers: dict[str, LoRALayer] = {}
+    if algo not in ("lora", "lokr"):
+        raise ValueError(f"unknown adapter algo {algo!r}; choose lora or lokr")
+    if dora and algo != "lora":
+        raise ValueError("DoRA is trained on lora adapters only")
+    layers: dict[str, LoRALayer | LoKrLayer] = {}
     for name, (layer, is_kxk) in _lora_targets(module, targets, conv).items():
         r = (conv_rank or rank) if is_kxk else rank
         a = (alpha if conv_alpha is None else conv_alpha) if is_kxk else alpha
-        lora_layer = LoRALayer(layer, r, a, dropout, dtype)
+        if algo == "lokr":
+            lora_layer = LoKrLayer(layer, r, a, factor, dropout, dtype)
+        else:
+            lora_layer = LoRALayer(layer, r, a, dropout, dtype, dora=dora)
         lora_layer._held = qkv_parents(module, [name])
         hold_unfused(lora_layer._held)
         layers[name] = lora_layer
@@ -192,15 +365,14 @@ def kohya_state_dict(
     layers_te2: Mapping[str, LoRALayer] | None = None,
     dtype: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
-    """The kohya tensors: <name>.lora_down.weight / .lora_up.weight (in `dtype` if given) and <name>.alpha."""
+    """The kohya tensors: <name>.lora_down.weight / .lora_up.weight (+ .dora_scale with DoRA), or LoKr's
+    <name>.lokr_w1 / .lokr_w2 (or .lokr_w2_a / .lokr_w2_b), in `dtype` if given, and <name>.alpha."""
     out: dict[str, Tensor] = {}
     for part, layers in (("unet", layers_unet), ("te1", layers_te1), ("te2", layers_te2)):
         for name, layer in (layers or {}).items():
             k = kohya_name(part, name)
-            down, up = layer.lora_down.weight.detach(), layer.lora_up.weight.detach()
-            out[f"{k}.lora_down.weight"] = down.to(dtype) if dtype else down
-            out[f"{k}.lora_up.weight"] = up.to(dtype) if dtype else up
-            out[f"{k}.alpha"] = layer.alpha.detach().float().cpu()
+            for suffix, t in layer.file_tensors(dtype).items():
+                out[f"{k}.{suffix}"] = t
     return out
 
 
@@ -220,10 +392,7 @@ def save_kohya(
     if not tensors:
         raise LoraError("no LoRA layers to save")
     all_layers = [lay for d in (layers_unet, layers_te1, layers_te2) if d for lay in d.values()]
-    is_kxk = [
-        isinstance(lay.lora_down, nn.Conv2d) and tuple(lay.lora_down.kernel_size) != (1, 1)
-        for lay in all_layers
-    ]
+    is_kxk = [lay.is_kxk for lay in all_layers]
     linear = [lay for lay, k in zip(all_layers, is_kxk) if not k]
     kxk = [lay for lay, k in zip(all_layers, is_kxk) if k]
     main = linear or kxk
@@ -250,10 +419,22 @@ def save_kohya(
     dropouts = {lay.dropout for lay in all_layers}
     if dropouts != {0.0}:
         meta["ss_network_dropout"] = str(max(dropouts))
+    args: dict[str, str] = {}
     if kxk:
         conv_rank = Counter(lay.rank for lay in kxk).most_common(1)[0][0]
         conv_alpha = Counter(float(lay.alpha) for lay in kxk).most_common(1)[0][0]
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)})
+        args.update(conv_dim=str(conv_rank), conv_alpha=str(conv_alpha))
+    lokr = [lay for lay in all_layers if isinstance(lay, LoKrLayer)]
+    dora = any(getattr(lay, "dora_scale", None) is not None for lay in all_layers)
+    if lokr or dora:  # LyCORIS' kohya network module writes these (its algo and options)
+        meta["ss_network_module"] = "lycoris.kohya"
+        args["algo"] = "lokr" if lokr else "lora"
+        if lokr:
+            args["factor"] = str(lokr[0].factor)
+        if dora:
+            args["dora_wd"] = "True"
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
     for k, v in (metadata or {}).items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
     return save_safetensors(tensors, path, meta)
@@ -276,20 +457,22 @@ def load_lora_layers(
     for part, layers in (("unet", layers_unet), ("te1", layers_te1), ("te2", layers_te2)):
         for name, layer in (layers or {}).items():
             k = kohya_name(part, name)
-            if f"{k}.lora_down.weight" not in tensors or f"{k}.lora_up.weight" not in tensors:
+            wanted = {s: t for s, t in layer.state_dict().items() if s != "alpha"}
+            keys = {s: f"{k}.{s}" for s in wanted}
+            if any(key not in tensors for key in keys.values()):
                 missing.append(k)
                 continue
-            for sub, target in (("lora_down", layer.lora_down.weight), ("lora_up", layer.lora_up.weight)):
-                t = tensors[f"{k}.{sub}.weight"]
+            for sub, target in wanted.items():
+                t = tensors[keys[sub]]
                 if tuple(t.shape) != tuple(target.shape):
                     raise LoraError(
-                        f"{k}.{sub}.weight has shape {tuple(t.shape)}, the layer {tuple(target.shape)}"
-                    )
+                        f"{keys[sub]} has shape {tuple(t.shape)}, the layer {tuple(target.shape)}")
                 target.copy_(t)
             if f"{k}.alpha" in tensors:
                 alpha = float(tensors[f"{k}.alpha"].float().reshape(-1)[0]) or float(layer.rank)
                 layer.alpha.fill_(alpha)
-                layer.scale = alpha / layer.rank
+                if getattr(layer, "decomposed", True):
+                    layer.scale = alpha / layer.rank
     return missing
 
 
