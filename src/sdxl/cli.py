@@ -216,6 +216,8 @@ def _request_fields() -> list[dataclasses.Field]:
 def _field_option(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
     """(type, typer.Option) for a request field: every option defaults to None = not given."""
     flags = _field_flags(f)
+    if typing.get_origin(hint) is tuple:  # several images (region masks): a repeatable path option
+        return list[Path] | None, typer.Option(None, *flags, help=f.metadata["help"], show_default=False)
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
     if base is bool:
         long = flags[0]
@@ -242,13 +244,15 @@ def _generate(**opts: Any) -> None:
                      dtype=opts["dtype"], vae_dtype=opts["vae_dtype"], threads=opts["threads"],
                      fast=opts["fast"], compile=opts["compile"], allow_pickle=opts["allow_pickle"])
     base: dict = _stored_request(opts["from_image"]) if opts["from_image"] is not None else {}
-    given = {f.name: opts[f.name] for f in _request_fields() if opts.get(f.name) is not None}
+    given = {f.name: opts[f.name] for f in _request_fields() if opts.get(f.name) not in (None, [], ())}
     for option, (wf, hf) in _SIZE_PAIRS.items():
         w, h = _size(opts[option], "--" + option.replace("_", "-"))
         given.update({k: v for k, v in ((wf, w), (hf, h)) if v is not None})
     for key in ("init_image", "mask_image"):
         if key in given:
             given[key] = str(given[key])
+    if "region_masks" in given:
+        given["region_masks"] = [str(p) for p in given["region_masks"]]
     if opts["prompt"] is not None:
         given["prompt"] = opts["prompt"]
     if opts["lora"]:
@@ -328,11 +332,11 @@ def load_for_run(run: RunOptions, path: str, kind: str = "base"):
         torch.set_num_threads(run.threads)
     speed = {} if run.fast and not run.compile else {"fast": run.fast, "compile": run.compile}
     try:
+        unet = {"unet": run.unet} if run.unet and kind == "base" else {}  # --unet replaces the base's UNet
         return SDXL.load(path, device=_device(run.device), dtype=_dtype(run.dtype),
                          vae_dtype=_dtype(run.vae_dtype) if run.vae_dtype else None,
                          allow_pickle=run.allow_pickle, **speed, **unet)
     except CheckpointError as e:
-        unet = {"unet": run.unet} if run.unet and kind == "base" else {}  # --unet replaces the base's UNet
         fail(str(e))
 
 

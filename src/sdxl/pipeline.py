@@ -36,11 +36,11 @@ from .models.unet import UNet
 from .models.vae import AutoencoderKL
 from .models.vae_utils import vae_decode, vae_encode
 from .prompt_encoding import TextStack, encode_schedule, encode_text, encode_weighted
-from .prompts import EmbeddingLibrary, extract_loras
+from .prompts import EmbeddingLibrary, compose_prompts, extract_loras
 from .request import GenerationRequest, RequestError
 from .sampling import samplers as S
 from .sampling.denoiser import DiscreteSchedule, ModelDenoiser, quantizes_timesteps, schedule_for_config
-from .sampling.guidance import guided_model, step_finder
+from .sampling.guidance import Composable, guided_model, step_finder
 from .sampling.schedules import get_sigmas
 from .tokenizer import CLIPTokenizer
 from .version import __version__
@@ -68,7 +68,7 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
 def _check_conditioning(cond, uncond, model: str) -> None:
     """Every context and conditioning vector of both CFG branches (all prompt-editing ranges). The pooled
     text enters the UNet only through `y`: unchecked, NaN there would be blamed on the UNet at step 1."""
-    for _, context, y in cond + uncond:
+    for _, context, y in (cond.entries() if isinstance(cond, Composable) else list(cond)) + list(uncond):
         _check_finite(context, f"the {model} text encoders' output (the prompt context)")
         _check_finite(y, f"the {model} text encoders' pooled output (the UNet's conditioning vector y)")
 
@@ -237,10 +237,21 @@ class SDXL:
 
     def text_conditioning(self, req: GenerationRequest, batch: int, steps: int | None = None):
         """Conditioning schedules for the cond and uncond branches: lists of (end_step, context, y), one
-        entry per range of steps (several only with A1111 prompt editing), tensors [batch, ...]."""
+        entry per range of steps (several only with A1111 prompt editing), tensors [batch, ...]. A prompt
+        with AND (A1111's composable diffusion) gives a `Composable` cond: one schedule per distinct
+        sub-prompt text, all padded to the same length as the uncond branch."""
         steps = steps or req.steps
         stack = self.text_stack()
-        cond = encode_schedule(stack, req.prompt, req.prompt_2, steps, req.clip_skip, req.emphasis)
+        subprompts = compose_prompts(req.prompt, req.prompt_2)  # None: no AND
+        parts, terms, index = [], [], {}
+        for t1, t2, weight in subprompts or ():
+            if (t1, t2) not in index:
+                index[(t1, t2)] = len(parts)
+                parts.append(encode_schedule(stack, t1, t2, steps, req.clip_skip, req.emphasis))
+            terms.append((index[(t1, t2)], weight))
+        if subprompts is None:
+            parts = [encode_schedule(stack, req.prompt, req.prompt_2, steps, req.clip_skip, req.emphasis)]
+        cond = parts[0]  # the prompt, or the base (first) sub-prompt
         if self.kind != "refiner" and not req.negative_prompt and not req.negative_prompt_2:
             # the official base behaviour: the unconditional branch is all zeros (text and pooled)
             uncond = [(steps, *self.zero_text(1, cond[0][1].shape[1]))]
@@ -248,7 +259,7 @@ class SDXL:
             uncond = encode_schedule(
                 stack, req.negative_prompt or "", req.negative_prompt_2, steps, req.clip_skip, req.emphasis
             )
-        n = max(c.shape[1] for _, c, _ in cond + uncond)
+        n = max(c.shape[1] for _, c, _ in [e for part in parts for e in part] + uncond)
         rep = lambda t: t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t  # noqa: E731
         empty = None
 
@@ -268,7 +279,9 @@ class SDXL:
                 for end, c, p in entries
             ]
 
-        return finish(cond, False), finish(uncond, True)
+        if subprompts is None:
+            return finish(cond, False), finish(uncond, True)
+        return Composable([finish(part, False) for part in parts], terms), finish(uncond, True)
 
     # ---------------------------------------------------------------- images <-> latents
     @torch.no_grad()
@@ -321,8 +334,18 @@ class SDXL:
             extra_channels=extra_channels,
             pag_scale=req.pag_scale if pag_state is not None else 0.0,
             pag_state=pag_state,
+            region_masks=(self.region_masks(req) if isinstance(cond, Composable) and req.region_masks
+                          else None),
         )
         return den
+
+    def region_masks(self, req: GenerationRequest) -> torch.Tensor:
+        """The request's region masks [n, 1, h, w] at latent size: each image grey-scaled (white = 1),
+        resized to the image size (Lanczos), then averaged over each f x f block (f = the VAE's downscale)."""
+        f = self.config.vae.downscale
+        size = (req.height // f, req.width // f)
+        masks = [_load_mask(m, req.width, req.height, 0) for m in req.region_masks]
+        return torch.nn.functional.interpolate(torch.cat(masks), size=size, mode="area").to(self.device)
 
     def schedule_for(self, req: GenerationRequest) -> DiscreteSchedule:
         """The training schedule, rescaled to zero terminal SNR when the checkpoint or the request says so

@@ -417,6 +417,73 @@ def prepare_prompt(text: str, steps: int, *, decimal_means_fraction: bool = Fals
 
 
 # ---------------------------------------------------------------------------------------------------------
+# composable diffusion: "a cat AND a dog :0.7"
+# ---------------------------------------------------------------------------------------------------------
+
+# A1111 splits on the word AND (upper case, a whole word: `\bAND\b`), wherever it stands, brackets included:
+# "(a AND b)" is the two sub-prompts "(a" and " b)". Lower-case "and", "ANDROID", "_AND_" do not split.
+_AND = re.compile(r"\bAND\b")
+# A sub-prompt's optional trailing weight: ':' and a plain decimal number (no exponent), spaces allowed
+# around the colon and after the number. The text is the shortest prefix that leaves only that (or only
+# spaces) after it, so the text keeps its leading spaces and, without a weight, its trailing ones are
+# dropped.
+_SUBPROMPT_WEIGHT = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", re.S)
+
+
+class SubPrompt(NamedTuple):
+    """One part of a composable prompt: its text (still in the prompt language) and its weight."""
+
+    text: str
+    weight: float = 1.0
+
+
+def has_and(text: str) -> bool:
+    """Whether `text` holds the word AND, i.e. is a composable prompt."""
+    return _AND.search(text) is not None
+
+
+def split_subprompts(text: str) -> list[SubPrompt]:
+    """A1111's composable-diffusion split (Liu et al. 2022; A1111's `get_multicond_prompt_list`).
+
+    "a cat AND a dog :0.7" -> [SubPrompt("a cat", 1.0), SubPrompt(" a dog", 0.7)]. The text is cut at every
+    whole upper-case word AND; each part may end in `:weight` (default 1; negative weights are allowed and
+    subtract that part). Call it on the prompt with its `<lora:..>` tags already removed, as A1111 does.
+    A text without AND gives one part; the pipeline does not split such prompts at all (the whole text,
+    a trailing ':number' included, is encoded as before).
+    """
+    out = []
+    for part in _AND.split(text):
+        m = _SUBPROMPT_WEIGHT.match(part)
+        # the pattern matches every string; the guard keeps a type checker and a future edit honest
+        body, weight = (m.group(1), m.group(2)) if m is not None else (part, None)
+        out.append(SubPrompt(body, 1.0 if weight is None else float(weight)))
+    return out
+
+
+def compose_prompts(prompt: str, prompt_2: str | None = None) -> list[tuple[str, str | None, float]] | None:
+    """The sub-prompts a request's prompts make: [(text, bigG text or None, weight)], or None when the
+    prompt (its `<..>` tags removed) has no AND, i.e. is not composable.
+
+    The weights are the prompt's. `prompt_2` (the bigG prompt) is split only when it holds AND too; it must
+    then have as many parts as the prompt, paired in order (its own `:weight` suffixes are removed and not
+    used); without AND it goes unchanged with every part. Raises PromptError for unequal counts."""
+    text = extract_networks(prompt).text
+    if not has_and(text):
+        return None
+    parts = split_subprompts(text)
+    seconds: list[str | None] = [prompt_2] * len(parts)
+    if prompt_2 is not None:
+        text_2 = extract_networks(prompt_2).text
+        if has_and(text_2):
+            parts_2 = split_subprompts(text_2)
+            if len(parts_2) != len(parts):
+                raise PromptError(f"prompt_2 has {len(parts_2)} sub-prompts (split by AND), the prompt "
+                                  f"{len(parts)}; give as many, or none")
+            seconds = [p.text for p in parts_2]
+    return [(p.text, t2, p.weight) for p, t2 in zip(parts, seconds)]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # 3. attention weights
 # ---------------------------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from .errors import RequestError
 from .models.pag_layers import parse_layer, split_layers
+from .prompts import PromptError, compose_prompts
 from .sampling.names import RUNNABLE_SCHEDULES, is_automatic, resolve_sampler, resolve_schedule
 
 
@@ -115,12 +116,19 @@ class GenerationRequest:
     freeu_b2: float = _f(1.4, "FreeU backbone scale of the second up stage (SDXL's 1.4).")
     freeu_s1: float = _f(0.9, "FreeU skip low-frequency scale of the first up stage (SDXL's 0.9).")
     freeu_s2: float = _f(0.2, "FreeU skip low-frequency scale of the second up stage (SDXL's 0.2).")
+    # --- composable prompts ("a cat AND a dog :0.7", A1111's AND) ---
+    region_masks: tuple[Any, ...] = _f(
+        help="One mask per AND sub-prompt (paths or images; white = that sub-prompt applies there; where "
+        "no mask covers a pixel the first sub-prompt applies; overlaps share). CLI: repeat --region-mask.",
+        flags=("--region-mask",), default_factory=tuple)
 
     def __post_init__(self):
         # lists and dicts (JSON, pydantic's model_dump, callers) become a tuple of LoraSpec: the request is
         # immutable and every reader sees one type
         if not (isinstance(self.loras, tuple) and all(isinstance(x, LoraSpec) for x in self.loras)):
             object.__setattr__(self, "loras", tuple(_lora(x) for x in self.loras or ()))
+        if isinstance(self.region_masks, list):
+            object.__setattr__(self, "region_masks", tuple(self.region_masks))
 
     def replace(self, **changes: Any) -> GenerationRequest:
         return dataclasses.replace(self, **changes)
@@ -237,6 +245,7 @@ class GenerationRequest:
             raise RequestError("pag_layers: empty; PAG needs at least one layer (e.g. mid)")
         for name in ("freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2"):
             _range(name, getattr(self, name), -10.0, 10.0)
+        _check_subprompts(self)
         _sampler_and_schedule(self.sampler, self.schedule, False)
         return self
 
@@ -276,6 +285,7 @@ class GenerationRequest:
         for k in ("init_image", "mask_image"):
             if d[k] is not None and not isinstance(d[k], str):
                 d[k] = "<image>"
+        d["region_masks"] = [m if isinstance(m, str) else "<image>" for m in d["region_masks"]]
         return d
 
     @classmethod
@@ -288,6 +298,8 @@ class GenerationRequest:
         for k in ("init_image", "mask_image"):
             if d.get(k) == "<image>":
                 d[k] = None
+        if "<image>" in (d.get("region_masks") or ()):  # images that were not saved: no regions
+            d["region_masks"] = ()
         try:
             return cls(**d)
         except (TypeError, ValueError) as e:
@@ -310,6 +322,7 @@ NAME_FIELDS = ("sampler", "schedule", "emphasis", "refiner_mode", "prediction", 
                "pag_layers")
 MAX_NAME_CHARS = 1024  # names and paths
 MAX_LORAS = 64
+MAX_SUBPROMPTS = 32  # AND parts of one prompt
 MAX_MASK_BLUR = 256  # pixels
 MAX_CLIP_SKIP = 12  # CLIP ViT-L's layer count; `resolve` also checks the model's own towers
 MAX_MICRO_SIZE = 65536  # micro-conditioning sizes and crops, in pixels
@@ -381,6 +394,32 @@ def _field_kinds() -> dict[str, tuple[str, bool]]:
     return out
 
 
+def _check_subprompts(req: GenerationRequest) -> None:
+    """AND sub-prompts: at most MAX_SUBPROMPTS (each is a UNet branch), prompt_2's count equal to the
+    prompt's when it has AND, and one region mask per sub-prompt when masks are given."""
+    try:
+        parts = compose_prompts(req.prompt, req.prompt_2)
+    except PromptError as e:
+        raise RequestError(f"prompt_2: {e}") from None
+    count = len(parts) if parts else 1
+    if count > MAX_SUBPROMPTS:
+        raise RequestError(f"prompt: {count} sub-prompts (split by AND), the limit is {MAX_SUBPROMPTS}")
+    masks = req.region_masks
+    if not isinstance(masks, tuple):
+        raise RequestError(f"region_masks: {show_value(masks)} is not a list of masks")
+    if masks and parts is None:
+        raise RequestError("region_masks: the prompt has no AND; region masks need one mask per sub-prompt "
+                           "(e.g. 'a forest AND a deer')")
+    if masks and len(masks) != count:
+        raise RequestError(f"region_masks: {len(masks)} masks for {count} sub-prompts (split by AND); give "
+                           "one per sub-prompt")
+    for i, m in enumerate(masks):
+        if isinstance(m, str):
+            _text(f"region_masks[{i}]", m, MAX_NAME_CHARS)
+        elif m is None or isinstance(m, (bool, int, float, dict, list, tuple)):
+            raise RequestError(f"region_masks[{i}]: {show_value(m)} is not an image or a path")
+
+
 def _range(name: str, v: float, lo: float, hi: float) -> None:
     if not (_is_number(v) and lo <= v <= hi):  # NaN fails both comparisons
         raise RequestError(f"{name}: {show_value(v)} is outside {lo:g}..{hi:g}")
@@ -398,6 +437,8 @@ def _sampler_and_schedule(sampler: str, schedule: str, zero_terminal_snr: bool,
             schedule = implied
         elif automatic and zero_terminal_snr:
             schedule = "trailing"
+        elif automatic and edm:  # continuous EDM models (Playground v2.5): Karras, as ComfyUI and diffusers
+            schedule = "karras"
         return name, resolve_schedule(schedule, sampler=name)
     except ValueError as e:
         raise RequestError(str(e)) from None
@@ -414,6 +455,7 @@ class RunOptions:
     """How to run, not what to draw: which files, where and how fast. The CLI's and the server's flags."""
 
     model: str | None = None  # a file, a folder, a name in models_dir, or "default" (the shipped model)
+    unet: str | None = None  # a UNet-only file (Lightning, Turbo, DMD2) replacing the model's UNet
     refiner: str | None = None
     device: str | None = None  # None: cuda if available
     dtype: str = "fp32"
@@ -432,6 +474,3 @@ class Limits:
     max_steps: int = 150
     max_batch: int = 8
     max_prompt_chars: int = 4000
-        elif automatic and edm:  # continuous EDM models (Playground v2.5): Karras, as ComfyUI and diffusers
-            schedule = "karras"
-    unet: str | None = None  # a UNet-only file (Lightning, Turbo, DMD2) replacing the model's UNet
