@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -290,3 +291,42 @@ def test_cli_region_masks_and_from(tiny_files, tmp_path):
     assert not np.array_equal(np.asarray(first.convert("RGB")), np.asarray(Image.open(plain).convert("RGB")))
     r = runner.invoke(app, [*base, prompt, *masks[:2], "--out", str(tmp_path / "four")])
     assert r.exit_code != 0 and "--region-mask: 1 masks for 2 sub-prompts" in r.output
+
+
+# ------------------------------------------------------------------------------------------ over HTTP
+def test_region_masks_through_the_native_api_give_the_python_apis_image(tmp_path):
+    """POST /jobs with region masks as base64 PNGs: stored as the job's inputs, the image equals the Python
+    API's with the same masks, the PNG record marks them as images, and a server path is refused."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    pipe = SDXL(cfg, UNet(cfg.unet).eval(), AutoencoderKL(cfg.vae).eval(),
+                TextEncoders(cfg.text_l, cfg.text_g).eval())
+    left = Image.new("L", (64, 64), 0)
+    left.paste(255, (0, 0, 32, 64))
+    right = Image.new("L", (64, 64), 0)
+    right.paste(255, (32, 0, 64, 64))
+
+    def b64(img):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    fields = dict(prompt="a red circle AND a blue square", width=64, height=64, steps=2, seed=3,
+                  sampler="euler", schedule="karras")
+    (tmp_path / "models").mkdir()
+    settings = ServeSettings(data_dir=tmp_path / "data", models_dir=tmp_path / "models", queue_size=4,
+                             limits=Limits(max_pixels=128 * 128, max_steps=10, max_batch=2))
+    with TestClient(create_app(settings, pipeline=pipe), base_url="http://127.0.0.1") as c:
+        r = c.post("/jobs", json={**fields, "region_masks": [b64(left), b64(right)]})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        assert c.app.state.manager.wait_idle(60)
+        job = c.get(f"/jobs/{job_id}").json()
+        assert job["status"] == "done", job
+        assert job["request"]["region_masks"] == [f"input:{job_id}-region{i}.png" for i in range(2)]
+        served = Image.open(io.BytesIO(c.get(job["images"][0]["url"]).content))
+        assert json.loads(served.info["sdxl"])["request"]["region_masks"] == ["<image>", "<image>"]
+        bad = c.post("/jobs", json={**fields, "region_masks": ["/etc/passwd", b64(right)]})
+        assert bad.status_code == 400 and "region_masks[0]" in bad.json()["detail"]
+    expected = pipe.generate(GenerationRequest(**fields, region_masks=(left, right))).images[0]
+    assert np.array_equal(np.asarray(served.convert("RGB")), np.asarray(expected.convert("RGB")))

@@ -24,9 +24,9 @@ Features this server does not have are refused with 400 and a message rather tha
 because the client would get a different picture than it asked for: hires fix (`enable_hr`), scripts,
 `alwayson_scripts` other than Forge's built-in "FreeU Integrated" (args [enabled, b1, b2, s1, s2]) and
 "Perturbed Attention Guidance Integrated" (args [enabled, scale]; the middle block), which map onto the
-request's freeu* and pag_* fields (ControlNet and other extensions are refused), variation seeds (`subseed_strength` > 0), tiling and
-saved styles. Purely cosmetic or server-side fields (restore_faces, save_images, s_churn, ...) are accepted
-and ignored.
+request's freeu* and pag_* fields (ControlNet and other extensions are refused), variation seeds
+(`subseed_strength` > 0), tiling and saved styles. Purely cosmetic or server-side fields (restore_faces,
+save_images, s_churn, ...) are accepted and ignored.
 
 Control: /progress (with a live preview), /interrupt (the job ends; its answer includes the stopped image,
 decoded from where sampling was, as A1111 does) and /skip (the current image stops and is kept, the next

@@ -258,7 +258,10 @@ def _request_body_model():
     hints = typing.get_type_hints(GenerationRequest)
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(GenerationRequest):
-        if f.name == "region_masks":  # paths would name files on the server: not taken over HTTP (yet)
+        if f.name == "region_masks":  # images, never server paths
+            desc = ("composable prompts (`a AND b`): one mask per sub-prompt, each base64 PNG/JPEG or "
+                    "'output:NAME'; white = where that sub-prompt applies")
+            fields[f.name] = (list[Annotated[str, Strict()]], Field(default_factory=list, description=desc))
             continue
         tp = hints[f.name]
         if f.name in ("init_image", "mask_image"):

@@ -589,6 +589,8 @@ class JobManager:
             v = d.get(key)
             if isinstance(v, str) and v.startswith(INPUT_PREFIX):
                 d[key] = self.open_input(v[len(INPUT_PREFIX):])
+        d["region_masks"] = [self.open_input(v[len(INPUT_PREFIX):]) if v.startswith(INPUT_PREFIX) else v
+                             for v in d.get("region_masks") or ()]
         req = GenerationRequest.from_dict(d)
         loras = [LoraSpec(str(self.models.resolve_lora(x.name)), x.weight) for x in req.loras]
         return req.replace(loras=loras)
@@ -637,7 +639,7 @@ class JobManager:
         stored = job.request
         d = resolved.replace(refiner=stored.get("refiner"), model=stored.get("model"),
                              loras=[LoraSpec(**x) for x in stored.get("loras", [])]).to_dict()
-        for key in ("init_image", "mask_image"):
+        for key in ("init_image", "mask_image", "region_masks"):
             d[key] = stored.get(key)
         return d
 
@@ -650,6 +652,7 @@ class JobManager:
             single = self._public_request(job, resolved.replace(seed=int(seed), batch=1))
             for key in ("init_image", "mask_image"):  # the record marks an image it cannot hold
                 single[key] = "<image>" if single[key] is not None else None
+            single["region_masks"] = ["<image>" for _ in single.get("region_masks") or ()]
             record = {"request": single, "model": job.request.get("model") or self._default_model_name(),
                       "version": __version__, "job": job.id}
             try:

@@ -20,7 +20,7 @@ from ..data.buckets import scaled_buckets
 from ..data.images import load_image, to_rgb
 from ..errors import RequestError
 from ..prompts import PromptError, extract_loras
-from ..request import GenerationRequest
+from ..request import MAX_SUBPROMPTS, GenerationRequest
 from ..sampling import A1111_SCHEDULE_NAMES, SAMPLER_INFO, SCHEDULES
 from ..version import __version__
 from .jobs import Job, JobManager
@@ -127,6 +127,15 @@ class Service:
             ref = self.manager.save_input(image, job_id, key.replace("_image", ""))
             saved.append(self.manager.inputs / ref.partition(":")[2])
             refs[key] = ref
+        region_refs = []
+        for i, image in enumerate(req.region_masks):
+            if not isinstance(image, Image.Image):
+                raise RequestError(f"region_masks[{i}]: expected a decoded image")
+            ref = self.manager.save_input(image, job_id, f"region{i}")
+            saved.append(self.manager.inputs / ref.partition(":")[2])
+            region_refs.append(ref)
+        if region_refs:
+            refs["region_masks"] = tuple(region_refs)
         try:
             return self.manager.submit(req.replace(**refs), n_iter=n_iter, source=source, job_id=job_id,
                                        idempotency=idempotency)
@@ -143,6 +152,10 @@ class Service:
         for key in ("init_image", "mask_image"):
             if d.get(key) is not None:
                 d[key] = self.image_ref(d[key], key)
+        masks = d.get("region_masks") or []
+        if len(masks) > MAX_SUBPROMPTS:  # before decoding any of them
+            raise RequestError(f"region_masks: {len(masks)} masks, the limit is {MAX_SUBPROMPTS}")
+        d["region_masks"] = [self.image_ref(m, f"region_masks[{i}]") for i, m in enumerate(masks)]
         return GenerationRequest.from_dict(d)
 
     # ---------------------------------------------------------- UI info
