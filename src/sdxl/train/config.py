@@ -206,6 +206,16 @@ class LossSection:
     mask_floor: float = _f(0.0, "With `masked`: the weight of a black mask pixel, so the weight is floor + "
                                 "(1 - floor) * mask. 0 = kohya (unmasked pixels do not train); e.g. 0.2 "
                                 "trains the whole image and the masked part 5x as much.")
+    multires_noise_iterations: int = _f(0, "Multi-resolution (pyramid) noise, kohya's "
+                                           "`multires_noise_iterations` (6-10 usual; 0 off): level i adds "
+                                           "noise drawn at 1/r^i of the latent size (r uniform in [2, 4)), "
+                                           "bilinearly upsampled and scaled by discount^i, then each "
+                                           "sample's noise is divided by its standard deviation.")
+    multires_noise_discount: float = _f(0.3, "Discount per pyramid level (kohya's "
+                                             "`multires_noise_discount`).")
+    debiased_estimation: bool = _f(False, "Debiased estimation loss (kohya's `debiased_estimation_loss`): "
+                                          "weight 1 / sqrt(SNR) (eps) or 1 / (SNR + 1) (v), with the SNR "
+                                          "capped at 1000. Multiplies with min-SNR-gamma if both are on.")
 
 
 @dataclass
@@ -213,10 +223,23 @@ class OptimSection:
     """[optim]: optimizer and learning-rate schedule."""
 
     name: str = _f("adamw", "`adamw` (torch.optim.AdamW), `adafactor` (torch.optim.Adafactor), `adamw8bit` "
-                            "(bitsandbytes' 8-bit AdamW; needs that package).",
-                            ("adamw", "adafactor", "adamw8bit"))
+                            "(bitsandbytes' 8-bit AdamW; needs that package), `prodigy` (the prodigyopt "
+                            "package; it finds the step size itself: set `lr` = 1, and every group must "
+                            "share that lr or use 0).",
+                            ("adamw", "adafactor", "adamw8bit", "prodigy"))
     lr: float = _f(0.0001, "Peak learning rate of the UNet (or LoRA) parameters.")
     text_lr: float = _f(0.0, "Learning rate of the text towers (0: same as `lr`).")
+    lr_text_l: float = _f(0.0, "Learning rate of the CLIP-L tower or its adapters (kohya's "
+                               "`learning_rate_te1`; 0: `text_lr`).")
+    lr_text_g: float = _f(0.0, "Learning rate of the bigG tower or its adapters (kohya's "
+                               "`learning_rate_te2`; 0: `text_lr`).")
+    block_lr: list = _f([], "Block-wise UNet learning rates (kohya's `block_lr`): 23 numbers for time and "
+                            "label embeddings, input_blocks 0-8, middle_block 0-2, output_blocks 0-8 and the "
+                            "output layer, in that order; 0 leaves a block unchanged. Empty: `lr` for all.")
+    prodigy_d_coef: float = _f(1.0, "Prodigy: multiplier of the estimated step size (d_coef).")
+    prodigy_use_bias_correction: bool = _f(False, "Prodigy: Adam's bias correction (use_bias_correction).")
+    prodigy_safeguard_warmup: bool = _f(False, "Prodigy: leave lr out of the D estimate's denominator "
+                                               "during warm-up (safeguard_warmup).")
     betas: list = _f([0.9, 0.999], "Adam betas.")
     weight_decay: float = _f(0.01, "Decoupled weight decay.")
     eps: float = _f(1e-08, "Adam epsilon.")
@@ -296,6 +319,21 @@ class SampleSection:
 
 
 @dataclass
+class ValidationSection:
+    """[validation]: a loss on held-out images at fixed timesteps and noise."""
+
+    path: str = _f("", "Folder (or .jsonl manifest) of validation images with captions, never trained on.")
+    fraction: float = _f(0.0, "Instead of `path`: hold out this fraction of data.path (chosen with "
+                              "train.seed) from training and validate on it.")
+    every: int = _f(0, "Compute the validation loss every N optimizer steps (0: never); logged as "
+                       "`val_loss` (and `val_loss_t<T>` per timestep) to log.jsonl, TensorBoard and the "
+                       "console.")
+    timesteps: list = _f([100, 300, 500, 700, 900], "The timesteps each image is noised to; the loss is the "
+                                                    "mean over images and timesteps.")
+    seed: int = _f(0, "Seed of the fixed noise (one draw per image and timestep, the same every time).")
+
+
+@dataclass
 class DistSection:
     """[dist]: several processes (launched with torchrun)."""
 
@@ -344,6 +382,7 @@ SECTIONS: dict[str, type] = {
     "lora": LoRASection,
     "checkpoint": CheckpointSection,
     "sample": SampleSection,
+    "validation": ValidationSection,
     "dist": DistSection,
     "vae": VAESection,
 }
@@ -362,6 +401,7 @@ class TrainConfig:
     lora: LoRASection = field(default_factory=LoRASection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     sample: SampleSection = field(default_factory=SampleSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
     dist: DistSection = field(default_factory=DistSection)
     vae: VAESection = field(default_factory=VAESection)
 
@@ -468,6 +508,42 @@ class TrainConfig:
             raise ConfigError(f"ema.decay must be in [0, 1), got {self.ema.decay}")
         if not self.dist.timeout > 0:
             raise ConfigError(f"dist.timeout must be > 0 seconds, got {self.dist.timeout}")
+        self._validate_options()
+
+    def _validate_options(self) -> None:
+        """Learning rates, Prodigy, pyramid noise and validation keys."""
+        o, lo, v = self.optim, self.loss, self.validation
+        for key in ("lr", "text_lr", "lr_text_l", "lr_text_g"):
+            if not getattr(o, key) >= 0:
+                raise ConfigError(f"optim.{key} must be >= 0, got {getattr(o, key)}")
+        if o.block_lr:
+            if len(o.block_lr) != 23:
+                raise ConfigError(f"optim.block_lr needs 23 values (embeddings, input_blocks 0-8, "
+                                  f"middle_block 0-2, output_blocks 0-8, out), got {len(o.block_lr)}")
+            for i, x in enumerate(o.block_lr):
+                if isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= 0:
+                    raise ConfigError(f"optim.block_lr[{i}] = {x!r}: must be a number >= 0")
+            o.block_lr = [float(x) for x in o.block_lr]
+        if not o.prodigy_d_coef > 0:
+            raise ConfigError(f"optim.prodigy_d_coef must be > 0, got {o.prodigy_d_coef}")
+        if lo.multires_noise_iterations < 0:
+            raise ConfigError(f"loss.multires_noise_iterations must be >= 0, got "
+                              f"{lo.multires_noise_iterations}")
+        if not lo.multires_noise_discount > 0:
+            raise ConfigError(f"loss.multires_noise_discount must be > 0, got {lo.multires_noise_discount}")
+        if not 0.0 <= v.fraction < 1.0:
+            raise ConfigError(f"validation.fraction must be in [0, 1), got {v.fraction}")
+        if v.path and v.fraction:
+            raise ConfigError("validation.path and validation.fraction are exclusive: give one")
+        if v.every < 0:
+            raise ConfigError(f"validation.every must be >= 0, got {v.every}")
+        if v.every and not (v.path or v.fraction):
+            raise ConfigError("validation.every needs validation.path or validation.fraction")
+        if not v.timesteps:
+            raise ConfigError("validation.timesteps is empty")
+        for x in v.timesteps:
+            if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < 1000:
+                raise ConfigError(f"validation.timesteps: {x!r} is not an integer in [0, 1000)")
 
     # ------------------------------------------------------------------ output
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -72,6 +72,11 @@ class MetricsLog:
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
 
+    def image(self, tag: str, image, step: int) -> None:
+        """An [H, W, 3] uint8 image to TensorBoard (nothing without it)."""
+        if self.enabled and self.tb is not None:
+            self.tb.add_image(tag, image, step, dataformats="HWC")
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
@@ -200,6 +205,9 @@ class TrainerBase(abc.ABC):
 
     def sample(self) -> None:  # noqa: B027
         """Write sample images (nothing by default)."""
+
+    def validate(self) -> None:  # noqa: B027
+        """Log a validation loss (nothing by default); every process calls it at `validation.every`."""
 
     # ------------------------------------------------------------------ setup
     def trainable(self) -> dict[str, Tensor]:
@@ -443,6 +451,8 @@ class TrainerBase(abc.ABC):
                     if cfg.sample.every and self.step % cfg.sample.every == 0:
                         self.sample()
                         self.wrapped.train()
+                    if cfg.validation.every and self.step % cfg.validation.every == 0:
+                        self.validate()
                     signalled = any_true(stop.requested, self.info)
                     stopping = signalled or self.step == cfg.train.stop_at
                     if stopping or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):

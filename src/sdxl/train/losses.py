@@ -57,9 +57,31 @@ def draw_timestep(g: torch.Generator, t_min: int, t_max: int, sampling: str = "u
     return (t_min + torch.floor(u * (t_max - t_min))).long().clamp(t_min, t_max - 1)
 
 
+def pyramid_noise(noise: Tensor, g: torch.Generator, iterations: int, discount: float) -> Tensor:
+    """kohya's `pyramid_noise_like` (multi-resolution noise) for one sample [C, h, w].
+
+    Level i (i = 0 .. iterations - 1) adds N(0, 1) noise drawn at (int(h / r^i), int(w / r^i)) (at least 1),
+    r uniform in [2, 4) per level, bilinearly upsampled to (h, w) and scaled by discount^i; the pyramid stops
+    after the first level that reaches a side of 1. The sum is divided by its standard deviation. kohya
+    divides by the std of the whole batch; here each sample is normalised alone (kohya at batch size 1), so a
+    sample's noise does not depend on its batch neighbours. Level 0 is a full-size draw added to `noise`.
+    """
+    c, h, w = noise.shape
+    out = noise.clone()
+    for i in range(iterations):
+        r = float(torch.rand((), generator=g, dtype=torch.float64)) * 2 + 2
+        hn, wn = max(1, int(h / r**i)), max(1, int(w / r**i))
+        level = torch.randn((1, c, hn, wn), generator=g)
+        out += F.interpolate(level, size=(h, w), mode="bilinear", align_corners=False)[0] * discount**i
+        if hn == 1 or wn == 1:
+            break
+    return out / out.std()
+
+
 def draw_noise(gens: list[torch.Generator], shape: tuple[int, ...], t_min: int, t_max: int,
                offset_level: float = 0.0, offset_mode: str = "channel",
-               t_sampling: tuple[str, float, float] = ("uniform", 0.0, 1.0)) -> NoiseDraw:
+               t_sampling: tuple[str, float, float] = ("uniform", 0.0, 1.0),
+               multires: tuple[int, float] = (0, 0.3)) -> NoiseDraw:
     posterior, ts, noises = [], [], []
     c = shape[0]
     for g in gens:
@@ -72,6 +94,8 @@ def draw_noise(gens: list[torch.Generator], shape: tuple[int, ...], t_min: int, 
             # ([B,C,1,1], sgm's later code).
             offset = torch.randn((c if offset_mode == "channel" else 1, 1, 1), generator=g)
             eps = eps + offset_level * offset
+        if multires[0] > 0:  # kohya: the pyramid after the offset; drawn after the sample's other numbers
+            eps = pyramid_noise(eps, g, multires[0], multires[1])
         noises.append(eps)
     return NoiseDraw(torch.stack(posterior), torch.cat(ts), torch.stack(noises))
 
@@ -105,6 +129,16 @@ def loss_weights(t: Tensor, alphas_cumprod: Tensor, prediction: str, min_snr_gam
     if prediction == "eps":  # min(snr, g) / snr, which tends to 1 as snr -> 0 (zero terminal SNR)
         return torch.where(snr > 0, clipped / snr.clamp(min=1e-30), torch.ones_like(snr))
     return clipped / (snr + 1)
+
+
+def debiased_weights(t: Tensor, alphas_cumprod: Tensor, prediction: str) -> Tensor:
+    """kohya's debiased estimation loss weights [B]: 1 / sqrt(SNR) for eps, 1 / (SNR + 1) for v-prediction,
+    with SNR = abar / (1 - abar) capped at 1000 (t = 0 would otherwise give a near-infinite SNR)."""
+    abar = alphas_cumprod.to(t.device)[t].to(torch.float32)
+    snr = (abar / (1 - abar)).clamp(max=1000.0)
+    if prediction == "eps":
+        return 1.0 / snr.sqrt()
+    return 1.0 / (snr + 1)
 
 
 def per_sample_error(pred: Tensor, target: Tensor, mask: Tensor | None = None,

@@ -1,5 +1,5 @@
-"""The optimizer (AdamW, Adafactor, 8-bit AdamW), the learning-rate schedule (warmup, then constant, cosine
-or linear) and the exponential moving average of the trained weights."""
+"""The optimizer (AdamW, Adafactor, 8-bit AdamW, Prodigy), the learning-rate schedule (warmup, then constant,
+cosine or linear) and the exponential moving average of the trained weights."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .distributed import assign_full, full_tensor
 
 
 def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (torch), Adafactor (torch.optim.Adafactor) or 8-bit AdamW (bitsandbytes, when importable)."""
+    """AdamW (torch), Adafactor (torch.optim.Adafactor), 8-bit AdamW (bitsandbytes), Prodigy (prodigyopt)."""
     o = cfg.optim
     name = o.name
     if name == "adamw":
@@ -30,6 +30,22 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.opt
             raise ConfigError("optim.name = adamw8bit needs the bitsandbytes package") from None
         return bnb.optim.AdamW8bit(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                    weight_decay=o.weight_decay)
+    if name == "prodigy":
+        try:
+            from prodigyopt import Prodigy  # lazy: optional package, for this optimizer only
+        except ImportError:
+            raise ConfigError("optim.name = prodigy needs the prodigyopt package: pip install prodigyopt "
+                              "(or sdxl[train])") from None
+        lrs = sorted({float(g.get("lr", o.lr)) for g in groups} - {0.0})
+        if len(lrs) > 1:
+            raise ConfigError(f"optim.name = prodigy: every parameter group needs the same learning rate "
+                              f"or 0 (Prodigy scales one step size), got {lrs}; check optim.text_lr, "
+                              "lr_text_l, lr_text_g and block_lr")
+        if not lrs:
+            raise ConfigError("optim.name = prodigy: every learning rate is 0 (set optim.lr, usually 1)")
+        return Prodigy(groups, lr=lrs[0], betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                       d_coef=o.prodigy_d_coef, use_bias_correction=o.prodigy_use_bias_correction,
+                       safeguard_warmup=o.prodigy_safeguard_warmup)
     raise ConfigError(f"unknown optimizer {name!r}")
 
 

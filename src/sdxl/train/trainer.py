@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -32,7 +34,15 @@ from .config import ConfigError, TrainingError
 from .distributed import barrier, full_tensor
 from .feed import BatchStream, LatentFeed, TextFeed, batch_conditioning_numbers
 from .loop import TrainerBase
-from .losses import add_noise, draw_noise, loss_weights, per_sample_error, prediction_target, sample_generator
+from .losses import (
+    add_noise,
+    debiased_weights,
+    draw_noise,
+    loss_weights,
+    per_sample_error,
+    prediction_target,
+    sample_generator,
+)
 from .models import (
     FSDP_BLOCKS,
     DiffusionModel,
@@ -43,6 +53,24 @@ from .models import (
 )
 
 log = logging.getLogger("sdxl.train")
+
+# kohya's block_lr order (sdxl_train.py get_block_params_to_optimize): 0 time/label embeddings, 1-9
+# input_blocks 0-8, 10-12 middle_block 0-2, 13-21 output_blocks 0-8, 22 the output layer
+_BLOCK = re.compile(r"^(?:unet\.|lora\.unet\.lora_unet_)(time_embed|label_emb|input_blocks|middle_block|"
+                    r"output_blocks|out)[._](\d+)")
+_BLOCK_BASE = {"time_embed": 0, "label_emb": 0, "input_blocks": 1, "middle_block": 10, "output_blocks": 13,
+               "out": 22}
+
+
+def unet_block_index(name: str) -> int:
+    """kohya's block_lr index (0-22) of a trained UNet parameter: `unet.<name>` or a LoRA's
+    `lora.unet.lora_unet_<name>`."""
+    m = _BLOCK.match(name)
+    if m is None:
+        raise ConfigError(f"optim.block_lr: cannot place UNet parameter {name!r} in a block")
+    kind, k = m.group(1), int(m.group(2))
+    return _BLOCK_BASE[kind] if kind in ("time_embed", "label_emb", "out") else _BLOCK_BASE[kind] + k
+
 
 class Trainer(TrainerBase):
     """UNet training (full or LoRA), optionally with the text towers, for base and refiner models."""
@@ -95,6 +123,7 @@ class Trainer(TrainerBase):
         if cfg.sample.every:
             self.sample_requests()
         self.build_data()
+        self.build_validation()
 
     def build_data(self) -> None:
         d = self.cfg.data
@@ -122,7 +151,11 @@ class Trainer(TrainerBase):
         if self.cfg.loss.masked and self.dataset.stats["missing_masks"] == len(self.dataset):
             raise TrainingError(f"loss.masked: no image in {d.path} has a loss mask (`NAME.mask.png` beside "
                                 "`NAME.png`, or a \"mask\" path in metadata.jsonl)")
-        self.sampler = BucketBatchSampler(self.dataset.bucket_of, self.cfg.train.batch_size,
+        bucket_of = self.dataset.bucket_of
+        self.held_out = self.held_out_indices(len(self.dataset))
+        for i in self.held_out:
+            bucket_of[i] = -1  # the sampler skips negative buckets
+        self.sampler = BucketBatchSampler(bucket_of, self.cfg.train.batch_size,
                                           seed=self.cfg.train.seed, drop_last=d.drop_last, shuffle=d.shuffle,
                                           rank=self.info.rank, world_size=self.info.world_size)
         collate_fn = functools.partial(collate, default_aesthetic_score=d.default_aesthetic_score)
@@ -133,19 +166,113 @@ class Trainer(TrainerBase):
                      dict(self.dataset.stats))
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """UNet (or UNet LoRA) parameters at `optim.lr`, tower (or tower LoRA) parameters at `text_lr`."""
-        text_lr = self.cfg.optim.text_lr or self.cfg.optim.lr
-        unet_params, text_params = [], []
+        """UNet (or UNet LoRA) parameters at `optim.lr` (or per block at `optim.block_lr`), tower (or tower
+        LoRA) parameters at `lr_text_l` / `lr_text_g` (each falling back to `text_lr`, then `lr`); one text
+        group when the two towers share a rate."""
+        o = self.cfg.optim
+        text_lr = o.text_lr or o.lr
+        lr_l, lr_g = o.lr_text_l or text_lr, o.lr_text_g or text_lr
+        groups: dict[str, dict[str, Any]] = {}
         for n, p in self.module.named_parameters():
-            if p.requires_grad:
-                is_text = n.startswith(("text.", "lora.te1.", "lora.te2."))
-                (text_params if is_text else unet_params).append(p)
-        groups = []
-        if unet_params:
-            groups.append({"params": unet_params, "lr": self.cfg.optim.lr})
-        if text_params:
-            groups.append({"params": text_params, "lr": text_lr})
-        return groups
+            if not p.requires_grad:
+                continue
+            if n.startswith(("text.clip_l.", "lora.te1.")):
+                key, lr = ("text", lr_l) if lr_l == lr_g else ("text_l", lr_l)
+            elif n.startswith(("text.", "lora.te2.")):
+                key, lr = ("text", lr_g) if lr_l == lr_g else ("text_g", lr_g)
+            elif o.block_lr:
+                i = unet_block_index(n)
+                key, lr = f"unet_block_{i:02d}", o.block_lr[i]
+            else:
+                key, lr = "unet", o.lr
+            groups.setdefault(key, {"params": [], "lr": lr})["params"].append(p)
+        order = sorted(groups, key=lambda k: (k.startswith("text"), k))  # UNet first, as before
+        return [groups[k] for k in order]
+
+    # ------------------------------------------------------------------ validation
+    def held_out_indices(self, n: int) -> list[int]:
+        """The images of data.path held out for `validation.fraction` (a seeded choice; at least one)."""
+        frac = self.cfg.validation.fraction
+        if not frac:
+            return []
+        k = max(1, round(frac * n))
+        if k >= n:
+            raise ConfigError(f"validation.fraction = {frac} leaves no training image of {n}")
+        perm = np.random.default_rng([self.cfg.train.seed, 0x7A1]).permutation(n)
+        return sorted(int(i) for i in perm[:k])
+
+    def build_validation(self) -> None:
+        """The validation images: `validation.path`, or the held-out part of data.path, centre-cropped with no
+        flip, caption dropout or tag shuffling, so every evaluation sees the same pixels and captions."""
+        v, d = self.cfg.validation, self.cfg.data
+        self.val_dataset, self.val_indices = None, []
+        if not (v.path or v.fraction):
+            return
+        source = v.path or d.path
+        buckets = scaled_buckets(d.resolution, d.bucket_step, d.min_bucket_side or None,
+                                 d.max_bucket_side or None)
+        try:
+            ds = ImageCaptionDataset(source, resolution=d.resolution, buckets=buckets, seed=v.seed,
+                                     crop="center", flip_prob=0.0, ucg=0.0,
+                                     size_conditioning=d.size_conditioning,
+                                     crop_conditioning=d.crop_conditioning, min_size=d.min_size,
+                                     upscale=d.upscale)
+        except FileNotFoundError as e:
+            raise TrainingError(f"validation.path: {e}") from None
+        self.val_indices = self.held_out if v.fraction else list(range(len(ds)))
+        if not self.val_indices:
+            raise TrainingError(f"validation.path: no usable images in {source}")
+        self.val_dataset = ds
+
+    @torch.no_grad()
+    def validation_loss(self) -> dict[str, float]:
+        """Mean squared error of the prediction on the validation images at each `validation.timesteps`, with
+        the latent mean (no posterior sampling) and noise drawn from (validation.seed, image, timestep): the
+        same inputs at every evaluation, so only the weights change the number. Unweighted (no min-SNR,
+        debiased or mask weights). {"val_loss": mean, "val_loss_t<T>": per timestep}."""
+        v = self.cfg.validation
+        dev = self.info.device
+        vae_cfg = self.models.config.vae
+        pred_kind = self.models.config.prediction
+        was_training = self.module.training
+        self.module.eval()
+        per_t = {t: [] for t in v.timesteps}
+        try:
+            for i in self.val_indices:
+                batch = collate([self.val_dataset[i]], self.cfg.data.default_aesthetic_score)
+                mean, _ = self.latents.moments(batch["pixels"])
+                x0 = (mean - vae_cfg.shift_factor) * vae_cfg.scale_factor
+                numbers = batch_conditioning_numbers(batch, self.kind).to(dev)
+                keep = torch.ones(1, device=dev)
+                if self.train_text:
+                    ids_l, ids_g = self.texts.tokenize(batch["caption"])
+                    text_kw = {"ids_l": ids_l, "ids_g": ids_g}
+                else:
+                    context, pooled = self.texts.frozen(batch["caption"])
+                    text_kw = {"context": context, "pooled": pooled}
+                for t_val in v.timesteps:
+                    g = torch.Generator("cpu").manual_seed(
+                        int(np.random.SeedSequence([v.seed, i, t_val]).generate_state(1, np.uint64)[0]))
+                    noise = torch.randn(tuple(x0.shape), generator=g).to(dev)
+                    t = torch.full((1,), t_val, dtype=torch.long, device=dev)
+                    x_t = add_noise(x0, noise, t, self.alphas_cumprod)
+                    target = prediction_target(x0, noise, t, self.alphas_cumprod, pred_kind)
+                    with autocast_context(dev, self.cfg.train.mixed_precision):
+                        pred = self.module(x_t, t, numbers, keep, **text_kw)
+                    per_t[t_val].append(float(per_sample_error(pred, target).mean()))
+        finally:
+            self.module.train(was_training)
+        out = {f"val_loss_t{t}": sum(x) / len(x) for t, x in per_t.items()}
+        out["val_loss"] = sum(out.values()) / len(out)
+        return out
+
+    def validate(self) -> None:
+        if self.val_dataset is None:
+            return
+        values = self.validation_loss()
+        if self.info.is_main:
+            log.info("step %d: validation loss %.6f", self.step, values["val_loss"])
+        self.log.write(self.step, values)
 
     def fsdp_units(self, module: nn.Module) -> list[nn.Module]:
         return [m for m in module.modules() if isinstance(m, FSDP_BLOCKS)]
@@ -189,7 +316,8 @@ class Trainer(TrainerBase):
         gens = [sample_generator(cfg.train.seed, step, batch["epoch"], int(i)) for i in batch["index"]]
         lo = cfg.loss
         draw = draw_noise(gens, tuple(mean.shape[1:]), lo.timestep_min, self.t_max, lo.offset_noise,
-                          lo.offset_noise_mode, (lo.timestep_sampling, lo.timestep_loc, lo.timestep_scale))
+                          lo.offset_noise_mode, (lo.timestep_sampling, lo.timestep_loc, lo.timestep_scale),
+                          (lo.multires_noise_iterations, lo.multires_noise_discount))
         z = mean + (0.5 * logvar).exp() * draw.posterior.to(dev) if cfg.loss.latent_sample else mean
         x0 = (z - vae_cfg.shift_factor) * vae_cfg.scale_factor
         t = draw.t.to(dev)
@@ -208,6 +336,8 @@ class Trainer(TrainerBase):
         per_sample = per_sample_error(pred, target, batch.get("mask"), cfg.loss.mask_floor)
         w = loss_weights(t, self.alphas_cumprod, self.models.config.prediction, cfg.loss.min_snr_gamma,
                          cfg.loss.min_snr_floor)
+        if cfg.loss.debiased_estimation:
+            w = w * debiased_weights(t, self.alphas_cumprod, self.models.config.prediction)
         loss = (per_sample * w).mean()
         return loss, {}
 
@@ -303,5 +433,6 @@ class Trainer(TrainerBase):
             result = pipe.generate(req)
             if self.info.is_main:
                 result.images[0].save(folder / f"step-{self.step:08d}-{k}.png")
+                self.log.image(f"sample/{k}", np.asarray(result.images[0].convert("RGB")), self.step)
         barrier(self.info)
 
