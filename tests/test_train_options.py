@@ -87,6 +87,23 @@ def test_prodigy_overfits_and_its_errors(tmp_path, data, monkeypatch):
         trainer_for(tiny_run(tmp_path / "r", data, 1, optim={"name": "prodigy", "lr": 1.0}))
 
 
+def test_prodigy_resumes_exactly(tmp_path, data):
+    """Prodigy's state lives partly in its parameter groups (d, d_max, d_numerator, k, ...): 4 steps + resume
+    + 4 steps equal 8 straight steps, and the restored d is the saved one."""
+    def cfg(out, **kw):
+        return tiny_run(tmp_path / out, data, 8, optim={"name": "prodigy", "lr": 1.0, "prodigy_d_coef": 0.5},
+                        checkpoint={"every": 4, **kw.pop("checkpoint", {})}, **kw)
+
+    straight = TR.run(cfg("straight"))
+    first = TR.run(cfg("split", train={"stop_at": 4}))
+    assert first.interrupted and first.step == 4
+    resumed = trainer_for(cfg("split", checkpoint={"resume": True}))
+    assert resumed.step == 4 and resumed.optimizer.param_groups[0]["k"] == 4
+    assert resumed.optimizer.param_groups[0]["d"] > 1e-6
+    second = resumed.train()
+    assert second.losses == straight.losses[4:]
+
+
 # ------------------------------------------------------------------------------------------ pyramid noise
 def kohya_pyramid_noise_like(noise, iterations, discount, rand):
     """kohya sd-scripts' pyramid_noise_like, with its `random.random()` and `torch.randn` taken from `rand`
@@ -268,6 +285,11 @@ def test_bad_values_name_the_key(key, value, match):
     section, name = key.split(".")
     with pytest.raises(ConfigError, match=match):
         TrainConfig.from_dict({section: {name: value}})
+
+
+def test_validation_is_for_diffusion_training():
+    with pytest.raises(ConfigError, match=r"\[validation\] is for train.task"):
+        TrainConfig.from_dict({"train": {"task": "vae"}, "validation": {"path": "x"}})
 
 
 # ------------------------------------------------------------------------------------------- validation

@@ -537,6 +537,8 @@ class TrainConfig:
             raise ConfigError("validation.path and validation.fraction are exclusive: give one")
         if v.every < 0:
             raise ConfigError(f"validation.every must be >= 0, got {v.every}")
+        if (v.every or v.path or v.fraction) and self.train.task != "diffusion":
+            raise ConfigError("[validation] is for train.task = \"diffusion\"")
         if v.every and not (v.path or v.fraction):
             raise ConfigError("validation.every needs validation.path or validation.fraction")
         if not v.timesteps:

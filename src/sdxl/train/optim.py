@@ -43,9 +43,13 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.opt
                               "lr_text_l, lr_text_g and block_lr")
         if not lrs:
             raise ConfigError("optim.name = prodigy: every learning rate is 0 (set optim.lr, usually 1)")
-        return Prodigy(groups, lr=lrs[0], betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                       d_coef=o.prodigy_d_coef, use_bias_correction=o.prodigy_use_bias_correction,
-                       safeguard_warmup=o.prodigy_safeguard_warmup)
+        opt = Prodigy(groups, lr=lrs[0], betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                      d_coef=o.prodigy_d_coef, use_bias_correction=o.prodigy_use_bias_correction,
+                      safeguard_warmup=o.prodigy_safeguard_warmup)
+        for g in opt.param_groups:  # keys step() only writes, present from the start so a resume loads them
+            g.setdefault("d_denom", 0.0)
+            g.setdefault("d_hat", g["d"])
+        return opt
     raise ConfigError(f"unknown optimizer {name!r}")
 
 
