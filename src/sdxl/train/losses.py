@@ -11,7 +11,9 @@
 
 x_t is exactly what the sampler feeds the UNet: in sigma space x = x0 + sigma * eps and the UNet sees
 c_in * x = (x0 + sigma eps) / sqrt(1 + sigma^2); with sigma^2 = (1 - abar) / abar that is the line above.
-w_t = 1, or the min-SNR-gamma weight min(SNR, gamma) / SNR (eps) or min(SNR, gamma) / (SNR + 1) (v).
+w_t = 1, or the min-SNR-gamma weight min(SNR, gamma) / SNR (eps) or min(SNR, gamma) / (SNR + 1) (v), times
+kohya's debiased estimation weight 1 / sqrt(SNR) (eps) or 1 / (SNR + 1) (v) when `loss.debiased_estimation` is
+on. With `loss.multires_noise_iterations` eps is kohya's pyramid noise (`pyramid_noise`).
 
 Every random number of a sample (posterior noise, timestep, noise, offset) comes from a generator seeded with
 (seed, optimizer step, epoch, dataset index), so results do not depend on how the global batch is split over
