@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from PIL import Image
 
 from sdxl.models.config import tiny_config
 from sdxl.models.text import TextEncoders
@@ -257,6 +258,21 @@ def test_browser_with_api_key(model_file, tmp_path):
             page.locator("#gallery .card .reuse").first.click()
             assert page.input_value("#pag_scale") == "2" and page.is_checked("#freeu")
             assert page.input_value("#eta") == "0.5"
+            # region masks for a prompt split by AND go with the request as images, in file-name order
+            masks = []
+            for i, box in enumerate([(0, 0, 64, 128), (64, 0, 128, 128)]):
+                mask = Image.new("L", (128, 128), 0)
+                mask.paste(255, box)
+                masks.append(tmp_path / f"mask{i}.png")
+                mask.save(masks[-1])
+            page.fill("#prompt", "a red circle AND a blue square")
+            page.set_input_files("#region_masks", [str(masks[1]), str(masks[0])])
+            page.click("#generate")
+            wait_js(page, "window.sdxl.events.filter(e => e.type === 'finished').length === 2", 300_000)
+            job = page.evaluate("window.sdxl.events.filter(e => e.type === 'finished')[1].job")
+            assert job["status"] == "done", job
+            assert [m.rsplit("-", 1)[1] for m in job["request"]["region_masks"]] == ["region0.png",
+                                                                                     "region1.png"]
             page.wait_for_function(
                 "(() => { const i = document.querySelector('#gallery .card img');"
                 " return i && i.complete && i.naturalWidth === 128; })()", timeout=30_000)

@@ -155,6 +155,17 @@ function readForm() {
   };
 }
 
+// Region masks for a prompt split by AND: one image per part, in file-name order, as data: URLs.
+async function readMasks() {
+  const files = Array.from($("region_masks").files || []).sort((a, b) => a.name.localeCompare(b.name));
+  return Promise.all(files.map((file) => new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error("cannot read " + file.name));
+    reader.readAsDataURL(file);
+  })));
+}
+
 // "Reuse these settings": put a finished job's request back into the form, with the image's own seed.
 function reuse(request, seed) {
   $("prompt").value = request.prompt || "";
@@ -324,7 +335,9 @@ async function start() {
     showError("");
     $("generate").disabled = true;
     try {
-      const job = await api("/jobs", { method: "POST", body: JSON.stringify(readForm()) });
+      const body = readForm();
+      body.region_masks = await readMasks();
+      const job = await api("/jobs", { method: "POST", body: JSON.stringify(body) });
       state.current = job.id;
       setBusy(true);
       showProgress(0, "queued");
