@@ -376,7 +376,7 @@ BAD_OPTIONS = [
     (["--lora", "no_such_lora:0.5"], "no_such_lora"),
     (["--seed", str(2**64)], "seed"),
     (["--clip-skip", "0"], "--clip-skip"),
-    (["--prediction", "x0"], "prediction"),
+    (["--prediction", "epsilon"], "prediction"),
 ]
 
 
