@@ -256,9 +256,9 @@ def test_a1111_txt2img_passes_and_through(client, pipe):
                               cfg=4.0, sampler="Euler")
     assert not np.array_equal(served, np.asarray(pipe.generate(plain).images[0].convert("RGB")))
 
-    # region masks are not taken over HTTP (a path would name a file on the server): the body refuses them
+    # region masks come over HTTP as images only: a server path is refused, naming the mask
     r = client.post("/jobs", json={"prompt": "a AND b", "region_masks": ["/etc/hostname", "x.png"]})
-    assert r.status_code == 422 and "region_masks" in r.text
+    assert r.status_code == 400 and "region_masks[0]" in r.json()["detail"]
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -113,7 +113,7 @@ def test_model_denoiser_timestep_modes(schedule):
     assert float(ModelDenoiser(None, schedule).timestep(sigma)) == pytest.approx(300.3, abs=1e-3)
     assert float(ModelDenoiser(None, schedule, quantize=True).timestep(sigma)) == 300.0
     with pytest.raises(ValueError):
-        ModelDenoiser(None, schedule, prediction="x0")
+        ModelDenoiser(None, schedule, prediction="sample")  # diffusers' word for x0: not ours
 
 
 # ------------------------------------------------------------------------------------------------ schedules
