@@ -160,7 +160,7 @@ def test_parse_a1111_16_and_old_combined_sampler():
     assert old["prompt"] == "castle on a hill\nline two of the prompt"
     assert old["negative_prompt"] == "fog\nmore fog"
     assert (old["sampler"], old["schedule"], old["cfg"]) == ("dpmpp_2m", "karras", 6.5)
-    assert (old["hires_width"], old["hires_height"], old["Hires prompt"]) == (1664, 2432, "castle, sharp")
+    assert (old["hires_width"], old["hires_height"], old["hires_prompt"]) == (1664, 2432, "castle, sharp")
     assert format_a1111(old).endswith(
         "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 42, "
         'Size: 832x1216, Model hash: 31e35c80fc, Hires prompt: "castle, sharp", '

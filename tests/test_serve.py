@@ -364,11 +364,14 @@ def test_cancelled_native_job_keeps_the_stopped_image(client, control, pipe):
 
 def test_a1111_connect_time_endpoints(client):
     """What SillyTavern, webuiapi and other clients call on connect, in A1111's shapes."""
-    for path in ("upscalers", "latent-upscale-modes", "sd-vae", "sd-modules", "prompt-styles",
-                 "face-restorers", "realesrgan-models", "hypernetworks"):
+    for path in ("sd-vae", "sd-modules", "prompt-styles", "face-restorers", "realesrgan-models",
+                 "hypernetworks"):
         r = client.get(f"/sdapi/v1/{path}")
         assert r.status_code == 200 and r.json() == [], path
-    builtin = ["freeu integrated", "perturbed attention guidance integrated"]  # Forge's, see test_serve_guidance
+    for path in ("upscalers", "latent-upscale-modes"):  # the hires fix's (contents: tests/test_hires.py)
+        r = client.get(f"/sdapi/v1/{path}")
+        assert r.status_code == 200 and r.json() and all("name" in x for x in r.json()), path
+    builtin = ["freeu integrated", "perturbed attention guidance integrated"]  # Forge's (test_serve_guidance)
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": builtin, "img2img": builtin}
     assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     flags = client.get("/sdapi/v1/cmd-flags").json()
@@ -637,7 +640,8 @@ def test_bad_native_requests_get_4xx_with_a_message(client, change, status, word
 @pytest.mark.parametrize(
     "body, words",
     [
-        ({"enable_hr": True}, "hires"),
+        ({"enable_hr": True, "hr_upscaler": "Magic"}, "hires_upscaler"),
+        ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, "hr_checkpoint_name"),
         ({"alwayson_scripts": {"controlnet": {"args": []}}}, "controlnet"),
         ({"sampler_name": "Magic"}, "unknown sampler"),
         ({"scheduler": "Wobbly"}, "unknown schedule"),

@@ -43,6 +43,7 @@ from .sampling.denoiser import DiscreteSchedule, ModelDenoiser, quantizes_timest
 from .sampling.guidance import Composable, guided_model, step_finder
 from .sampling.schedules import get_sigmas
 from .tokenizer import CLIPTokenizer
+from .upscale import is_latent, upscale_image, upscale_latents
 from .version import __version__
 from .watermark import apply_watermark
 from .weights.checkpoint import build_module, read_checkpoint, read_unet_override
@@ -426,7 +427,7 @@ __all__ = ["SDXL", "GenerationResult", "Interrupted", "NumericsError", "RequestE
 class Progress:
     """What a progress callback receives after each sampler step."""
 
-    stage: str  # "base", "refiner"
+    stage: str  # "base", "refiner", "hires"
     step: int  # 1-based within the stage
     total: int
     sigma: float
@@ -669,6 +670,9 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
             x = x.to(refiner.device)
             x = _run_sampler(refiner, rden, x, ref_sigmas, rreq, generator, "refiner", callback)
 
+    if req.hires:
+        x = hires_pass(pipe, req, x, seeds, callback)
+
     _check_finite(x, "the final latents")
     with pipe.on_device(pipe.vae):
         images = pipe.decode(x, tiled=req.vae_tiling)
@@ -681,6 +685,78 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
     result = GenerationResult(images=pil, latents=x, seeds=seeds, request=req)
     result.infos = [a1111_parameters(pipe, req, s, refiner) for s in seeds]
     return result
+
+
+def hires_request(req: GenerationRequest) -> GenerationRequest:
+    """The hires fix's second pass as a request of its own: img2img at the upscaled size, with the hires
+    steps (0: the first pass's), strength, sampler, schedule and prompts (None: the first pass's)."""
+    _, _, width, height = req.hires_size()
+    return replace(
+        req,
+        width=width,
+        height=height,
+        steps=req.hires_steps or req.steps,
+        strength=req.hires_strength,
+        sampler=req.hires_sampler or req.sampler,
+        schedule=req.hires_schedule or req.schedule,
+        prompt=req.prompt if req.hires_prompt is None else req.hires_prompt,
+        negative_prompt=(req.negative_prompt if req.hires_negative_prompt is None
+                         else req.hires_negative_prompt),
+        hires_scale=0.0, hires_width=0, hires_height=0,
+    )
+
+
+def hires_latents(pipe: SDXL, req: GenerationRequest, x: torch.Tensor, gens: list[torch.Generator]):
+    """The first pass's latents `x` upscaled for the second pass, as A1111's hires fix: a latent mode
+    interpolates the latents to the upscaled size; a pixel upscaler decodes, upscales the image, resizes it
+    to the upscaled size (Lanczos) where the upscaler's own factor missed it, and encodes it again (a
+    posterior sample from `gens`, as img2img). Then the excess over the target box is cropped, centred."""
+    up_w, up_h, width, height = req.hires_size()
+    f = pipe.config.vae.downscale
+    if is_latent(req.hires_upscaler):
+        up = upscale_latents(x.float(), req.hires_upscaler, (up_h // f, up_w // f)).to(x.dtype)
+    else:
+        with pipe.on_device(pipe.vae):
+            images = pipe.decode(x, tiled=req.vae_tiling)
+        _check_finite(images, "the first pass's images")
+        size = (up_w // f * f, up_h // f * f)
+        pixels = []
+        for im in to_pil(images):
+            big = upscale_image(im, req.hires_upscaler, up_w / req.width)
+            pixels.append(from_pil(big, *size))  # Lanczos to the exact size where needed
+        with pipe.on_device(pipe.vae):
+            up = pipe.encode(torch.cat(pixels).to(pipe.device), generator=gens, sample=True)
+        _check_finite(up, "the VAE encoder output (the upscaled image's latents)")
+    th, tw = up.shape[2] - height // f, up.shape[3] - width // f
+    return up[:, :, th // 2 : th // 2 + height // f, tw // 2 : tw // 2 + width // f]
+
+
+def hires_sigmas(pipe: SDXL, hreq: GenerationRequest) -> torch.Tensor:
+    """The second pass's schedule, as A1111 runs a hires pass (img2img with its steps given): exactly
+    `hreq.steps` steps, the last ones of a schedule of int(steps / min(strength, 0.999)) steps."""
+    n = hreq.steps
+    return pipe.sigmas_for(hreq, int(n / min(hreq.strength, 0.999)))[-(n + 1):].to(pipe.device)
+
+
+def hires_pass(pipe: SDXL, req: GenerationRequest, x: torch.Tensor, seeds: list[int], callback=None):
+    """The hires fix's second pass on the first pass's latents `x`: upscale (`hires_latents`), then img2img
+    at the upscaled size (`hires_request`) with the base model. Each seed's CPU generator draws, in order,
+    the upscaled image's posterior sample (pixel upscalers only), then the unit noise; the first seed's
+    generator goes on to the sampler, as in `prepare_latents`. x = upscaled + noise * sigma_0, sigma_0 the
+    first of `hires_sigmas`. Progress reports as the stage "hires"."""
+    hreq = hires_request(req)
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    init = hires_latents(pipe, req, x, gens)
+    with pipe.on_device(pipe.text):
+        cond, uncond = pipe.text_conditioning(hreq, len(seeds))
+    _check_conditioning(cond, uncond, "base")
+    sigmas = hires_sigmas(pipe, hreq)
+    noise = _randn(gens, tuple(init.shape[1:]), pipe.device)
+    x = init.to(noise) + noise * sigmas[0]
+    with guidance_variants(pipe.unet, hreq) as pag_state:
+        denoiser = pipe.make_denoiser(cond, uncond, hreq, sigmas, pag_state=pag_state)
+        with pipe.on_device(pipe.unet):
+            return _run_sampler(pipe, denoiser, x, sigmas, hreq, gens[0], "hires", callback)
 
 
 @contextlib.contextmanager

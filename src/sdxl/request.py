@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import upscale
 from .errors import RequestError
 from .models.pag_layers import parse_layer, split_layers
 from .prompts import PromptError, compose_prompts
@@ -121,6 +122,23 @@ class GenerationRequest:
         help="One mask per AND sub-prompt (paths or images; white = that sub-prompt applies there; where "
         "no mask covers a pixel the first sub-prompt applies; overlaps share). CLI: repeat --region-mask.",
         flags=("--region-mask",), default_factory=tuple)
+    # --- hires fix (A1111's two passes: txt2img at the size, upscale, img2img at the larger size) ---
+    hires_scale: float = _f(0.0, "Hires fix: upscale the first pass by this factor, then run a second "
+                            "img2img pass (0 = off; A1111's hr_scale).")
+    hires_width: int = _f(0, "Hires fix: upscale to this width instead of by a scale (A1111's hr_resize_x; "
+                          "0 = from the height's ratio).")
+    hires_height: int = _f(0, "Hires fix: upscale to this height (A1111's hr_resize_y; 0 = from the width).")
+    hires_upscaler: str = _f("Latent", "Hires fix upscaler: Latent, Latent (antialiased), Latent (bicubic), "
+                             "Latent (bicubic antialiased), Latent (nearest), Latent (nearest-exact), "
+                             "None, Lanczos, Nearest.")
+    hires_steps: int = _f(0, "Hires fix: steps the second pass runs (0 = --steps), as A1111: the last ones "
+                          "of a schedule of steps / strength.")
+    hires_strength: float = _f(0.7, "Hires fix: the second pass's denoising strength (0..1].")
+    hires_sampler: str | None = _f(None, "Hires fix: the second pass's sampler (default: --sampler).")
+    hires_schedule: str | None = _f(None, "Hires fix: the second pass's schedule (default: --schedule).")
+    hires_prompt: str | None = _f(None, "Hires fix: the second pass's prompt (default: the prompt).")
+    hires_negative_prompt: str | None = _f(None, "Hires fix: the second pass's negative prompt (default: the "
+                                           "negative prompt).")
 
     def __post_init__(self):
         # lists and dicts (JSON, pydantic's model_dump, callers) become a tuple of LoraSpec: the request is
@@ -150,6 +168,32 @@ class GenerationRequest:
             ct = ct if self.negative_crop_top is None else self.negative_crop_top
             cl = cl if self.negative_crop_left is None else self.negative_crop_left
         return {"original_size": (oh, ow), "crop_top_left": (ct, cl), "target_size": (th, tw)}
+
+    @property
+    def hires(self) -> bool:
+        """Whether the hires fix runs (a scale, or a target width or height)."""
+        return self.hires_scale > 0 or self.hires_width > 0 or self.hires_height > 0
+
+    def hires_size(self) -> tuple[int, int, int, int]:
+        """(width, height) the first pass is upscaled to, then the (width, height) of the final image, for a
+        request with width and height set. As A1111's `calculate_target_resolution`: by a scale, int(side *
+        scale); to one given side, the other from the aspect ratio (floor division); to both, the upscale
+        covers the box keeping the aspect ratio and the excess is cropped (centred). Sides are cut to whole
+        latents (multiples of 8) as A1111 does: side // 8, less the crop's (up - box) // 8."""
+        w, h, rx, ry = self.width, self.height, self.hires_width, self.hires_height
+        if not rx and not ry:
+            up = (int(w * self.hires_scale), int(h * self.hires_scale))
+            box = up
+        elif not ry:
+            up = box = (rx, rx * h // w)
+        elif not rx:
+            up = box = (ry * w // h, ry)
+        else:
+            up = (rx, rx * h // w) if w / h < rx / ry else (ry * w // h, ry)
+            box = (rx, ry)
+        # in latent units, A1111 crops (up - box) // 8 from up // 8
+        final = [(u // 8 - (u - b) // 8) * 8 for u, b in zip(up, box)]
+        return up[0], up[1], final[0], final[1]
 
     def validate(self, limits: Limits | None = None) -> GenerationRequest:
         """Raise RequestError naming the first bad field. Changes nothing; returns self for chaining.
@@ -247,6 +291,7 @@ class GenerationRequest:
             _range(name, getattr(self, name), -10.0, 10.0)
         _check_subprompts(self)
         _sampler_and_schedule(self.sampler, self.schedule, False)
+        _check_hires(self, lim)
         return self
 
     def resolve(self, config: Any = None, limits: Limits | None = None) -> GenerationRequest:
@@ -266,8 +311,14 @@ class GenerationRequest:
             zsnr = bool(getattr(config, "zero_terminal_snr", False))
         sampler, schedule = _sampler_and_schedule(self.sampler, self.schedule, zsnr,
                                                   getattr(config, "edm", None) is not None)
+        hires = {}
+        if self.hires_sampler is not None or self.hires_schedule is not None:
+            hires["hires_sampler"], hires["hires_schedule"] = _sampler_and_schedule(
+                self.hires_sampler or self.sampler, self.hires_schedule or self.schedule, zsnr,
+                getattr(config, "edm", None) is not None)
         out = dataclasses.replace(
             self,
+            **hires,
             width=self.width or native,
             height=self.height or native,
             sampler=sampler,
@@ -317,9 +368,11 @@ def _lora(x: Any) -> LoraSpec:
 
 
 # The limits of what a request may hold besides `Limits` (which a server configures).
-TEXT_FIELDS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")  # each up to max_prompt_chars
+TEXT_FIELDS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "hires_prompt",
+               "hires_negative_prompt")  # each up to max_prompt_chars
 NAME_FIELDS = ("sampler", "schedule", "emphasis", "refiner_mode", "prediction", "model", "refiner",
-               "pag_layers")
+               "pag_layers", "hires_upscaler", "hires_sampler", "hires_schedule")
+MAX_HIRES_SCALE = 8.0
 MAX_NAME_CHARS = 1024  # names and paths
 MAX_LORAS = 64
 MAX_SUBPROMPTS = 32  # AND parts of one prompt
@@ -418,6 +471,38 @@ def _check_subprompts(req: GenerationRequest) -> None:
             _text(f"region_masks[{i}]", m, MAX_NAME_CHARS)
         elif m is None or isinstance(m, (bool, int, float, dict, list, tuple)):
             raise RequestError(f"region_masks[{i}]: {show_value(m)} is not an image or a path")
+
+
+def _check_hires(req: GenerationRequest, lim: Limits) -> None:
+    """The hires-fix fields: ranges, a known upscaler and sampler, and the upscaled size within the pixel
+    limit (once the first pass's size is known)."""
+    _range("hires_scale", req.hires_scale, 0.0, MAX_HIRES_SCALE)
+    for name in ("hires_width", "hires_height"):
+        v = getattr(req, name)
+        if v != 0 and not 8 <= v <= MAX_MICRO_SIZE:
+            raise RequestError(f"{name}: {v} is outside 8..{MAX_MICRO_SIZE} (or 0 for none)")
+    if not 0 <= req.hires_steps <= lim.max_steps:
+        raise RequestError(f"hires_steps: {req.hires_steps} is outside 0..{lim.max_steps} (0 = steps)")
+    _range("hires_strength", req.hires_strength, 0.01, 1.0)
+    if not upscale.is_upscaler(req.hires_upscaler):
+        raise RequestError(f"hires_upscaler: {show_value(req.hires_upscaler)} is not an upscaler (known: "
+                           f"{', '.join(upscale.upscaler_names())})")
+    if req.hires_sampler is not None or req.hires_schedule is not None:
+        _sampler_and_schedule(req.hires_sampler or req.sampler, req.hires_schedule or req.schedule, False)
+    if not req.hires:
+        return
+    if req.init_image is not None:
+        raise RequestError("hires_scale: the hires fix is a txt2img pass; leave out init_image (or the hires "
+                           "fields)")
+    if req.width is None or req.height is None:
+        return  # checked again by `resolve` with the model's size
+    uw, uh, fw, fh = req.hires_size()
+    which = "hires_width/hires_height" if req.hires_width or req.hires_height else "hires_scale"
+    if min(fw, fh) < 8:
+        raise RequestError(f"{which}: the upscaled size {uw}x{uh} is under 8 pixels a side")
+    if max(uw * uh, fw * fh) > lim.max_pixels:
+        raise RequestError(f"{which}: the upscaled size {uw}x{uh} = {uw * uh} pixels, the limit is "
+                           f"{lim.max_pixels}")
 
 
 def _range(name: str, v: float, lo: float, hi: float) -> None:

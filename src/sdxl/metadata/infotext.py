@@ -70,6 +70,8 @@ _SIMPLE_FIELDS: dict[str, tuple[str, type]] = {
     "VAE hash": ("vae_hash", str),
     "VAE": ("vae", str),
     "Hires upscaler": ("hires_upscaler", str),
+    "Hires prompt": ("hires_prompt", str),
+    "Hires negative prompt": ("hires_negative_prompt", str),
     "RNG": ("rng", str),
     "Emphasis": ("emphasis", str),
     "PAG scale": ("pag_scale", float),
@@ -164,6 +166,10 @@ def _fields(params: dict[str, Any]) -> dict[str, str]:
             out["Sampler"] = sampler_label(str(value))
         elif key == "schedule":
             out["Schedule type"] = schedule_label(str(value))
+        elif key == "hires_sampler":
+            out["Hires sampler"] = sampler_label(str(value))
+        elif key == "hires_schedule":
+            out["Hires schedule type"] = schedule_label(str(value))
         elif key == "refiner":
             refiner_hash = params.get("refiner_hash")
             out["Refiner"] = f"{value} [{refiner_hash}]" if refiner_hash else str(value)
@@ -327,6 +333,12 @@ def parse_a1111(text: str) -> dict[str, Any]:
                 out["schedule"] = schedule
         elif label == "Schedule type":
             out.setdefault("schedule", parse_schedule_label(value))
+        elif label == "Hires sampler":
+            out["hires_sampler"], schedule = parse_sampler_label(value)
+            if schedule is not None:
+                out["hires_schedule"] = schedule
+        elif label == "Hires schedule type":
+            out.setdefault("hires_schedule", parse_schedule_label(value))
         elif label == "Refiner":
             out["refiner"], refiner_hash = _split_refiner(value)
             if refiner_hash is not None:
@@ -401,7 +413,9 @@ def request_infotext(
 
     The request gives the prompts, steps, sampler, schedule, CFG scale (and CFG rescale phi when set), PAG
     scale and layers and FreeU's b1 b2 s1 s2 (when on), size,
-    clip skip, denoising strength (img2img and inpainting only) and the refiner switch (ensemble mode only).
+    clip skip, denoising strength (img2img and inpainting; the hires pass's with the hires fix), the hires
+    fix's upscale or resize, steps, upscaler, sampler and prompts (A1111's labels) and the refiner switch
+    (ensemble mode only).
     Its LoRAs are appended to the prompt as `<lora:name:weight>` tags, named by their file stem, unless the
     prompt already names them, as A1111 keeps LoRAs in the prompt. The rest is what only the caller knows:
     `seed` (this image's; default the request's), the checkpoint's `model` name and `model_hash`
@@ -434,6 +448,21 @@ def request_infotext(
     }
     if get("pag_scale"):
         params["pag_scale"], params["pag_layers"] = get("pag_scale"), get("pag_layers")
+    if get("hires_scale") or get("hires_width") or get("hires_height"):  # A1111's hires-fix fields
+        if get("hires_width") or get("hires_height"):
+            params["hires_width"], params["hires_height"] = get("hires_width") or 0, get("hires_height") or 0
+        else:
+            params["hires_upscale"] = get("hires_scale")
+        params["hires_steps"] = get("hires_steps") or None
+        params["hires_upscaler"] = get("hires_upscaler")
+        params["denoising_strength"] = get("hires_strength")
+        if get("hires_sampler") and get("hires_sampler") != get("sampler"):
+            params["hires_sampler"] = get("hires_sampler")
+        if get("hires_schedule") and get("hires_schedule") != get("schedule"):
+            params["hires_schedule"] = get("hires_schedule")
+        for key, first in (("hires_prompt", "prompt"), ("hires_negative_prompt", "negative_prompt")):
+            if get(key) is not None and get(key) != get(first):
+                params[key] = get(key)
     if get("freeu"):
         params["freeu"] = tuple(get(f"freeu_{k}") for k in _FREEU_KEYS)
     if refiner:

@@ -18,10 +18,12 @@ Mapping to `GenerationRequest`:
   and the web UI), and `info` reports what ran |
   eta | refiner_checkpoint + refiner_switch_at | denoising_strength -> strength (img2img) |
   init_images[0], mask, mask_blur, inpainting_mask_invert (img2img) | override_settings:
-  sd_model_checkpoint (a model name in the models folder) and CLIP_stop_at_last_layers -> clip_skip.
+  sd_model_checkpoint (a model name in the models folder) and CLIP_stop_at_last_layers -> clip_skip |
+  enable_hr: hr_scale or hr_resize_x/y, hr_upscaler, hr_second_pass_steps, denoising_strength,
+  hr_sampler_name, hr_scheduler, hr_prompt, hr_negative_prompt -> the hires_* fields (`_hires_fields`).
 
 Features this server does not have are refused with 400 and a message rather than silently ignored,
-because the client would get a different picture than it asked for: hires fix (`enable_hr`), scripts,
+because the client would get a different picture than it asked for: scripts,
 `alwayson_scripts` other than Forge's built-in "FreeU Integrated" (args [enabled, b1, b2, s1, s2]) and
 "Perturbed Attention Guidance Integrated" (args [enabled, scale]; the middle block), which map onto the
 request's freeu* and pag_* fields (ControlNet and other extensions are refused), variation seeds
@@ -54,6 +56,7 @@ from fastapi import APIRouter, Header, HTTPException, Query
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import upscale
 from ..errors import RequestError
 from ..metadata import parse_a1111
 from ..request import MAX_CLIP_SKIP, MAX_MASK_BLUR, GenerationRequest, show_value
@@ -192,6 +195,7 @@ _LABELS = {
     "vae_hash": "VAE hash", "vae": "VAE", "rng": "RNG", "emphasis": "Emphasis", "version": "Version",
     "user": "User",
     "hires_steps": "Hires steps", "hires_upscale": "Hires upscale", "hires_upscaler": "Hires upscaler",
+    "hires_prompt": "Hires prompt", "hires_negative_prompt": "Hires negative prompt",
 }  # fmt: skip
 
 
@@ -205,6 +209,10 @@ def a1111_labels(parsed: dict[str, Any]) -> dict[str, Any]:
             out["Sampler"] = A1111_SAMPLER_NAMES.get(value, value)
         elif key == "schedule":
             out["Schedule type"] = A1111_SCHEDULE_NAMES.get(value, value)
+        elif key == "hires_sampler":
+            out["Hires sampler"] = A1111_SAMPLER_NAMES.get(value, value)
+        elif key == "hires_schedule":
+            out["Hires schedule type"] = A1111_SCHEDULE_NAMES.get(value, value)
         elif key in ("width", "height"):
             out["Size-1" if key == "width" else "Size-2"] = value
         elif key in ("hires_width", "hires_height"):
@@ -249,9 +257,35 @@ FORGE_SCRIPT_TITLES = ("FreeU Integrated", "Perturbed Attention Guidance Integra
 FORGE_SCRIPTS = {"freeu integrated": _forge_freeu, "perturbed attention guidance integrated": _forge_pag}
 
 
+def _hires_fields(body: Txt2ImgBody) -> dict[str, Any]:
+    """A1111's hires-fix fields -> the request's: hr_resize_x/y (0 = none) or else hr_scale, hr_upscaler
+    (none: "Latent", A1111's default mode), hr_second_pass_steps (0 = the first pass's), denoising_strength
+    (none: 0.7), hr_sampler_name / hr_scheduler ("Use same ..." or none: the first pass's), hr_prompt /
+    hr_negative_prompt ("": the first pass's)."""
+    out: dict[str, Any] = {"hires_upscaler": body.hr_upscaler or "Latent",
+                           "hires_steps": body.hr_second_pass_steps}
+    if body.hr_resize_x or body.hr_resize_y:
+        out["hires_width"], out["hires_height"] = body.hr_resize_x, body.hr_resize_y
+    else:
+        out["hires_scale"] = body.hr_scale
+    if body.denoising_strength is not None:
+        out["hires_strength"] = body.denoising_strength
+    if body.hr_sampler_name and body.hr_sampler_name != "Use same sampler":
+        out["hires_sampler"] = body.hr_sampler_name
+    if body.hr_scheduler and body.hr_scheduler != "Use same scheduler":
+        out["hires_schedule"] = "automatic" if is_automatic(body.hr_scheduler) else body.hr_scheduler
+    if body.hr_prompt:
+        out["hires_prompt"] = body.hr_prompt
+    if body.hr_negative_prompt:
+        out["hires_negative_prompt"] = body.hr_negative_prompt
+    return out
+
+
 def _refuse_unsupported(body: _A1111Body) -> None:
-    if getattr(body, "enable_hr", False):
-        raise RequestError("enable_hr: hires fix is not supported by this server")
+    hr_checkpoint = getattr(body, "hr_checkpoint_name", None)
+    if getattr(body, "enable_hr", False) and hr_checkpoint and hr_checkpoint != "Use same checkpoint":
+        raise RequestError(f"hr_checkpoint_name: {show_value(hr_checkpoint)}; the hires pass runs on the "
+                           "first pass's model here (send 'Use same checkpoint' or leave it out)")
     if body.script_name:
         raise RequestError(f"script_name: scripts are not supported ({body.script_name!r})")
     unknown = sorted(k for k in body.alwayson_scripts if k.strip().lower() not in FORGE_SCRIPTS)
@@ -334,6 +368,8 @@ class A1111:
             changes["refiner"] = strip_title(body.refiner_checkpoint)
             if body.refiner_switch_at is not None:
                 changes["refiner_switch"] = body.refiner_switch_at
+        if getattr(body, "enable_hr", False):
+            changes.update(_hires_fields(body))
         return GenerationRequest(
             prompt=body.prompt,
             negative_prompt=body.negative_prompt or None,
@@ -636,13 +672,14 @@ def make_router(service: Service) -> APIRouter:
 
     @r.get("/upscalers")
     def upscalers() -> list[dict[str, Any]]:
-        """Upscaler models: none (hires fix and the extras tab are not supported)."""
-        return []
+        """The pixel upscalers a hires fix may name (None, Lanczos, Nearest, ...), in A1111's shape."""
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for name in upscale.pixel_upscaler_names()]
 
     @r.get("/latent-upscale-modes")
     def latent_upscale_modes() -> list[dict[str, Any]]:
-        """Hires fix's latent modes: none (hires fix is not supported)."""
-        return []
+        """The hires fix's latent modes ("Latent", "Latent (bicubic antialiased)", ...), in A1111's shape."""
+        return [{"name": name} for name in upscale.LATENT_MODES]
 
     @r.get("/face-restorers")
     def face_restorers() -> list[dict[str, Any]]:
