@@ -25,7 +25,7 @@ import typer
 
 from .assets import DEFAULT_NAME, default_model_path
 from .errors import BadName, CheckpointError, Interrupted, NameNotFound, NumericsError, RequestError
-from .files import resolve_in_folder
+from .files import atomic_write_bytes, resolve_in_folder
 from .metadata import read_info, write_png
 from .request import GenerationRequest, LoraSpec, RunOptions, iteration_seeds
 from .version import __version__
@@ -547,6 +547,52 @@ def info(image: Path = typer.Argument(..., help="A PNG from sdxl, A1111, ComfyUI
     except OSError:
         pass
     typer.echo(json.dumps({k: v for k, v in data.items() if k != "raw"}, indent=2, default=str))
+
+
+@app.command()
+def upscale(
+    image: Path = typer.Argument(..., help="The image to upscale."),
+    model: Path = typer.Option(..., "--model", help="Upscaler file (.safetensors, or .pth/.pt state dict)."),
+    scale: float | None = typer.Option(None, help="Upscale by this factor (default: the model's)."),
+    tile: int = typer.Option(512, help="Tile size in input pixels (0: no tiling)."),
+    out: Path = typer.Option(Path("."), "--out", help="Output folder."),
+    device: str | None = typer.Option(None, help="cuda, cuda:1, mps or cpu (default: cuda if available)."),
+    dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
+):
+    """Upscale an image with a model upscaler (ESRGAN, Real-ESRGAN, SwinIR, ...; needs sdxl[upscale])."""
+    from PIL import Image  # lazy: Pillow and torch load only for commands that run a model
+
+    from .upscale_models import load_upscaler, png_bytes, text_chunks, upscaled_chunks  # lazy: torch
+
+    if not image.is_file():
+        fail(f"{image}: no such file")
+    if scale is not None and not 0 < scale <= 16:
+        fail(f"--scale {scale}: must be above 0 and at most 16")
+    if tile < 0:
+        fail(f"--tile {tile}: must be 0 (no tiling) or a tile size in pixels")
+    dt = _dtype(dtype)
+    try:
+        up = load_upscaler(model, _device(device), dt)
+    except CheckpointError as e:
+        fail(str(e))
+    try:
+        with Image.open(image) as im:
+            im.load()
+            src = im
+    except OSError as e:
+        fail(f"{image}: not an image ({e})")
+    by = scale if scale is not None else float(up.scale)
+
+    def progress(done: int, total: int) -> None:
+        if total > 1:
+            typer.echo(f"tile {done}/{total}", err=True)
+
+    result = up.upscale(src, by, tile=tile, progress=progress)
+    data = png_bytes(result, upscaled_chunks(text_chunks(src), up.name, by))
+    dest = out / f"{image.stem}-{up.name}-x{by:g}.png"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(dest, data)
+    typer.echo(str(dest))
 
 
 @data_app.command("shapes")

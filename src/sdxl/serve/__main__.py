@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loras-dir", type=Path, help="folder of LoRA files (default: MODELS_DIR/loras)")
     p.add_argument("--embeddings-dir", type=Path,
                    help="folder of textual-inversion embeddings (default: MODELS_DIR/embeddings)")
+    p.add_argument("--upscalers-dir", type=Path,
+                   help="folder of model upscaler files, ESRGAN and kin (default: MODELS_DIR/upscalers)")
     p.add_argument("--data-dir", type=Path, help="job database and images (default: the user data folder, "
                    "e.g. ~/.local/share/sdxl); one server per folder: a second one on it exits with an error")
     p.add_argument("--api-key", default=os.environ.get("SDXL_API_KEY"),
@@ -76,7 +78,7 @@ def settings_from_args(ns: argparse.Namespace) -> ServeSettings:
     return ServeSettings(
         host=ns.host, port=ns.port, model=ns.model, models_dir=ns.models_dir, loras_dir=ns.loras_dir,
         embeddings_dir=ns.embeddings_dir, data_dir=ns.data_dir, api_key=ns.api_key, device=ns.device,
-        dtype=ns.dtype,
+        dtype=ns.dtype, upscalers_dir=ns.upscalers_dir,
         limits=Limits(max_pixels=ns.max_pixels, max_steps=ns.max_steps, max_batch=ns.max_batch,
                       max_prompt_chars=ns.max_prompt_chars),
         max_images_per_job=ns.max_images_per_job, max_body_bytes=int(ns.max_body_mb * 2**20),

@@ -34,9 +34,10 @@ Control: /progress (with a live preview), /interrupt (the job ends; its answer i
 decoded from where sampling was, as A1111 does) and /skip (the current image stops and is kept, the next
 iteration runs). Listings clients call when they connect answer in A1111's shapes with what this server
 has: sd-models (each checkpoint once, refiners after base models), samplers, schedulers, loras, embeddings
-(the textual inversions of the embeddings folder), options, cmd-flags, memory, and empty lists for upscalers,
-latent-upscale-modes, sd-vae, sd-modules, prompt-styles, face-restorers, realesrgan-models, hypernetworks
-and scripts.
+(the textual inversions of the embeddings folder), options, cmd-flags, memory, upscalers (None, Lanczos,
+Nearest and the model upscaler files of the upscalers folder), latent-upscale-modes, and empty lists for
+sd-vae, sd-modules, prompt-styles, face-restorers, realesrgan-models, hypernetworks and scripts.
+`extra-single-image` upscales one image (the extras tab's upscaler; see `upscalers.py`).
 """
 
 from __future__ import annotations
@@ -62,11 +63,13 @@ from ..metadata import parse_a1111
 from ..request import MAX_CLIP_SKIP, MAX_MASK_BLUR, GenerationRequest, show_value
 from ..sampling import SAMPLER_INFO, SCHEDULES
 from ..sampling.names import A1111_SAMPLER_NAMES, A1111_SCHEDULE_NAMES, is_automatic
+from ..upscale_models import png_bytes
 from ..version import __version__
 from .jobs import JobNotFinished, check_idempotency_key, request_digest
 from .previews import encode_image
 from .service import Service
 from .store import CANCELLED, DONE, TERMINAL, Job
+from .upscalers import UpscalerHost
 
 MAX_OPTIONS = 1000  # option keys kept (A1111 clients post back the whole options dict)
 MAX_OPTION_TEXT = 1024  # characters of an option this server does not use
@@ -179,6 +182,29 @@ class PngInfoBody(BaseModel):
     model_config = ConfigDict(strict=True)
 
     image: str = Field(..., description="base64 PNG (a data: URL is fine)")
+
+
+class ExtrasSingleImageBody(BaseModel):
+    """A1111's extras tab for one image: upscaling only (face restoration and a second upscaler are
+    refused when their visibility is above 0). resize_mode 0: by `upscaling_resize`; 1: to
+    `upscaling_resize_w` x `upscaling_resize_h` (scaled to cover it, cropped to it when `upscaling_crop`)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    image: str = Field(..., description="base64 image (a data: URL is fine)")
+    resize_mode: int = 0
+    show_extras_results: bool = True
+    gfpgan_visibility: float = 0.0
+    codeformer_visibility: float = 0.0
+    codeformer_weight: float = 0.0
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = 0.0
+    upscale_first: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -520,6 +546,7 @@ def _read_png_text(data_b64: str, service: Service) -> tuple[str, dict[str, Any]
 def make_router(service: Service) -> APIRouter:
     api = A1111(service)
     manager = service.manager
+    upscaler_host = UpscalerHost(service.settings)
     r = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 
     def idempotency(route: str, body: _A1111Body, key: str | None) -> tuple[str, str] | None:
@@ -672,9 +699,39 @@ def make_router(service: Service) -> APIRouter:
 
     @r.get("/upscalers")
     def upscalers() -> list[dict[str, Any]]:
-        """The pixel upscalers a hires fix may name (None, Lanczos, Nearest, ...), in A1111's shape."""
-        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-                for name in upscale.pixel_upscaler_names()]
+        """The pixel upscalers (None, Lanczos, Nearest: what a hires fix may name), then the model upscaler
+        files of the upscalers folder (what extra-single-image may name), in A1111's shape."""
+        return upscaler_host.listing()
+
+    @r.post("/extra-single-image")
+    def extra_single_image(body: ExtrasSingleImageBody) -> dict[str, Any]:
+        """Upscale one image (A1111's extras tab). Runs at once in this request on the server's device, one
+        upscale at a time (not through the job queue). The answer's PNG keeps the upload's text chunks and
+        appends A1111's "Postprocess upscale by / upscaler" fields to its infotext; `html_info` holds them."""
+        for field in ("gfpgan_visibility", "codeformer_visibility", "extras_upscaler_2_visibility"):
+            if getattr(body, field) > 0:
+                raise RequestError(f"{field}: face restoration and a second upscaler are not supported")
+        image = service.decode_image(body.image, "image")
+        params, chunks = _read_png_text(body.image, service)
+        w, h = image.size
+        if body.resize_mode == 0:
+            by = body.upscaling_resize
+        elif body.resize_mode == 1:
+            tw, th = body.upscaling_resize_w, body.upscaling_resize_h
+            if tw < 1 or th < 1:
+                raise RequestError("upscaling_resize_w, upscaling_resize_h: must be at least 1")
+            by = max(tw / w, th / h)
+        else:
+            raise RequestError(f"resize_mode: {body.resize_mode} is not 0 (scale by) or 1 (scale to)")
+        out, extras = upscaler_host.upscale(image, body.upscaler_1, by,
+                                            max_pixels=service.max_upload_pixels())
+        if body.resize_mode == 1 and body.upscaling_crop and out.size != (tw, th):
+            left, top = (out.width - tw) // 2, (out.height - th) // 2
+            out = out.crop((left, top, left + tw, top + th))
+        chunks = {k: v for k, v in chunks.items() if isinstance(v, str) and k != "parameters"}
+        chunks["parameters"] = f"{params}, {extras}" if params else extras
+        data = png_bytes(out, chunks)
+        return {"html_info": extras, "image": base64.b64encode(data).decode("ascii")}
 
     @r.get("/latent-upscale-modes")
     def latent_upscale_modes() -> list[dict[str, Any]]:

@@ -135,11 +135,11 @@ class ModelHost:
         if root is None or not root.is_dir():
             return []
         root = root.resolve()
-        loras = self.settings.loras_dir.resolve() if self.settings.loras_dir else None
+        skip = [d.resolve() for d in (self.settings.loras_dir, self.settings.upscalers_dir) if d]
         found: list[Path] = []
         for p in sorted(root.rglob("*")):
             real = p.resolve()
-            if root not in real.parents or (loras is not None and (real == loras or loras in real.parents)):
+            if root not in real.parents or any(real == d or d in real.parents for d in skip):
                 continue
             in_diffusers_folder = p.parent.name in _DIFFUSERS_PARTS
             if p.is_file() and p.suffix == ".safetensors" and not in_diffusers_folder:

@@ -57,6 +57,8 @@ class ServeSettings:
     loras_dir: folder of LoRA files; default `<models_dir>/loras`.
     embeddings_dir: folder of textual-inversion embeddings (safetensors with `clip_l` and `clip_g`), loaded
         into every model; prompts use them by file stem. Default `<models_dir>/embeddings`.
+    upscalers_dir: folder of model upscaler files (ESRGAN and kin, `.safetensors` / `.pth` / `.pt` state
+        dicts) for A1111's upscaler routes; default `<models_dir>/upscalers`.
     data_dir: job database and images; default `default_data_dir()`. One server at a time: it holds the
         folder's lock (`datalock.py`) while it runs, and a second one on the same folder refuses to start.
     api_key: when set, every route except the static web-UI files needs it (see `app.py`).
@@ -92,6 +94,7 @@ class ServeSettings:
     models_dir: Path | None = None
     loras_dir: Path | None = None
     embeddings_dir: Path | None = None
+    upscalers_dir: Path | None = None
     data_dir: Path | None = None
     api_key: str | None = None
     device: str | None = None
@@ -112,7 +115,7 @@ class ServeSettings:
     warmup: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("models_dir", "loras_dir", "embeddings_dir", "data_dir"):
+        for name in ("models_dir", "loras_dir", "embeddings_dir", "upscalers_dir", "data_dir"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, Path):
                 setattr(self, name, Path(v))
@@ -120,6 +123,8 @@ class ServeSettings:
             self.loras_dir = self.models_dir / "loras"
         if self.embeddings_dir is None and self.models_dir is not None:
             self.embeddings_dir = self.models_dir / "embeddings"
+        if self.upscalers_dir is None and self.models_dir is not None:
+            self.upscalers_dir = self.models_dir / "upscalers"
         if self.api_key is not None and not self.api_key.strip():
             self.api_key = None
         if self.preview not in PREVIEW_MODES:
