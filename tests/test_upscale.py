@@ -1,6 +1,7 @@
 """Model upscalers through spandrel (`sdxl.upscale_models`), the `sdxl upscale` command and the A1111
 upscaler routes, on tiny random-weight models built with spandrel's own architecture classes: ESRGAN
-(RRDBNet, one block, 8 features, x2) and Real-ESRGAN Compact (SRVGGNetCompact, two convs, x4)."""
+(RRDBNet, one block, 8 features, x2), Real-ESRGAN Compact (SRVGGNetCompact, two convs, x4) and SwinIR (one
+stage, 12 features, x2)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import base64
 import io
 import json
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from safetensors.torch import save_file
 from spandrel import ModelLoader  # the `upscale` extra (the `test` extra includes it)
 from spandrel.architectures.Compact import Compact
 from spandrel.architectures.ESRGAN import ESRGAN
+from spandrel.architectures.SwinIR import SwinIR
 from typer.testing import CliRunner
 
 from sdxl.cli import app
@@ -127,7 +130,8 @@ def test_a_pickle_that_is_not_a_state_dict_is_refused_without_running_it(tmp_pat
             read_state_dict(p)
         msg = str(e.value)
         assert str(p) in msg and "\n" not in msg
-        assert "refused" in msg or "not a readable torch file" in msg
+        assert "refused to unpickle" in msg or "not a readable torch file" in msg
+    assert str(e.value).endswith("refused to unpickle it (Unsupported global: GLOBAL io.open)")  # evil2
     assert not marker.exists()
 
 
@@ -227,3 +231,21 @@ def test_a1111_lists_upscaler_files_and_extra_single_image_upscales(files, tmp_p
         assert missing.status_code == 404 and "nope" in missing.text
         escape = client.post("/sdapi/v1/extra-single-image", json={"image": b64, "upscaler_1": "../x.pth"})
         assert escape.status_code == 400
+
+
+def test_swinir_is_detected_and_one_tile_is_spandrels_output(tmp_path):
+    torch.manual_seed(2)
+    net = SwinIR(img_size=16, embed_dim=12, depths=[1], num_heads=[2], window_size=4, mlp_ratio=2.0,
+                 upscale=2, upsampler="pixelshuffle", resi_connection="1conv").eval()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "swinir_x2.safetensors")
+    up = load_upscaler(tmp_path / "swinir_x2.safetensors")
+    assert (up.architecture, up.scale) == ("SwinIR", 2)
+    x = _tensor(_image(20, 18, seed=4))
+    assert torch.equal(up.upscale_tensor(x, tile=32), _spandrel_untiled(net, x))
+
+
+def test_without_spandrel_the_error_names_the_extra(files, monkeypatch):
+    monkeypatch.setitem(sys.modules, "spandrel", None)  # import spandrel now raises ImportError
+    with pytest.raises(CheckpointError) as e:
+        load_upscaler(files["root"] / "tiny_esrgan.pth")
+    assert "pip install 'sdxl[upscale]'" in str(e.value) and "\n" not in str(e.value)

@@ -73,10 +73,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(
-                f"{path}: not a plain state dict; refused to unpickle it (weights_only: {first})"
-            ) from None
+            raise CheckpointError(f"{path}: not a plain state dict; refused to unpickle it "
+                                  f"({_unpickle_reason(str(e))})") from None
         except Exception as e:  # noqa: BLE001 - truncated zip, not a torch file, ...
             raise CheckpointError(f"{path}: not a readable torch file ({type(e).__name__}: {e})") from None
     else:
@@ -89,6 +87,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors")
     return tensors
+
+
+def _unpickle_reason(message: str) -> str:
+    """The reason in torch's weights_only refusal ("Unsupported global: GLOBAL io.open", ...), one line."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global|\.?\s*(?:\n|$))", message)
+    return m.group(1).strip() if m else "not tensors and plain containers"
 
 
 @dataclass
