@@ -250,3 +250,37 @@ def test_bad_a1111_hires_requests_are_400_naming_the_field(server_url, body, wor
                                                            "steps": 2, "enable_hr": True, **body})
     assert r.status_code == 400, r.text
     assert words in r.json()["detail"]
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+def _cli(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "sdxl", "generate", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_cli_hires_flags_and_from_repeat_the_run(tiny_files, tmp_path):
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    r = _cli("a red circle", "--model", str(tiny_files["base"]), "-W", "32", "-H", "48", "--steps", "2",
+             "--seed", "3", "--hires-scale", "2", "--hires-upscaler", "Latent (bicubic)", "--hires-strength",
+             "0.5", "--hires-steps", "1", "-o", str(first))
+    assert r.returncode == 0, r.stderr
+    image = Image.open(first)
+    assert image.size == (64, 96)
+    assert "Denoising strength: 0.5, Hires upscale: 2, Hires steps: 1, Hires upscaler: Latent (bicubic)" in (
+        image.info["parameters"])
+    r = _cli("--from", str(first), "--model", str(tiny_files["base"]), "-o", str(again))
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(pixels(Image.open(first)), pixels(Image.open(again)))
+
+
+def test_cli_bad_hires_flag_is_one_line_naming_the_flag():
+    r = _cli("a cat", "--hires-scale", "2", "--hires-upscaler", "Magic")
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [
+        "error: --hires-upscaler: 'Magic' is not an upscaler (known: Latent, Latent (antialiased), "
+        "Latent (bicubic), Latent (bicubic antialiased), Latent (nearest), Latent (nearest-exact), None, "
+        "Lanczos, Nearest)"]
