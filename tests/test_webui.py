@@ -244,6 +244,9 @@ def test_browser_with_api_key(model_file, tmp_path):
             page.fill("#pag_scale", "2")
             page.check("#freeu")
             page.fill("#eta", "0.5")
+            page.fill("#hires_scale", "1.5")  # the hires fix: scale, upscaler, strength
+            page.select_option("#hires_upscaler", "Lanczos")
+            page.fill("#hires_strength", "0.5")
             generate(page, steps=3)
             wait_done(page)
             # the websocket got through (its events arrived) and the image loaded through the cookie
@@ -252,11 +255,18 @@ def test_browser_with_api_key(model_file, tmp_path):
             assert (request["pag_scale"], request["freeu"], request["eta"]) == (2, True, 0.5)
             info = page.locator("#gallery .card .info").first.text_content()
             assert "PAG scale: 2" in info and "FreeU: b1=1.3 b2=1.4 s1=0.9 s2=0.2" in info
+            assert (request["hires_scale"], request["hires_upscaler"], request["hires_strength"]) == (
+                1.5, "Lanczos", 0.5)
+            assert "Denoising strength: 0.5" in info and "Hires upscale: 1.5, Hires upscaler: Lanczos" in info
             page.fill("#pag_scale", "0")
             page.uncheck("#freeu")
             page.fill("#eta", "")
+            page.fill("#hires_scale", "0")
             page.locator("#gallery .card .reuse").first.click()
             assert page.input_value("#pag_scale") == "2" and page.is_checked("#freeu")
+            assert page.input_value("#hires_scale") == "1.5"
+            assert page.input_value("#hires_upscaler") == "Lanczos"
+            page.fill("#hires_scale", "0")
             assert page.input_value("#eta") == "0.5"
             # region masks for a prompt split by AND go with the request as images, in file-name order
             masks = []

@@ -149,6 +149,10 @@ function readForm() {
     pag_scale: numberOrNull("pag_scale") || 0,
     freeu: $("freeu").checked,
     eta: numberOrNull("eta"),
+    hires_scale: numberOrNull("hires_scale") || 0,
+    hires_upscaler: $("hires_upscaler").value,
+    hires_strength: numberOrNull("hires_strength") ?? 0.7,
+    hires_steps: numberOrNull("hires_steps") || 0,
     refiner: refiner || null,
     refiner_switch: Number($("refiner_switch").value),
     loras: loras.filter((l) => l.name),
@@ -180,6 +184,10 @@ function reuse(request, seed) {
   $("pag_scale").value = request.pag_scale || 0;
   $("freeu").checked = Boolean(request.freeu);
   $("eta").value = request.eta === undefined || request.eta === null ? "" : request.eta;
+  $("hires_scale").value = request.hires_scale || 0;
+  $("hires_upscaler").value = request.hires_upscaler || "Latent";
+  $("hires_strength").value = request.hires_strength ?? 0.7;
+  $("hires_steps").value = request.hires_steps || 0;
   $("refiner").value = request.refiner || "";
   $("refiner_switch").value = request.refiner_switch;
   $("refiner_switch_out").textContent = request.refiner_switch;
