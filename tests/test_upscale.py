@@ -249,3 +249,16 @@ def test_without_spandrel_the_error_names_the_extra(files, monkeypatch):
     with pytest.raises(CheckpointError) as e:
         load_upscaler(files["root"] / "tiny_esrgan.pth")
     assert "pip install 'sdxl[upscale]'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_upscale_image_takes_model_upscalers_from_a_folder(files):
+    from sdxl.errors import NameNotFound
+    from sdxl.upscale import upscale_image
+
+    img = _image(12, 10, seed=6)
+    want = load_upscaler(files["root"] / "tiny_compact.safetensors").upscale(img, 2)
+    got = upscale_image(img, "tiny_compact", 2, upscalers_dir=files["root"])
+    assert got.size == (24, 20) and np.array_equal(np.asarray(got), np.asarray(want))
+    assert upscale_image(img, "Lanczos", 2, upscalers_dir=files["root"]).size == (24, 20)
+    with pytest.raises(NameNotFound):
+        upscale_image(img, "nope", 2, upscalers_dir=files["root"])
