@@ -4,6 +4,7 @@ was written, and a real A1111 client (webuiapi from PyPI) gets the upscaled imag
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 import time
@@ -284,3 +285,20 @@ def test_cli_bad_hires_flag_is_one_line_naming_the_flag():
         "error: --hires-upscaler: 'Magic' is not an upscaler (known: Latent, Latent (antialiased), "
         "Latent (bicubic), Latent (bicubic antialiased), Latent (nearest), Latent (nearest-exact), None, "
         "Lanczos, Nearest)"]
+
+
+def test_native_job_api_runs_the_hires_fix(server_url, pipe):
+    fields = {**SMALL, "hires_scale": 2.0, "hires_steps": 1, "hires_upscaler": "Nearest"}
+    with httpx.Client(base_url=server_url, timeout=30) as api:
+        job = api.post("/jobs", json=fields).json()
+        deadline = time.monotonic() + 60
+        while job["status"] not in ("done", "failed", "cancelled"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+            job = api.get(f"/jobs/{job['id']}").json()
+        assert job["status"] == "done" and job["progress"] == 1.0, job
+        assert "Hires upscale: 2, Hires steps: 1, Hires upscaler: Nearest" in job["images"][0]["info"]
+        served = Image.open(io.BytesIO(api.get(job["images"][0]["url"]).content))
+    assert served.size == (64, 96)
+    own = pipe.generate(GenerationRequest(**fields))
+    assert np.array_equal(pixels(served), pixels(own.images[0]))

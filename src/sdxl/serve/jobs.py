@@ -604,6 +604,8 @@ class JobManager:
         else:
             ref_steps = (req.refiner_steps or req.steps) * req.refiner_strength
             base_share = req.steps / (req.steps + ref_steps)
+        hires_steps = (req.hires_steps or req.steps) if req.hires else 0
+        hires_share = hires_steps / (req.steps + hires_steps)
         every = self.settings.preview_every
 
         def cb(p) -> str | None:
@@ -613,6 +615,10 @@ class JobManager:
                 return "stop"
             frac = p.step / max(p.total, 1)
             within = frac * base_share if p.stage == "base" else base_share + (1 - base_share) * frac
+            if p.stage == "hires":  # the hires fix's second pass: its share of the steps, after the others
+                within = (1 - hires_share) + hires_share * frac
+            else:
+                within *= 1 - hires_share
             job.progress = (job.iteration + within) / job.n_iter
             job.step, job.total, job.stage = p.step, p.total, p.stage
             event: dict[str, Any] = {
