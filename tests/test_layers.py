@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "sdxl"
@@ -50,3 +51,12 @@ def test_the_checker_sees_a_bare_function_import(tmp_path):
                  "def g():\n    import torch  # lazy: heavy\n")
     found = function_level_imports(f, tmp_path)
     assert found == ["m.py:2: import json"]
+
+
+def test_the_cli_and_the_request_import_without_torch():
+    """`sdxl --help` and request validation stay fast: importing the CLI module and the request loads no
+    torch (a torch import there costs seconds on every command line)."""
+    code = ("import sys, sdxl.cli, sdxl.request, sdxl.prompts; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import upscale
+from . import upscale_names as upscale
 from .errors import RequestError
 from .models.pag_layers import parse_layer, split_layers
 from .prompts import PromptError, compose_prompts

@@ -20,38 +20,17 @@ from PIL import Image
 
 from .files import resolve_in_folder
 from .upscale_models import UPSCALER_SUFFIXES, Upscaler, list_upscaler_files, load_upscaler
-
-# A1111's names -> (torch interpolate mode, antialias), as modules/shared_items.py lists them.
-LATENT_MODES: dict[str, tuple[str, bool]] = {
-    "Latent": ("bilinear", False),
-    "Latent (antialiased)": ("bilinear", True),
-    "Latent (bicubic)": ("bicubic", False),
-    "Latent (bicubic antialiased)": ("bicubic", True),
-    "Latent (nearest)": ("nearest", False),
-    "Latent (nearest-exact)": ("nearest-exact", False),
-}
+from .upscale_names import LATENT_MODES, PIXEL_UPSCALERS, is_latent, is_upscaler, upscaler_names  # noqa: F401
 
 # Pixel-space resamplers with no model, as A1111's "Lanczos" and "Nearest" upscalers (PIL's filters), and
 # its "None" (the image as it is; the hires fix then resizes it to the upscaled size with Lanczos).
 _RESAMPLERS = {"None": None, "Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
+assert tuple(_RESAMPLERS) == PIXEL_UPSCALERS
 
 
 def pixel_upscaler_names() -> list[str]:
     """The names `upscale_image` accepts."""
-    return list(_RESAMPLERS)
-
-
-def upscaler_names() -> list[str]:
-    """Every name a request's hires_upscaler may hold: the latent modes, then the pixel upscalers."""
-    return [*LATENT_MODES, *pixel_upscaler_names()]
-
-
-def is_latent(name: str) -> bool:
-    return name in LATENT_MODES
-
-
-def is_upscaler(name: str) -> bool:
-    return name in LATENT_MODES or name in pixel_upscaler_names()
+    return list(PIXEL_UPSCALERS)
 
 
 def upscale_latents(latents: torch.Tensor, name: str, size: tuple[int, int]) -> torch.Tensor:
