@@ -116,6 +116,13 @@ def test_hires_sizes_as_a1111_computes_them(size, resize, scale, expected):
     assert req.hires_size() == expected
 
 
+def test_an_upscale_to_the_same_size_does_nothing_as_in_a1111(pipe):
+    plain = pipe.generate(GenerationRequest(**SMALL))
+    same = pipe.generate(GenerationRequest(**SMALL, hires_scale=1.0))
+    assert not same.request.hires and "Hires" not in same.infos[0]
+    assert np.array_equal(pixels(plain.images[0]), pixels(same.images[0]))
+
+
 def test_resized_and_cropped_hires_image_has_the_box_size(pipe):
     req = GenerationRequest(**SMALL, hires_width=64, hires_height=64, hires_steps=1)
     result = pipe.generate(req)

@@ -171,8 +171,13 @@ class GenerationRequest:
 
     @property
     def hires(self) -> bool:
-        """Whether the hires fix runs (a scale, or a target width or height)."""
-        return self.hires_scale > 0 or self.hires_width > 0 or self.hires_height > 0
+        """Whether the hires fix runs: a scale, or a target width or height, that changes the size (as in
+        A1111, an upscale to the first pass's own size does nothing)."""
+        if not (self.hires_scale > 0 or self.hires_width > 0 or self.hires_height > 0):
+            return False
+        if self.width is None or self.height is None:  # not resolved yet
+            return True
+        return self.hires_size()[:2] != (self.width, self.height)
 
     def hires_size(self) -> tuple[int, int, int, int]:
         """(width, height) the first pass is upscaled to, then the (width, height) of the final image, for a

@@ -448,7 +448,10 @@ def request_infotext(
     }
     if get("pag_scale"):
         params["pag_scale"], params["pag_layers"] = get("pag_scale"), get("pag_layers")
-    if get("hires_scale") or get("hires_width") or get("hires_height"):  # A1111's hires-fix fields
+    hires = getattr(request, "hires", None)  # a GenerationRequest knows; a dict: any hires field set
+    if hires is None:
+        hires = bool(get("hires_scale") or get("hires_width") or get("hires_height"))
+    if hires:  # A1111's hires-fix fields
         if get("hires_width") or get("hires_height"):
             params["hires_width"], params["hires_height"] = get("hires_width") or 0, get("hires_height") or 0
         else:

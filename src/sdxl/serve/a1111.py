@@ -286,16 +286,15 @@ FORGE_SCRIPTS = {"freeu integrated": _forge_freeu, "perturbed attention guidance
 def _hires_fields(body: Txt2ImgBody) -> dict[str, Any]:
     """A1111's hires-fix fields -> the request's: hr_resize_x/y (0 = none) or else hr_scale, hr_upscaler
     (none: "Latent", A1111's default mode), hr_second_pass_steps (0 = the first pass's), denoising_strength
-    (none: 0.7), hr_sampler_name / hr_scheduler ("Use same ..." or none: the first pass's), hr_prompt /
-    hr_negative_prompt ("": the first pass's)."""
+    (none: 0.75, A1111's API default), hr_sampler_name / hr_scheduler ("Use same ..." or none: the first
+    pass's), hr_prompt / hr_negative_prompt ("": the first pass's)."""
     out: dict[str, Any] = {"hires_upscaler": body.hr_upscaler or "Latent",
                            "hires_steps": body.hr_second_pass_steps}
     if body.hr_resize_x or body.hr_resize_y:
         out["hires_width"], out["hires_height"] = body.hr_resize_x, body.hr_resize_y
     else:
         out["hires_scale"] = body.hr_scale
-    if body.denoising_strength is not None:
-        out["hires_strength"] = body.denoising_strength
+    out["hires_strength"] = 0.75 if body.denoising_strength is None else body.denoising_strength
     if body.hr_sampler_name and body.hr_sampler_name != "Use same sampler":
         out["hires_sampler"] = body.hr_sampler_name
     if body.hr_scheduler and body.hr_scheduler != "Use same scheduler":
