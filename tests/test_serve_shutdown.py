@@ -221,7 +221,7 @@ def test_second_ctrl_c_ends_the_grace_at_once_and_exits_130_without_a_traceback(
     data = tmp_path / "data"
     server = Server(model_file, data, "--shutdown-grace", "600").wait_ready()
     try:
-        job_id = server.client.post("/jobs", json=small(width=256, height=256, steps=150)).json()["id"]
+        job_id = server.client.post("/jobs", json=small(width=1024, height=1024, steps=150)).json()["id"]
         server.wait_running(job_id)
         server.proc.send_signal(signal.SIGINT)
         end = time.monotonic() + 10
