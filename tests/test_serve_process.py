@@ -58,14 +58,17 @@ def free_port() -> int:
 class Server:
     """`python -m sdxl.serve ...` in a child process; stopped with SIGTERM like a service manager does."""
 
-    def __init__(self, model: Path, data_dir: Path, *extra: str):
+    def __init__(self, model: Path, data_dir: Path, *extra: str, sigint_ignored: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir.parent / f"server-{self.port}.log"
         args = [sys.executable, "-m", "sdxl.serve", "--model", str(model), "--data-dir", str(data_dir),
                 "--port", str(self.port), "--log-level", "warning", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(args, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, env=env)
+        # SIGINT as the process finds it: default (a terminal) or ignored (a script's `cmd &` hands it on so)
+        sigint = signal.SIG_IGN if sigint_ignored else signal.SIG_DFL
+        self.proc = subprocess.Popen(args, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
         key = extra[extra.index("--api-key") + 1] if "--api-key" in extra else None
         self.client = httpx.Client(base_url=self.url, timeout=60, headers={"X-API-Key": key} if key else None)
 

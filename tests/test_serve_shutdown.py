@@ -219,7 +219,8 @@ def test_sigterm_answers_a_waiting_a1111_client_503_and_leaves_the_queue_for_the
 
 def test_second_ctrl_c_ends_the_grace_at_once_and_exits_130_without_a_traceback(model_file, tmp_path):
     data = tmp_path / "data"
-    server = Server(model_file, data, "--shutdown-grace", "600").wait_ready()
+    # started with SIGINT ignored, as a script's background job is: Ctrl+C must still end in 130
+    server = Server(model_file, data, "--shutdown-grace", "600", sigint_ignored=True).wait_ready()
     try:
         job_id = server.client.post("/jobs", json=small(width=1024, height=1024, steps=150)).json()["id"]
         server.wait_running(job_id)

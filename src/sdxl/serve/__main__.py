@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: sdxl serve needs the '{missing}' package, which is not installed; install the "
                   "serve extra: pip install 'sdxl[serve]'", file=sys.stderr)
             return 1
+        # Ctrl+C ends in KeyboardInterrupt (exit 130) even when the server was started with SIGINT ignored
+        # (`sdxl serve &` from a script): uvicorn restores the handler it found and re-raises the signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         serve(settings, log_level=ns.log_level)
     except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
