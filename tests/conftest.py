@@ -7,6 +7,12 @@ import os
 import pytest
 import torch
 
+from sdxl.models.config import tiny_config
+from sdxl.models.text import TextEncoders
+from sdxl.models.unet import UNet
+from sdxl.models.vae import AutoencoderKL
+from sdxl.pipeline import SDXL
+
 # One thread unless OMP_NUM_THREADS says otherwise (at most 2), here and in the processes tests start: the
 # numbers in the tests' docstrings were measured on one, and the tiny models run no faster on two (nine test
 # files: 227 s on 2 threads, 178 s on 1, on the 2-core build machine).
@@ -28,3 +34,11 @@ def tiny_files(tmp_path_factory):
         ck.parts["vae"] = vae  # one autoencoder for the whole family, as in the official files
         out[kind] = write_single_file(ck, d / f"{kind}.safetensors")
     return out
+
+
+def tiny_pipeline(seed: int = 0):
+    """The tiny random-weight SDXL (tiny_config), its weights drawn after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    cfg = tiny_config()
+    return SDXL(cfg, UNet(cfg.unet).eval(), AutoencoderKL(cfg.vae).eval(),
+                TextEncoders(cfg.text_l, cfg.text_g).eval())

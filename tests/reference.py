@@ -42,7 +42,7 @@ def diffusers_components(path: str | Path, tok_dir: Path):
     if cfg.text_l is not None:
         te = CLIPTextModel(CLIPTextConfig(**text_config_to_hf(cfg.text_l, False)))
         sd_l = _strip(sd, "conditioner.embedders.0.transformer.")
-        if not any(k.startswith("text_model.") for k in te.state_dict()):  # transformers >= 5 drops the prefix
+        if not any(k.startswith("text_model.") for k in te.state_dict()):  # transformers 5 drops the prefix
             sd_l = {k.removeprefix("text_model."): v for k, v in sd_l.items()}
         missing, unexpected = te.load_state_dict(sd_l, strict=False)
         assert not [k for k in missing + unexpected if "position_ids" not in k], (missing, unexpected)

@@ -16,10 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import sdxl.pipeline as pipeline_module
-from sdxl.models.config import tiny_config
-from sdxl.models.text import TextEncoders
-from sdxl.models.unet import UNet
-from sdxl.models.vae import AutoencoderKL
+from conftest import tiny_pipeline
 from sdxl.pipeline import SDXL
 from sdxl.prompts import PromptError, SubPrompt, compose_prompts, split_subprompts
 from sdxl.request import GenerationRequest, Limits, RequestError
@@ -71,10 +68,7 @@ def test_region_coverage_shares():
 # ------------------------------------------------------------------------------------------------ the model
 @pytest.fixture(scope="module")
 def pipe():
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    model = SDXL(cfg, UNet(cfg.unet).eval(), AutoencoderKL(cfg.vae).eval(),
-                 TextEncoders(cfg.text_l, cfg.text_g).eval())
+    model = tiny_pipeline()
     # the initial weights: larger ones (x5, as the PAG tests use) make the UNet amplify float rounding,
     # so one batch size differs from another by 1e-1 and no formula can be checked to 1e-5; here the
     # rounding is ~2e-6 and the prompts move the prediction by ~4e-3
@@ -297,10 +291,7 @@ def test_cli_region_masks_and_from(tiny_files, tmp_path):
 def test_region_masks_through_the_native_api_give_the_python_apis_image(tmp_path):
     """POST /jobs with region masks as base64 PNGs: stored as the job's inputs, the image equals the Python
     API's with the same masks, the PNG record marks them as images, and a server path is refused."""
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    pipe = SDXL(cfg, UNet(cfg.unet).eval(), AutoencoderKL(cfg.vae).eval(),
-                TextEncoders(cfg.text_l, cfg.text_g).eval())
+    pipe = tiny_pipeline()
     left = Image.new("L", (64, 64), 0)
     left.paste(255, (0, 0, 32, 64))
     right = Image.new("L", (64, 64), 0)

@@ -16,13 +16,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import tiny_pipeline
 from sdxl import upscale
 from sdxl.errors import RequestError
 from sdxl.metadata import format_a1111, parse_a1111
-from sdxl.models.config import tiny_config
-from sdxl.models.text import TextEncoders
-from sdxl.models.unet import UNet
-from sdxl.models.vae import AutoencoderKL
 from sdxl.pipeline import SDXL, from_pil, to_pil
 from sdxl.request import GenerationRequest, Limits
 from sdxl.sampling import samplers as S
@@ -35,10 +32,7 @@ SMALL = {"prompt": "a red circle", "negative_prompt": "blur", "width": 32, "heig
 
 @pytest.fixture(scope="module")
 def pipe():
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    return SDXL(cfg, UNet(cfg.unet).eval(), AutoencoderKL(cfg.vae).eval(),
-                TextEncoders(cfg.text_l, cfg.text_g).eval())
+    return tiny_pipeline()
 
 
 def pixels(image: Image.Image) -> np.ndarray:

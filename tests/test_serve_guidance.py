@@ -13,11 +13,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from sdxl.models.config import tiny_config
-from sdxl.models.text import TextEncoders
-from sdxl.models.unet import UNet
-from sdxl.models.vae import AutoencoderKL
-from sdxl.pipeline import SDXL
+from conftest import tiny_pipeline
 from sdxl.request import GenerationRequest, Limits
 from sdxl.serve.app import create_app
 from sdxl.serve.settings import ServeSettings
@@ -30,10 +26,7 @@ PAG = {"args": [True, 2.0]}
 
 @pytest.fixture(scope="module")
 def pipe():
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    model = SDXL(cfg, UNet(cfg.unet).eval(), AutoencoderKL(cfg.vae).eval(),
-                 TextEncoders(cfg.text_l, cfg.text_g).eval())
+    model = tiny_pipeline()
     with torch.no_grad():  # weights large enough that PAG and FreeU move the image (std 0.02 barely reacts)
         for p in model.unet.parameters():
             p.mul_(5.0)

@@ -9,15 +9,10 @@ import io
 import json
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from sdxl.models.config import tiny_config
-from sdxl.models.text import TextEncoders
-from sdxl.models.unet import UNet
-from sdxl.models.vae import AutoencoderKL
-from sdxl.pipeline import SDXL
+from conftest import tiny_pipeline
 from sdxl.request import Limits
 from sdxl.serve.app import create_app
 from sdxl.serve.settings import ServeSettings
@@ -28,10 +23,7 @@ NEW_SCHEDULES = {"align_your_steps": "Align Your Steps", "kl_optimal": "KL Optim
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    pipe = SDXL(cfg, UNet(cfg.unet).eval(), AutoencoderKL(cfg.vae).eval(),
-                TextEncoders(cfg.text_l, cfg.text_g).eval())
+    pipe = tiny_pipeline()
     root = tmp_path_factory.mktemp("serve_names")
     (root / "models").mkdir()
     limits = Limits(max_pixels=128 * 128, max_steps=20, max_batch=2)

@@ -26,7 +26,23 @@ from .read import LoraError
 # ---------------------------------------------------------------------------------------------------------
 
 
-class LoRALayer(nn.Module):
+class _HookedAdapter(nn.Module):
+    """What every trained adapter layer shares: it runs as a forward hook on its target layer (`_handle`),
+    holding some attention modules off their fused-qkv path (`_held`) while attached."""
+
+    _handle = None
+    _held: list[nn.Module]
+
+    def remove(self) -> None:
+        """Detach from the target layer (it computes its plain output again)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+            release_unfused(self._held)
+            self._held = []
+
+
+class LoRALayer(_HookedAdapter):
     """A trainable low-rank branch hung on one Linear / Conv2d with a forward hook (kohya `LoRAModule` maths):
 
         out = layer(x) + multiplier * (alpha / rank) * lora_up(dropout(lora_down(x)))
@@ -140,13 +156,6 @@ class LoRALayer(nn.Module):
         out["alpha"] = self.alpha.detach().float().cpu()
         return out
 
-    def remove(self) -> None:
-        """Detach from the target layer (it computes its plain output again)."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-            release_unfused(self._held)
-            self._held = []
 
 
 def lokr_factors(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -171,7 +180,7 @@ def lokr_factors(dimension: int, factor: int = -1) -> tuple[int, int]:
     return m, n
 
 
-class LoKrLayer(nn.Module):
+class LoKrLayer(_HookedAdapter):
     """A trainable LoKr (Kronecker product) update hung on one Linear / Conv2d with a forward hook:
 
         out = layer(x) + multiplier * scale * (kron(lokr_w1, w2) applied to x)
@@ -249,13 +258,6 @@ class LoKrLayer(nn.Module):
         out["alpha"] = self.alpha.detach().float().cpu()
         return out
 
-    def remove(self) -> None:
-        """Detach from the target layer (it computes its plain output again)."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-            release_unfused(self._held)
-            self._held = []
 
 
 _TARGET_KINDS = ("attn", "ff", "mlp", "proj")
