@@ -67,7 +67,8 @@ def test_every_request_field_is_a_cli_option():
     for f in _request_fields():
         assert _field_flags(f)[0] in flags, f.name
     hidden = {f.name for f in dataclasses.fields(GenerationRequest)} - {f.name for f in _request_fields()}
-    assert hidden == {"prompt", "loras", "model", "refiner"}  # positional, --lora, --model, --refiner
+    # positional, --lora, --model, --refiner, --controlnet with --control-image, --ip-adapter with --ip-image
+    assert hidden == {"prompt", "loras", "model", "refiner", "controls", "ip_adapters"}
 
 
 def test_cli_sets_the_fields_it_used_to_drop(tiny_files, tmp_path):

@@ -43,6 +43,42 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
+class ControlUnit:
+    """One control unit: a ControlNet (plain, union/ProMax or Control-LoRA) or a T2I-Adapter file, which
+    kind read off its tensors, with its control image. Control applies to the base model only."""
+
+    model: str  # a file or folder in the control models folder, or a path
+    image: Any = None  # the control image (a path or an image): the map itself, or the preprocessor's input
+    weight: float = 1.0  # scale of what the unit adds
+    start: float = 0.0  # fraction of the steps where the unit starts to apply
+    end: float = 1.0  # ... and stops
+    control_type: str | None = None  # union models: which control the image is (canny, depth, openpose, ...)
+    control_mode: str = "balanced"  # balanced | prompt | control (A1111's three control modes)
+    # resize (A1111 "Just Resize") | crop ("Crop and Resize") | fill ("Resize and Fill")
+    resize_mode: str = "crop"
+    # none (the image is the map) | canny | threshold | scribble | invert | tile | blur
+    preprocessor: str = "none"
+    threshold_a: float | None = None  # the preprocessor's first parameter (canny: low threshold)
+    threshold_b: float | None = None  # the preprocessor's second parameter (canny: high threshold)
+
+
+@dataclass(frozen=True)
+class IPAdapterUnit:
+    """One IP-Adapter: its file, its reference images (or FaceID's face embeddings) and when it applies."""
+
+    model: str  # a file in the IP-Adapter models folder, or a path
+    images: tuple[Any, ...] = ()  # reference images (paths or images)
+    scale: float = 1.0
+    start: float = 0.0  # fraction of the steps
+    end: float = 1.0
+    image_encoder: str | None = None  # the CLIP vision tower (None: the one found for this adapter)
+    face_embeddings: tuple[Any, ...] = ()  # FaceID: face-recognition embeddings (512 numbers each)
+
+
+UNIT_TYPES = {"controls": ControlUnit, "ip_adapters": IPAdapterUnit}
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     # --- text ---
     prompt: str = _f("", "What to draw (A1111 prompt syntax).", cli=False)  # the CLI's positional argument
@@ -139,6 +175,13 @@ class GenerationRequest:
     hires_prompt: str | None = _f(None, "Hires fix: the second pass's prompt (default: the prompt).")
     hires_negative_prompt: str | None = _f(None, "Hires fix: the second pass's negative prompt (default: the "
                                            "negative prompt).")
+    # --- control (the base model; see ControlUnit and IPAdapterUnit) ---
+    controls: tuple[ControlUnit, ...] = _f(
+        help="ControlNet / T2I-Adapter units (CLI: --controlnet FILE[:WEIGHT[:START:END]] with "
+        "--control-image IMG, repeatable).", cli=False, default_factory=tuple)
+    ip_adapters: tuple[IPAdapterUnit, ...] = _f(
+        help="IP-Adapters (CLI: --ip-adapter FILE[:SCALE] with --ip-image IMG, repeatable).", cli=False,
+        default_factory=tuple)
 
     def __post_init__(self):
         # lists and dicts (JSON, pydantic's model_dump, callers) become a tuple of LoraSpec: the request is
@@ -147,6 +190,13 @@ class GenerationRequest:
             object.__setattr__(self, "loras", tuple(_lora(x) for x in self.loras or ()))
         if isinstance(self.region_masks, list):
             object.__setattr__(self, "region_masks", tuple(self.region_masks))
+        for name, unit_type in UNIT_TYPES.items():
+            units = getattr(self, name)
+            if not (isinstance(units, tuple) and all(isinstance(u, unit_type) for u in units)):
+                if not isinstance(units, (list, tuple)):
+                    raise RequestError(f"{name}: {show_value(units)} is not a list of units")
+                units = tuple(_unit(name, i, u, unit_type) for i, u in enumerate(units))
+                object.__setattr__(self, name, units)
 
     def replace(self, **changes: Any) -> GenerationRequest:
         return dataclasses.replace(self, **changes)
@@ -297,6 +347,8 @@ class GenerationRequest:
         _check_subprompts(self)
         _sampler_and_schedule(self.sampler, self.schedule, False)
         _check_hires(self, lim)
+        _check_controls(self)
+        _check_ip_adapters(self)
         return self
 
     def resolve(self, config: Any = None, limits: Limits | None = None) -> GenerationRequest:
@@ -342,6 +394,12 @@ class GenerationRequest:
             if d[k] is not None and not isinstance(d[k], str):
                 d[k] = "<image>"
         d["region_masks"] = [m if isinstance(m, str) else "<image>" for m in d["region_masks"]]
+        for c in d["controls"]:
+            if c["image"] is not None and not isinstance(c["image"], str):
+                c["image"] = "<image>"
+        for u in d["ip_adapters"]:
+            u["images"] = [m if isinstance(m, str) else "<image>" for m in u["images"]]
+            u["face_embeddings"] = [[float(v) for v in e] for e in u["face_embeddings"]]
         return d
 
     @classmethod
@@ -360,6 +418,27 @@ class GenerationRequest:
             return cls(**d)
         except (TypeError, ValueError) as e:
             raise RequestError(f"loras: {e}") from None
+
+
+def _unit(field_name: str, i: int, x: Any, unit_type: type) -> Any:
+    """A ControlUnit / IPAdapterUnit from a dict (JSON, pydantic's model_dump) or the unit itself."""
+    if isinstance(x, unit_type):
+        return x
+    if not isinstance(x, dict):
+        raise RequestError(f"{field_name}[{i}]: {show_value(x)} is not an object with the unit's fields")
+    known = {f.name for f in dataclasses.fields(unit_type)}
+    unknown = sorted(set(x) - known)
+    if unknown:
+        raise RequestError(f"{field_name}[{i}]: unknown fields: {', '.join(map(str, unknown))} (known: "
+                           f"{', '.join(sorted(known))})")
+    if "model" not in x:
+        raise RequestError(f"{field_name}[{i}].model: missing (the unit's model file)")
+    x = dict(x)
+    for key in ("images", "face_embeddings"):
+        if isinstance(x.get(key), list):
+            x[key] = tuple(tuple(v) if key == "face_embeddings" and isinstance(v, list) else v
+                           for v in x[key])
+    return unit_type(**x)
 
 
 def _lora(x: Any) -> LoraSpec:
@@ -476,6 +555,85 @@ def _check_subprompts(req: GenerationRequest) -> None:
             _text(f"region_masks[{i}]", m, MAX_NAME_CHARS)
         elif m is None or isinstance(m, (bool, int, float, dict, list, tuple)):
             raise RequestError(f"region_masks[{i}]: {show_value(m)} is not an image or a path")
+
+
+CONTROL_MODES = ("balanced", "prompt", "control")
+RESIZE_MODES = ("resize", "crop", "fill")
+MAX_CONTROL_UNITS = 8
+MAX_IP_IMAGES = 16
+
+
+def _check_unit_common(where: str, model: Any, start: Any, end: Any) -> None:
+    if not isinstance(model, str) or not model:
+        raise RequestError(f"{where}.model: {show_value(model)} is not a file name")
+    _text(f"{where}.model", model, MAX_NAME_CHARS)
+    for name, v in (("start", start), ("end", end)):
+        if not _is_number(v) or not math.isfinite(v):
+            raise RequestError(f"{where}.{name}: {show_value(v)} is not a finite number")
+        _range(f"{where}.{name}", v, 0.0, 1.0)
+    if start > end:
+        raise RequestError(f"{where}.start/end: {start:g} > {end:g}; need start <= end")
+
+
+def _check_controls(req: GenerationRequest) -> None:
+    """The control units' fields: types, ranges and names (which files exist is the pipeline's to check)."""
+    if len(req.controls) > MAX_CONTROL_UNITS:
+        raise RequestError(f"controls: {len(req.controls)} units, the limit is {MAX_CONTROL_UNITS}")
+    for i, u in enumerate(req.controls):
+        where = f"controls[{i}]"
+        _check_unit_common(where, u.model, u.start, u.end)
+        if not _is_number(u.weight) or not math.isfinite(u.weight):
+            raise RequestError(f"{where}.weight: {show_value(u.weight)} is not a finite number")
+        _range(f"{where}.weight", u.weight, 0.0, 10.0)
+        if u.image is None:
+            raise RequestError(f"{where}.image: missing (each control unit needs its control image)")
+        if isinstance(u.image, str):
+            _text(f"{where}.image", u.image, MAX_NAME_CHARS)
+        for name, allowed in (("control_mode", CONTROL_MODES), ("resize_mode", RESIZE_MODES)):
+            v = getattr(u, name)
+            if v not in allowed:
+                raise RequestError(f"{where}.{name}: {show_value(v)} is not one of {', '.join(allowed)}")
+        for name in ("control_type", "preprocessor"):
+            v = getattr(u, name)
+            if v is not None and not isinstance(v, str):
+                raise RequestError(f"{where}.{name}: {show_value(v)} is not a name")
+            _text(f"{where}.{name}", v, MAX_NAME_CHARS)
+        for name in ("threshold_a", "threshold_b"):
+            v = getattr(u, name)
+            if v is not None and (not _is_number(v) or not math.isfinite(v)):
+                raise RequestError(f"{where}.{name}: {show_value(v)} is not a finite number")
+
+
+def _check_ip_adapters(req: GenerationRequest) -> None:
+    """The IP-Adapter units' fields: types, ranges, at least one image or face embedding each."""
+    if len(req.ip_adapters) > MAX_CONTROL_UNITS:
+        raise RequestError(f"ip_adapters: {len(req.ip_adapters)} units, the limit is {MAX_CONTROL_UNITS}")
+    for i, u in enumerate(req.ip_adapters):
+        where = f"ip_adapters[{i}]"
+        _check_unit_common(where, u.model, u.start, u.end)
+        if not _is_number(u.scale) or not math.isfinite(u.scale):
+            raise RequestError(f"{where}.scale: {show_value(u.scale)} is not a finite number")
+        _range(f"{where}.scale", u.scale, -10.0, 10.0)
+        if u.image_encoder is not None:
+            if not isinstance(u.image_encoder, str) or not u.image_encoder:
+                raise RequestError(f"{where}.image_encoder: {show_value(u.image_encoder)} is not a path")
+            _text(f"{where}.image_encoder", u.image_encoder, MAX_NAME_CHARS)
+        if not isinstance(u.images, tuple) or not isinstance(u.face_embeddings, tuple):
+            raise RequestError(f"{where}.images: not a list of images")
+        if not u.images and not u.face_embeddings:
+            raise RequestError(f"{where}.images: none given (an IP-Adapter needs a reference image, or "
+                               "face_embeddings for FaceID)")
+        if len(u.images) + len(u.face_embeddings) > MAX_IP_IMAGES:
+            raise RequestError(f"{where}.images: {len(u.images) + len(u.face_embeddings)} images, the limit "
+                               f"is {MAX_IP_IMAGES}")
+        for k, m in enumerate(u.images):
+            if isinstance(m, str):
+                _text(f"{where}.images[{k}]", m, MAX_NAME_CHARS)
+        for k, e in enumerate(u.face_embeddings):
+            if not isinstance(e, tuple) or not 1 <= len(e) <= 4096 or not all(
+                    _is_number(v) and math.isfinite(v) for v in e):
+                raise RequestError(f"{where}.face_embeddings[{k}]: not a list of finite numbers (a face "
+                                   "embedding has 512)")
 
 
 def _check_hires(req: GenerationRequest, lim: Limits) -> None:

@@ -17,9 +17,15 @@ single-file checkpoint loads with `load_state_dict` after stripping `model.diffu
 
 All sizes come from `UNetConfig`; the per-block transformer depths in the config describe the base,
 the refiner and the distilled variants with the same code.
+
+`UNetControl` is what control models add to one call: ControlNet residuals on the skip connections and the
+middle block's output, T2I-Adapter features inside the down path.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -253,6 +259,41 @@ class TimestepEmbedSequential(nn.Sequential):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class UNetControl:
+    """Additions to one UNet call, each shaped like the activation it is added to (batch included).
+
+    skips: one entry per input block (None = nothing), added to the skip connection that block keeps, after
+        it is kept and before the up path reads it (ControlNet; diffusers' down_block_additional_residuals).
+    middle: added to the middle block's output (ControlNet; mid_block_additional_residual).
+    intrablock: input block index -> added to that block's output before it is kept as a skip and passed on
+        down (T2I-Adapter; diffusers' down_intrablock_additional_residuals).
+    """
+
+    skips: Sequence[Tensor | None] | None = None
+    middle: Tensor | None = None
+    intrablock: dict[int, Tensor] | None = None
+
+    def __add__(self, other: UNetControl) -> UNetControl:
+        """The sum of two controls (several units on one call): entries present in either, added."""
+
+        def add(a, b):
+            return b if a is None else a if b is None else a + b
+
+        skips = None
+        if self.skips is not None or other.skips is not None:
+            n = max(len(self.skips or ()), len(other.skips or ()))
+            mine = list(self.skips or ()) + [None] * (n - len(self.skips or ()))
+            theirs = list(other.skips or ()) + [None] * (n - len(other.skips or ()))
+            skips = [add(a, b) for a, b in zip(mine, theirs)]
+        intra = None
+        if self.intrablock or other.intrablock:
+            intra = dict(self.intrablock or {})
+            for k, v in (other.intrablock or {}).items():
+                intra[k] = add(intra.get(k), v)
+        return UNetControl(skips, add(self.middle, other.middle), intra)
+
+
 class UNet(nn.Module):
     """SDXL UNet (sgm `UNetModel` with num_classes="sequential" and linear transformers).
 
@@ -355,10 +396,12 @@ class UNet(nn.Module):
         return self
 
     # ---- forward ----
-    def forward(self, x: Tensor, timesteps: Tensor | float, context: Tensor, y: Tensor) -> Tensor:
+    def forward(self, x: Tensor, timesteps: Tensor | float, context: Tensor, y: Tensor,
+                control: UNetControl | None = None) -> Tensor:
         """Predict for latents x [B, in_channels, H, W] at DDPM timesteps [B] or scalar (int or float),
         with text tokens context [B, tokens, context_dim] and the micro-conditioning vector y
-        [B, adm_in_channels]. Returns [B, out_channels, H, W] in x's dtype.
+        [B, adm_in_channels], plus what control models add (`UNetControl`). Returns [B, out_channels, H, W]
+        in x's dtype.
         """
         if y is None:
             raise ValueError("the SDXL UNet needs y (pooled text embedding + micro-conditioning features)")
@@ -377,11 +420,22 @@ class UNet(nn.Module):
         h = x.to(dtype)
         if self._channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
+        intrablock = (control.intrablock or {}) if control is not None else {}
         skips = []
-        for block in self.input_blocks:
+        for i, block in enumerate(self.input_blocks):
             h = block(h, emb, context)
+            if i in intrablock:
+                h = h + intrablock[i].to(h.dtype)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            if control.middle is not None:
+                h = h + control.middle.to(h.dtype)
+            if control.skips is not None:
+                if len(control.skips) != len(skips):
+                    raise ValueError(f"control: {len(control.skips)} skip residuals for {len(skips)} "
+                                     "input blocks")
+                skips = [s if c is None else s + c.to(s.dtype) for s, c in zip(skips, control.skips)]
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             # an upsampler in this block must land on the size of the next skip connection

@@ -17,8 +17,22 @@ import torch
 from torch import Tensor
 
 from ..models.pag import PerturbState
+from ..models.unet import UNetControl
 
 Schedule = Sequence[tuple[int, Tensor, Tensor]]
+
+# control(x, t, context, y, step, uncond_rows) -> what control models add to this UNet call (or None): called
+# with the batch the UNet is about to see, whose first `uncond_rows` rows are the unconditional branch.
+ControlFn = Callable[[Tensor, Tensor, Tensor, Tensor, int, int], "UNetControl | None"]
+
+
+def call_unet(unet: Callable[..., Tensor], x: Tensor, t: Tensor, context: Tensor, y: Tensor,
+              control: ControlFn | None, step: int, uncond_rows: int) -> Tensor:
+    """One UNet call, with what `control` adds for it (the UNet is called exactly as before without one)."""
+    added = control(x, t, context, y, step, uncond_rows) if control is not None else None
+    if added is None:
+        return unet(x, t, context, y)
+    return unet(x, t, context, y, control=added)
 
 
 def cfg_combine(uncond: Tensor | None, cond: Tensor, scale: float, rescale: float = 0.0,
@@ -136,6 +150,7 @@ def guided_model(
     pag_scale: float = 0.0,
     pag_state: PerturbState | None = None,
     region_masks: Tensor | None = None,
+    control: ControlFn | None = None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """A model function (x, t) -> output for `ModelDenoiser`.
 
@@ -144,7 +159,7 @@ def guided_model(
     pag_scale, pag_state: with a scale > 0 and the state of `sdxl.models.pag.perturb_self_attention` (the
     UNet's layers already swapped), every step also runs the cond branch perturbed, last in the batch.
     cond a `Composable`: see `composable_model` (region_masks [n, 1, h, w]: one latent-sized mask per
-    sub-prompt).
+    sub-prompt). control: see `ControlFn` (ControlNet, T2I-Adapter).
     """
     first, last = cfg_steps
     pag = pag_state is not None and pag_scale > 0
@@ -152,19 +167,21 @@ def guided_model(
         return composable_model(unet, cond, uncond, scale=scale, rescale=rescale, cfg_steps=cfg_steps,
                                 step_of=step_of, dtype=dtype, extra_channels=extra_channels,
                                 pag_scale=pag_scale if pag else 0.0, pag_state=pag_state if pag else None,
-                                region_masks=region_masks)
+                                region_masks=region_masks, control=control)
 
-    def run(x: Tensor, tt: Tensor, context: Tensor, y: Tensor, branches: int) -> list[Tensor]:
+    def run(x: Tensor, tt: Tensor, context: Tensor, y: Tensor, branches: int, step: int) -> list[Tensor]:
         """The UNet on `branches` copies of x with the given per-branch (already batched) conditioning;
-        with PAG the cond branch is repeated last and perturbed."""
+        with PAG the cond branch is repeated last and perturbed. With 2 branches the first is uncond."""
         b = x.shape[0]
+        uncond_rows = b if branches == 2 else 0
         if pag:
             context = torch.cat([context, context[-b:]])
             y = torch.cat([y, y[-b:]])
             branches += 1
             pag_state.rows = b
         try:
-            out = unet(torch.cat([x] * branches), torch.cat([tt] * branches), context, y).float()
+            out = call_unet(unet, torch.cat([x] * branches), torch.cat([tt] * branches), context, y, control,
+                            step, uncond_rows).float()
         finally:
             if pag:
                 pag_state.rows = 0
@@ -179,11 +196,11 @@ def guided_model(
         context, y = conditioning_at(cond, step)
         if scale == 1.0 or not first <= step < last:
             if not pag:
-                return unet(x, tt, context, y).float()
-            out_cond, out_ptb = run(x, tt, context, y, 1)
+                return call_unet(unet, x, tt, context, y, control, step, 0).float()
+            out_cond, out_ptb = run(x, tt, context, y, 1, step)
             return cfg_combine(None, out_cond, scale, perturbed=out_ptb, pag_scale=pag_scale)
         ncontext, ny = conditioning_at(uncond, step)
-        outs = run(x, tt, torch.cat([ncontext, context]), torch.cat([ny, y]), 2)
+        outs = run(x, tt, torch.cat([ncontext, context]), torch.cat([ny, y]), 2, step)
         return cfg_combine(outs[0], outs[1], scale, rescale, perturbed=outs[2] if pag else None,
                            pag_scale=pag_scale)
 
@@ -204,6 +221,7 @@ def composable_model(
     pag_scale: float = 0.0,
     pag_state: PerturbState | None = None,
     region_masks: Tensor | None = None,
+    control: ControlFn | None = None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """`guided_model` for a composable prompt: one UNet batch holds the uncond branch (on CFG steps; at
     scale 1 too, as A1111 runs it), each distinct sub-prompt once, and with PAG the base sub-prompt again,
@@ -238,7 +256,8 @@ def composable_model(
         if pag:
             pag_state.rows = b
         try:
-            out = unet(torch.cat([x] * len(branches)), torch.cat([tt] * len(branches)), context, y).float()
+            out = call_unet(unet, torch.cat([x] * len(branches)), torch.cat([tt] * len(branches)), context, y,
+                            control, step, b if guided else 0).float()
         finally:
             if pag:
                 pag_state.rows = 0
