@@ -1,0 +1,176 @@
+"""T2I-Adapter: our modules against diffusers' `T2IAdapter` and `UNet2DConditionModel`'s
+`down_intrablock_additional_residuals`, on tiny random weights in diffusers' key layout.
+
+Tolerances: adapter features and UNet outputs to 1e-5 relative (max |ours - ref| / max |ref|), fp32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdxl.errors import CheckpointError
+from sdxl.models.conditioning import micro_conditioning
+from sdxl.models.config import tiny_config
+from sdxl.models.t2i_adapter import T2IAdapter, config_from_tensors, is_t2i_adapter, t2i_adapter_from_tensors
+from sdxl.models.unet import UNet, UNetControl
+
+REL_TOL = 1e-5
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter random (zero-initialised output convs included): std 1/sqrt(fan_in) for matrices,
+    1 + 0.1 N for norm weights, 0.05 N for biases."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
+            elif name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def diffusers_adapter(adapter_type: str, channels, downscale: int, seed: int = 0, in_channels: int = 3):
+    from diffusers import T2IAdapter as RefAdapter
+
+    ref = RefAdapter(in_channels=in_channels, channels=list(channels), num_res_blocks=2,
+                     downscale_factor=downscale, adapter_type=adapter_type)
+    return randomize(ref, seed).eval()
+
+
+def diffusers_unet(ours: UNet):
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from sdxl.weights.diffusers_layout import unet_diffusers_config
+
+    config = unet_diffusers_config(ours.cfg)
+    ref = UNet2DConditionModel.from_config(config).eval()
+    sd = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
+    ref.load_state_dict(convert_ldm_unet_checkpoint(sd, config), strict=True)
+    return ref
+
+
+@pytest.fixture(scope="module")
+def unets():
+    cfg = tiny_config().unet  # channels 32 / 64 / 128, attention on levels 1 and 2, as SDXL
+    ours = randomize(UNet(cfg), 0).eval()
+    return ours, diffusers_unet(ours)
+
+
+def unet_inputs(cfg, h: int, w: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, cfg.in_channels, h, w, generator=g)
+    t = torch.tensor([17.0, 803.5])
+    context = torch.randn(2, 7, cfg.context_dim, generator=g)
+    pooled = torch.randn(2, cfg.adm_in_channels - 6 * 256, generator=g)
+    numbers = torch.tensor([[512.0, 512.0, 0.0, 0.0, 512.0, 512.0], [256.0, 384.0, 8.0, 0.0, 256.0, 384.0]])
+    return x, t, context, pooled, numbers
+
+
+@pytest.mark.parametrize("adapter_type,channels,downscale", [
+    ("full_adapter_xl", (32, 64, 128, 128), 16),
+    ("full_adapter", (32, 64, 128, 128), 8),
+    ("light_adapter", (32, 64, 128), 8),
+])
+def test_features_match_diffusers(adapter_type, channels, downscale):
+    """Same tensors, same features; the type and sizes are read off the tensors (no config.json)."""
+    ref = diffusers_adapter(adapter_type, channels, downscale, seed=3)
+    sd = ref.state_dict()
+    assert is_t2i_adapter(sd.keys())
+    cfg = config_from_tensors({k.removeprefix("adapter."): v for k, v in sd.items()})
+    assert (cfg.adapter_type, cfg.channels, cfg.downscale_factor, cfg.in_channels) == (
+        adapter_type, channels, downscale, 3)
+    unet_cfg = tiny_config().unet
+    if adapter_type != "full_adapter_xl":
+        # SD 1.5 layouts: their features do not land on SDXL's levels (diffusers fails on the addition)
+        with pytest.raises(CheckpointError, match="not an SDXL T2I-Adapter") as e:
+            t2i_adapter_from_tensors(sd, unet_config=unet_cfg, name="sd15.safetensors")
+        assert "\n" not in str(e.value) and "sd15.safetensors" in str(e.value)
+        model = T2IAdapter(cfg, unet_cfg.__class__(**{**unet_cfg.__dict__, "channel_mult": (1, 2, 4, 4),
+                                                     "transformer_depth": (1,) * 8,
+                                                     "transformer_depth_output": (1,) * 12}))
+        model.adapter.load_state_dict({k.removeprefix("adapter."): v for k, v in sd.items()})
+    else:
+        model = t2i_adapter_from_tensors(sd, unet_config=unet_cfg)
+    hint = torch.rand(1, 3, 128, 96, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = ref(hint)
+    got = model.features(hint)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a.shape == b.shape
+        assert rel_err(a, b) <= REL_TOL
+
+
+@pytest.mark.parametrize("size", [(8, 8), (12, 6)], ids=["square", "nonsquare"])
+def test_unet_with_adapter_matches_diffusers(unets, size):
+    """Our UNet with the adapter's UNetControl (x 0.7) equals diffusers' UNet with
+    down_intrablock_additional_residuals = 0.7 x features: the features land at input blocks 3 (after level
+    0's downsampler), 5 (level 1's last ResBlock + transformer, before its downsampler), 8 (level 2) and the
+    middle block's output."""
+    ours, ref_unet = unets
+    ref = diffusers_adapter("full_adapter_xl", (32, 64, 128, 128), 16, seed=4)
+    adapter = t2i_adapter_from_tensors(ref.state_dict(), unet_config=ours.cfg)
+    x, t, context, pooled, numbers = unet_inputs(ours.cfg, *size)
+    hint = torch.rand(1, 3, size[0] * 8, size[1] * 8, generator=torch.Generator().manual_seed(6))
+    control = adapter(x, t, context, None, hint)
+    assert sorted(control.intrablock) == [3, 5, 8] and control.middle is not None and control.skips is None
+    scaled = UNetControl(intrablock={k: 0.7 * v for k, v in control.intrablock.items()},
+                         middle=0.7 * control.middle)
+    with torch.no_grad():
+        plain = ours(x, t, context, micro_conditioning(pooled, numbers))
+        out = ours(x, t, context, micro_conditioning(pooled, numbers), control=scaled)
+        # batch 2 as the pipeline hands them (diffusers adds the middle feature only on an exact shape match)
+        feats = [0.7 * f.expand(2, -1, -1, -1) for f in ref(hint)]
+        expected = ref_unet(x, t, encoder_hidden_states=context,
+                            added_cond_kwargs={"text_embeds": pooled, "time_ids": numbers},
+                            down_intrablock_additional_residuals=feats).sample
+    assert rel_err(out, plain) > 1e-2  # the adapter changes the output
+    assert rel_err(out, expected) <= REL_TOL
+
+
+def test_features_cached_per_hint():
+    ref = diffusers_adapter("full_adapter_xl", (32, 64, 128, 128), 16, seed=1)
+    adapter = t2i_adapter_from_tensors(ref.state_dict(), unet_config=tiny_config().unet)
+    hint = torch.rand(1, 3, 64, 64)
+    first = adapter.features(hint)
+    assert adapter.features(hint) is first
+    assert adapter.features(hint.clone()) is not first  # another tensor: computed again
+    hint.mul_(0.5)  # modified in place: stale
+    again = adapter.features(hint)
+    assert again is not first and not torch.equal(again[0], first[0])
+
+
+def test_odd_latent_size_and_batch():
+    """Latent 5 x 7 (hint 40 x 56, not a multiple of 16): the hint is stretched to 48 x 64 and the features
+    land on the UNet's rounded-up sizes; a one-image hint serves a batch of 3."""
+    cfg = tiny_config().unet
+    unet = randomize(UNet(cfg), 2).eval()
+    ref = diffusers_adapter("full_adapter_xl", (32, 64, 128, 128), 16, seed=2)
+    adapter = t2i_adapter_from_tensors(ref.state_dict(), unet_config=cfg)
+    x = torch.randn(3, 4, 5, 7)
+    context = torch.randn(3, 7, cfg.context_dim)
+    y = torch.randn(3, cfg.adm_in_channels)
+    control = adapter(x, torch.tensor(500.0), context, y, torch.rand(1, 3, 40, 56))
+    assert control.intrablock[3].shape == (3, 32, 3, 4)
+    assert control.intrablock[8].shape == (3, 128, 2, 2)
+    with torch.no_grad():
+        out = unet(x, torch.tensor(500.0), context, y, control=control)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_bad_tensors_one_line():
+    ref = diffusers_adapter("full_adapter_xl", (32, 64, 128, 128), 16)
+    sd = dict(ref.state_dict())
+    sd.pop("adapter.body.1.in_conv.weight")
+    with pytest.raises(CheckpointError, match="adapter.safetensors") as e:
+        t2i_adapter_from_tensors(sd, unet_config=tiny_config().unet, name="adapter.safetensors")
+    assert "\n" not in str(e.value)
