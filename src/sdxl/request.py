@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import control_names
 from . import upscale_names as upscale
 from .errors import RequestError
 from .models.pag_layers import parse_layer, split_layers
@@ -602,6 +603,8 @@ def _check_controls(req: GenerationRequest) -> None:
             v = getattr(u, name)
             if v is not None and (not _is_number(v) or not math.isfinite(v)):
                 raise RequestError(f"{where}.{name}: {show_value(v)} is not a finite number")
+        pre = control_names.check_preprocessor(u.preprocessor or "none", f"{where}.preprocessor")
+        control_names.thresholds(pre, u.threshold_a, u.threshold_b, f"{where}.")
 
 
 def _check_ip_adapters(req: GenerationRequest) -> None:

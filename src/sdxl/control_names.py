@@ -1,0 +1,77 @@
+"""Control preprocessor names, their parameters' defaults and ranges, without torch or numpy.
+
+`request.py` checks names and thresholds with this module (importing the request loads no torch);
+`control_maps.py` runs the preprocessors. Names are ours (`canny`, `scribble`, `tile`, `blur`, ...);
+sd-webui-controlnet's module names (`scribble_xdog`, `tile_resample`, `blur_gaussian`, its UI label of
+invert) are accepted as aliases and are what the A1111 API lists.
+"""
+
+from __future__ import annotations
+
+from .errors import RequestError
+
+# our name -> sd-webui-controlnet's module name
+A1111_MODULES = {
+    "none": "none",
+    "canny": "canny",
+    "threshold": "threshold",
+    "scribble": "scribble_xdog",
+    "invert": "invert",
+    "tile": "tile_resample",
+    "blur": "blur_gaussian",
+}
+PREPROCESSORS = tuple(A1111_MODULES)
+
+_ALIASES = {
+    **{v: k for k, v in A1111_MODULES.items()},
+    "invert (from white bg & black line)": "invert",
+    "scribble_xdog": "scribble",
+    "tile": "tile",
+    "blur": "blur",
+}
+
+# name -> ((label, default, min, max) for threshold_a, the same for threshold_b), as the extension's sliders
+PARAMETERS: dict[str, tuple[tuple[str, float, float, float] | None, ...]] = {
+    "none": (None, None),
+    "canny": (("Low Threshold", 100, 1, 255), ("High Threshold", 200, 1, 255)),
+    "threshold": (("Binarization Threshold", 127, 0, 255), None),
+    "scribble": (("XDoG Threshold", 32, 1, 64), None),
+    "invert": (None, None),
+    "tile": (("Down Sampling Rate", 1.0, 1.0, 8.0), None),
+    "blur": (("Sigma", 9.0, 0.01, 64.0), None),
+}
+
+
+def canonical_preprocessor(name: object) -> str | None:
+    """Our name for a preprocessor given by our name or sd-webui-controlnet's (any case); None if unknown."""
+    if not isinstance(name, str):
+        return None
+    key = name.strip()
+    return _ALIASES.get(key) or _ALIASES.get(key.lower())
+
+
+def check_preprocessor(name: object, where: str = "preprocessor") -> str:
+    """The canonical name, or a one-line RequestError naming the field and the known preprocessors."""
+    canon = canonical_preprocessor(name)
+    if canon is None:
+        raise RequestError(f"{where}: {name!r} is not a preprocessor (known: {', '.join(PREPROCESSORS)}; "
+                           "other maps: give the map itself with preprocessor none)")
+    return canon
+
+
+def thresholds(name: str, a: float | None, b: float | None, where: str = "") -> tuple[float | None, ...]:
+    """(threshold_a, threshold_b) with None (or A1111's -1) replaced by the default; a value outside the
+    slider's range is a RequestError naming the field."""
+    out = []
+    for field, value, spec in (("threshold_a", a, PARAMETERS[name][0]), ("threshold_b", b,
+                                                                         PARAMETERS[name][1])):
+        if spec is None:
+            out.append(None)
+            continue
+        label, default, lo, hi = spec
+        if value is None or value == -1:
+            value = default
+        if not lo <= value <= hi:
+            raise RequestError(f"{where}{field}: {value} is outside {lo}..{hi} ({name}'s {label.lower()})")
+        out.append(float(value))
+    return tuple(out)

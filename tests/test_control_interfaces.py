@@ -1,0 +1,130 @@
+"""Control units as users give them: the control image preparation (preprocessors, resize modes), the
+CLI flags, the A1111 API's ControlNet units and endpoints, the web UI's control section, the metadata.
+
+The preprocessors are compared with OpenCV's functions, which sd-webui-controlnet calls (OpenCV is a test
+dependency only; the package computes them with torch and numpy).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdxl import control_maps as cm
+from sdxl.errors import RequestError
+from sdxl.request import ControlUnit, GenerationRequest
+
+cv2 = pytest.importorskip("cv2")
+
+
+def _picture(h: int = 96, w: int = 128, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = cv2.GaussianBlur((rng.random((h, w, 3)) * 255).astype(np.uint8), (0, 0), 2)
+    cv2.rectangle(img, (20, 20), (80, 70), (255, 0, 0), -1)
+    cv2.circle(img, (90, 50), 20, (10, 200, 30), -1)
+    return img
+
+
+@pytest.mark.parametrize("low,high", [(100, 200), (20, 60), (50, 51)])
+def test_canny_matches_opencv(low, high):
+    img = _picture()
+    ours = cm.canny_edges(img, low, high)
+    ref = cv2.Canny(img, low, high)
+    assert (ref > 0).sum() > 50  # the picture has edges at these thresholds
+    assert np.array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 3.0, 9.0])
+def test_gaussian_matches_opencv(sigma):
+    img = _picture()
+    ours = cm._gaussian(img, sigma, eight_bit=True)
+    ref = cv2.GaussianBlur(img, (0, 0), sigma)
+    assert np.abs(ours.astype(int) - ref).max() <= 1  # OpenCV's 8-bit fixed point rounds a little apart
+    ours_f = cm._gaussian(img.astype(np.float32), sigma, eight_bit=False)
+    assert np.abs(ours_f - cv2.GaussianBlur(img.astype(np.float32), (0, 0), sigma)).max() < 1e-3
+
+
+def _ext_fit(x: np.ndarray, mode: str, w: int, h: int) -> np.ndarray:
+    """sd-webui-controlnet's detectmap_proc for maps of many colours (no binary handling), with OpenCV."""
+    def resize(y, size):
+        smaller = size[0] * size[1] < y.shape[0] * y.shape[1]
+        return cv2.resize(y, size, interpolation=cv2.INTER_AREA if smaller else cv2.INTER_CUBIC)
+    if mode == "resize":
+        return resize(x, (w, h))
+    oh, ow = x.shape[:2]
+    k0, k1 = h / oh, w / ow
+    if mode == "fill":
+        k = min(k0, k1)
+        borders = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]], axis=0)
+        bg = np.tile(np.median(borders, axis=0).astype(x.dtype)[None, None], [h, w, 1])
+        y = resize(x, (int(np.round(ow * k)), int(np.round(oh * k))))
+        nh, nw = y.shape[:2]
+        ph, pw = max(0, (h - nh) // 2), max(0, (w - nw) // 2)
+        bg[ph:ph + nh, pw:pw + nw] = y
+        return bg
+    k = max(k0, k1)
+    y = resize(x, (int(np.round(ow * k)), int(np.round(oh * k))))
+    nh, nw = y.shape[:2]
+    ph, pw = max(0, (nh - h) // 2), max(0, (nw - w) // 2)
+    return y[ph:ph + h, pw:pw + w]
+
+
+@pytest.mark.parametrize("mode", ["resize", "crop", "fill"])
+@pytest.mark.parametrize("size", [(64, 128), (160, 96)])
+def test_resize_modes_match_the_extension(mode, size):
+    w, h = size
+    img = _picture()
+    hint = cm.prepare_control_image(Image.fromarray(img), "none", None, None, mode, w, h)
+    assert hint.shape == (1, 3, h, w) and hint.dtype == torch.float32
+    assert 0.0 <= hint.min() and hint.max() <= 1.0
+    ours = (hint[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    ref = _ext_fit(img, mode, w, h)
+    diff = np.abs(ours.astype(int) - ref.astype(int))
+    # PIL's box filter / our linear weights and OpenCV's fixed-point arithmetic round apart by one level
+    assert diff.mean() < 0.2 and diff.max() <= 1, (diff.mean(), diff.max())
+
+
+def test_fill_pads_with_the_border_median_and_crop_covers():
+    img = np.full((50, 100, 3), 30, np.uint8)
+    img[:, :, 0] = 200
+    img[20:30, 40:60] = 255
+    hint = cm.prepare_control_image(img, "none", None, None, "fill", 64, 64)
+    ours = (hint[0].permute(1, 2, 0) * 255).round().numpy()
+    assert ours[0, 0].tolist() == [200, 30, 30] and ours[-1, -1].tolist() == [200, 30, 30]
+    hint = cm.prepare_control_image(img, "none", None, None, "crop", 64, 64)
+    ours = (hint[0].permute(1, 2, 0) * 255).round().numpy()
+    assert ours[32, 32].tolist() == [255, 255, 255]  # the centre survives the crop at 64 x 64
+
+
+def test_preprocessors_give_maps_at_the_generation_size(tmp_path):
+    img = _picture()
+    path = tmp_path / "c.png"
+    Image.fromarray(img).save(path)
+    for name in ("canny", "threshold", "scribble_xdog", "invert", "tile", "blur_gaussian", "none"):
+        hint = cm.prepare_control_image(str(path), name, None, None, "crop", 96, 64)
+        assert hint.shape == (1, 3, 64, 96), name
+    # pixel perfect: the canny map of the source size is OpenCV's canny of that image
+    hint = cm.prepare_control_image(img, "canny", 100, 200, "resize", 128, 96)
+    assert torch.equal(hint[0, 0], torch.from_numpy(cv2.Canny(img, 100, 200) / 255.0).float())
+    inv = cm.prepare_control_image(img, "invert", None, None, "resize", 128, 96)
+    assert torch.allclose(inv[0].permute(1, 2, 0) * 255, torch.from_numpy(255.0 - img).float())
+    thr = cm.detect("threshold", Image.fromarray(img), 127, None, 96)
+    assert np.array_equal(np.asarray(thr)[:, :, 0] > 0, img.min(axis=2) > 127)
+    tile = cm.detect("tile_resample", Image.fromarray(img), 2.0)
+    assert tile.size == (64, 48)
+
+
+def test_bad_preprocessor_and_thresholds_are_one_line_errors():
+    with pytest.raises(RequestError, match=r"controls\[0\]\.preprocessor: 'depth_midas' is not a preprocessor"
+                       r" \(known: none, canny"):
+        GenerationRequest(controls=[{"model": "cn", "image": "a.png",
+                                     "preprocessor": "depth_midas"}]).validate()
+    with pytest.raises(RequestError, match=r"controls\[0\]\.threshold_a: 300 is outside 1..255"):
+        GenerationRequest(controls=[ControlUnit("cn", "a.png", preprocessor="canny",
+                                                threshold_a=300)]).validate()
+    with pytest.raises(RequestError, match="resize_mode"):
+        cm.prepare_control_image(_picture(), "none", None, None, "stretch", 64, 64)
+    with pytest.raises(RequestError, match=r"control image: .*nope\.png"):
+        cm.prepare_control_image("nope.png", "none", None, None, "crop", 64, 64)
