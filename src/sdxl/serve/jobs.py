@@ -1,7 +1,12 @@
-"""The job queue behind every generating route: one worker thread, a bounded FIFO, progress and previews.
+"""The job queue behind every generating route: a bounded FIFO, its dispatchers, progress and previews.
 
 One GPU runs one generation at a time, so every request that generates (native `POST /jobs` and the A1111
-`txt2img` / `img2img` routes alike) becomes a `Job` in one queue and one worker thread runs them in order.
+`txt2img` / `img2img` routes alike) becomes a `Job` in one queue. What runs a job is an `Executor` (the
+seam between the queue and the devices): it has *slots*, each running one job at a time, and the manager
+runs one dispatcher thread per slot. The default, `InProcessExecutor`, has one slot in this process (the
+one-worker server: jobs run in submission order); `workers.WorkerPool` has one worker process per device
+(`sdxl serve --devices`); another backend (Ray Serve replicas) plugs in the same way. `JobRunner` is the
+one path that runs a job on a loaded model, wherever it runs.
 
 Life of a job::
 
@@ -44,6 +49,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import secrets
@@ -53,7 +59,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -63,6 +69,7 @@ from ..errors import Interrupted, RequestError
 from ..files import resolve_in_folder
 from ..metadata import write_png
 from ..pipeline import a1111_parameters, to_pil
+from ..prompts import extract_loras
 from ..request import GenerationRequest, LoraSpec, iteration_seeds
 from ..version import __version__
 from .datalock import DataDirLock
@@ -148,11 +155,361 @@ def _put_latest(q: asyncio.Queue, event: dict) -> None:
                 return
 
 
+class WorkerLost(Exception):
+    """Raised by `Executor.run` when the place running the job died mid-job (a worker process killed, a
+    replica gone). The job itself may be fine: the manager runs it once more on another slot, then fails
+    it with this message."""
+
+
+def job_key(request: dict[str, Any], default_model: str | None = None) -> tuple[str, str, tuple[str, ...]]:
+    """What a job needs loaded, from its stored request: (model, refiner, sorted LoRA names, request
+    fields and prompt tags). `default_model` stands for an empty or "default" model field. Two jobs with
+    the same key run without loading anything on a slot that ran either; the scheduler prefers such a
+    slot, and a multiplexing router (Ray Serve's) can use the key as its model id."""
+    model = request.get("model")
+    if model in (None, "", "default"):
+        model = default_model or "default"
+    names = {str(x.get("name")) for x in request.get("loras") or () if isinstance(x, dict)}
+    for field_name in ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2"):
+        text = request.get(field_name)
+        if isinstance(text, str) and "<" in text:
+            try:
+                names.update(ref.name for ref in extract_loras(text)[1])
+            except ValueError:  # a malformed tag fails in the job itself, with its message
+                pass
+    return str(model), str(request.get("refiner") or ""), tuple(sorted(names))
+
+
+class Reporter(Protocol):
+    """What a job tells the manager while it runs (the JobManager implements it)."""
+
+    def progress(self, job: Job, event: dict[str, Any]) -> None:
+        """A sampler step: `job.progress/step/total/stage/iteration` are up to date and `event` is the
+        websocket's progress event (with "preview", a JPEG data URL, when one was made)."""
+
+    def wants_preview(self, job: Job) -> bool:
+        """Whether anyone watches the job now (previews cost a decode; make them only then)."""
+
+    def checkpoint(self, job: Job) -> None:
+        """An iteration finished: the job's images/seeds/infos grew; the manager saves the record."""
+
+
+class Executor:
+    """The seam between the JobManager and what runs a job.
+
+    The manager owns the queue, the job table, idempotency, shutdown and the events clients see. An
+    executor owns *slots*: places that each run one job at a time (the worker thread of the one-process
+    server, a worker process per device in `workers.py`, a Ray Serve replica). For each slot the manager
+    runs a dispatcher thread that picks a job (in submission order; with several slots it prefers a slot
+    whose `holds` equals the job's `job_key`), marks it running (attempts counted, record saved), and calls
+    `run(slot, job, reporter)` on that thread.
+
+    To add another backend, subclass this and pass it to `JobManager(..., executor=...)`:
+
+    - `slots()`: the slots' names (e.g. devices); fixed for the executor's life.
+    - `start(reporter)` / `close()`: called by `JobManager.start` and after the dispatchers stopped in
+      `drain`. `warm_up(slot)`: on the slot's dispatcher thread before its first job, when the settings
+      ask for a warm-up.
+    - `run(slot, job, reporter)`: run `job` (its stored request is `job.request`; uploaded images are
+      "input:NAME" files in the manager's inputs folder) to its end, blocking, and never raise except
+      `WorkerLost`. On return `job.status` is DONE, FAILED (`job.error` says why), CANCELLED, or QUEUED
+      (stopped for a shutdown: it runs after the next start), and `job.images/seeds/infos/resolved` hold
+      what it made (PNG files written into the manager's outputs folder, see `JobRunner`). While it runs,
+      call `reporter.progress(job, event)` per step, `reporter.checkpoint(job)` per finished iteration.
+      Stop requests: the manager sets `job.stop_reason` ("cancel", "interrupt", "skip", "timeout" or
+      "shutdown") and calls `stop(slot, job)`; the job must stop at its next sampler step (`JobRunner`
+      does this when it sees `stop_reason`; a remote slot has to be told). The per-job timeout is the
+      runner's (`JobRunner` checks it at every step).
+    - `holds(slot)`: the `job_key` of what the slot has loaded, or None (unknown: no preference).
+    - `describe(slot)`: a JSON-able dict for GET /workers (device, pid, alive, loaded models, ...).
+
+    `InProcessExecutor` (one slot, this process's thread, what `sdxl serve` runs by default) is the
+    reference; `workers.WorkerPool` runs one process per device.
+    """
+
+    def slots(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, reporter: Reporter) -> None:
+        pass
+
+    def warm_up(self, slot: int) -> None:
+        pass
+
+    def run(self, slot: int, job: Job, reporter: Reporter) -> None:
+        raise NotImplementedError
+
+    def stop(self, slot: int, job: Job) -> None:
+        pass
+
+    def holds(self, slot: int) -> tuple | None:
+        return None
+
+    def describe(self, slot: int) -> dict[str, Any]:
+        return {"name": self.slots()[slot]}
+
+    def close(self) -> None:
+        pass
+
+
+class JobRunner:
+    """Runs one job in this process on a `ModelHost`: the one generation path every executor uses (the
+    in-process executor here; each worker process of `workers.py`). Writes the result PNGs into
+    `outputs` itself, so only the job's record travels back."""
+
+    def __init__(self, settings: ServeSettings, models: ModelHost, outputs: Path, inputs: Path):
+        self.settings = settings
+        self.models = models
+        self.outputs = outputs
+        self.inputs = inputs
+        self.held: tuple | None = None  # job_key of the last job run here (its models stay loaded)
+
+    def warm_up(self) -> None:
+        """Load the default model and run one small generation (compiles the model when --compile is on),
+        so the first request does not pay for it. A failure is logged; jobs then load the model as usual."""
+        t0 = time.monotonic()
+        try:
+            pipe = self.models.get(None)
+            size = pipe.config.sample_size
+            pipe.generate(GenerationRequest(prompt="warm-up", width=size, height=size, steps=2, seed=0))
+            log.info("warm-up done in %.1f s", time.monotonic() - t0)
+        except Exception:  # noqa: BLE001 - the server still serves; the first job will show the problem
+            log.exception("warm-up failed")
+
+    def loaded(self) -> dict[str, Any]:
+        """What this runner's ModelHost holds now: file names of the base model and refiner, and the LoRAs
+        of the last job."""
+        base = self.models._base  # (path, pipeline) or None
+        refiner = self.models._refiner
+        preset = self.models._preset
+        name = (Path(base[0]).name if base is not None and not isinstance(base[0], str)
+                else "<preset>" if preset is not None else None)
+        return {"model": name, "refiner": Path(refiner[0]).name if refiner is not None else None,
+                "loras": list(self.held[2]) if self.held else []}
+
+    def run(self, job: Job, reporter: Reporter) -> None:
+        """Run one job to its end state. Never raises: every failure ends up in job.error."""
+        t0 = time.monotonic()
+        try:
+            req = self._request_for_run(job)
+            pipe = self.models.get(req.model)
+            refiner = None
+            if req.refiner:
+                refiner = self.models.refiner(req.refiner)
+                req = req.replace(refiner=str(self.models.resolve_refiner(req.refiner)))
+            self.held = job_key(job.request, self._default_model_name())
+            job.pipes = {"base": pipe, "refiner": refiner} if refiner is not None else {"base": pipe}
+            job.images, job.seeds, job.infos = [], [], []
+            for k, seed in enumerate(iteration_seeds(int(req.seed), req.batch, job.n_iter)):
+                job.iteration = k
+                r = req.replace(seed=seed)
+                if job.resolved is None:
+                    job.resolved = self._public_request(job, r.resolve(pipe.config))
+                try:
+                    result = pipe.generate(r, callback=self._callback(job, r, t0, reporter), refiner=refiner)
+                    self._save_images(job, result.request, result.images, result.seeds, result.infos)
+                except Interrupted as e:
+                    if job.stop_reason in KEEP_STOPPED_IMAGE and e.denoised is not None:
+                        self._save_stopped(job, r, e)
+                    if job.stop_reason != "skip":
+                        raise
+                if job.stop_reason == "skip":  # a skip that came too late for this image is dropped
+                    job.stop_reason = None
+                reporter.checkpoint(job)  # finished iterations survive a crash in the next one
+            job.status = DONE
+            job.progress = 1.0
+        except Interrupted:
+            reason = job.stop_reason
+            if reason == "timeout":
+                job.status = FAILED
+                job.error = f"timed out after {self.settings.job_timeout_s:g} s"
+            elif reason == "shutdown":
+                job.status = QUEUED
+                job.error = None
+            else:
+                job.status = CANCELLED
+        except Exception as e:  # noqa: BLE001 - a job must never take the worker down
+            job.status = FAILED
+            job.error = f"{type(e).__name__}: {e}"
+            if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
+                job.error = f"out of memory: {e}"
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            log.exception("job %s failed", job.id)
+        job.finished_at = None if job.status == QUEUED else time.time()
+        job.last_latent = None
+        job.pipes = {}
+
+    def _request_for_run(self, job: Job) -> GenerationRequest:
+        """Rebuild the request from the stored dict, opening uploaded images and resolving LoRA names."""
+        d = dict(job.request)
+        for key in ("init_image", "mask_image"):
+            v = d.get(key)
+            if isinstance(v, str) and v.startswith(INPUT_PREFIX):
+                d[key] = self.open_input(v[len(INPUT_PREFIX):])
+        d["region_masks"] = [self.open_input(v[len(INPUT_PREFIX):]) if v.startswith(INPUT_PREFIX) else v
+                             for v in d.get("region_masks") or ()]
+        req = GenerationRequest.from_dict(d)
+        loras = [LoraSpec(str(self.models.resolve_lora(x.name)), x.weight) for x in req.loras]
+        return req.replace(loras=loras)
+
+    def open_input(self, name: str) -> Image.Image:
+        return load_image(resolve_in_folder(self.inputs, name, "input image", files_only=True))
+
+    def _update_preview(self, job: Job) -> Image.Image | None:
+        """Make the preview of the job's latest x0 estimate (cached per stage and step)."""
+        if job.last_latent is None or self.settings.preview == "off":
+            return None
+        stage, step, latent = job.last_latent
+        if job.preview_cache is not None and job.preview_cache[0] == (stage, step):
+            return job.preview_cache[1]
+        pipe = job.pipes.get(stage) or job.pipes.get("base")
+        image = make_preview(pipe, latent, self.settings.preview)
+        job.preview_cache = ((stage, step), image)
+        return image
+
+    def _callback(self, job: Job, req: GenerationRequest, t0: float, reporter: Reporter) -> Callable:
+        """The per-step progress callback: records progress, makes previews, enforces stops and timeout."""
+        if req.refiner is None:
+            base_share = 1.0
+        elif req.refiner_mode == "ensemble":
+            base_share = req.refiner_switch
+        else:
+            ref_steps = (req.refiner_steps or req.steps) * req.refiner_strength
+            base_share = req.steps / (req.steps + ref_steps)
+        hires_steps = (req.hires_steps or req.steps) if req.hires else 0
+        hires_share = hires_steps / (req.steps + hires_steps)
+        every = self.settings.preview_every
+
+        def cb(p) -> str | None:
+            if job.stop_reason is None and time.monotonic() - t0 > self.settings.job_timeout_s:
+                job.stop_reason = "timeout"
+            if job.stop_reason is not None:
+                return "stop"
+            frac = p.step / max(p.total, 1)
+            within = frac * base_share if p.stage == "base" else base_share + (1 - base_share) * frac
+            if p.stage == "hires":  # the hires fix's second pass: its share of the steps, after the others
+                within = (1 - hires_share) + hires_share * frac
+            else:
+                within *= 1 - hires_share
+            job.progress = (job.iteration + within) / job.n_iter
+            job.step, job.total, job.stage = p.step, p.total, p.stage
+            event: dict[str, Any] = {
+                "type": "progress", "id": job.id, "progress": job.progress, "step": p.step, "total": p.total,
+                "stage": p.stage, "iteration": job.iteration, "n_iter": job.n_iter,
+            }
+            if self.settings.preview != "off" and p.step % every == 0:
+                job.last_latent = (p.stage, p.step, p.denoised[:1].detach().float().cpu().clone())
+                if reporter.wants_preview(job):
+                    try:
+                        image = self._update_preview(job)
+                        if image is not None:
+                            event["preview"] = "data:image/jpeg;base64," + encode_image(image, "JPEG")
+                    except Exception:  # noqa: BLE001 - a failed preview must not fail the job
+                        log.exception("preview failed")
+            reporter.progress(job, event)
+            return None
+
+        return cb
+
+    def _public_request(self, job: Job, resolved: GenerationRequest) -> dict[str, Any]:
+        """A resolved request as clients may see it: the names they sent for model, refiner, LoRAs and
+        images, not server paths."""
+        stored = job.request
+        d = resolved.replace(refiner=stored.get("refiner"), model=stored.get("model"),
+                             loras=[LoraSpec(**x) for x in stored.get("loras", [])]).to_dict()
+        for key in ("init_image", "mask_image", "region_masks"):
+            d[key] = stored.get(key)
+        return d
+
+    def _save_images(self, job: Job, resolved: GenerationRequest, images: list[Image.Image],
+                     seeds: list[int], infos: list[str]) -> None:
+        """Each image as a PNG with the A1111 text and the JSON record of the resolved request that remakes
+        it (this image's seed, batch 1; the original names of model, refiner and LoRAs, not server paths)."""
+        for image, seed, info in zip(images, seeds, infos):
+            name = f"{job.id}-{len(job.images):02d}.png"
+            single = self._public_request(job, resolved.replace(seed=int(seed), batch=1))
+            for key in ("init_image", "mask_image"):  # the record marks an image it cannot hold
+                single[key] = "<image>" if single[key] is not None else None
+            single["region_masks"] = ["<image>" for _ in single.get("region_masks") or ()]
+            record = {"request": single, "model": job.request.get("model") or self._default_model_name(),
+                      "version": __version__, "job": job.id}
+            try:
+                write_png(image, self.outputs / name, info, record)  # atomic: no partial file is left
+            except OSError as e:  # a full disk, a read-only or vanished folder: the job fails naming the file
+                raise OSError(e.errno, f"cannot save {name} in {self.outputs}: {e.strerror or e}") from e
+            job.images.append(name)
+            job.seeds.append(int(seed))
+            job.infos.append(info)
+
+    def _save_stopped(self, job: Job, req: GenerationRequest, e: Interrupted) -> None:
+        """Keep the image a stop caught mid-way: its x0 estimate decoded by the stage's model, saved with
+        its infotext like a finished image (A1111 returns it too)."""
+        base = job.pipes["base"]
+        refiner = job.pipes.get("refiner")
+        pipe = refiner if job.stage == "refiner" and refiner is not None and refiner.vae is not None else base
+        with torch.no_grad(), pipe.on_device(pipe.vae):
+            images = to_pil(pipe.decode(e.denoised.to(pipe.device)))
+        resolved = req.resolve(base.config)
+        seeds = [resolved.seed + i for i in range(len(images))]
+        infos = [a1111_parameters(base, resolved, s, refiner) for s in seeds]
+        self._save_images(job, resolved, images, seeds, infos)
+
+    def _default_model_name(self) -> str | None:
+        path = self.models.default_path()
+        return path.stem if path is not None else None
+
+
+class InProcessExecutor(Executor):
+    """One slot: jobs run on the manager's dispatcher thread, in this process, on its ModelHost (what
+    `sdxl serve` without --devices runs). Stops need no message: the step callback reads
+    `job.stop_reason` itself."""
+
+    def __init__(self, runner: JobRunner, name: str = "local"):
+        self.runner = runner
+        self.name = name
+        self.jobs_done = 0
+
+    def slots(self) -> list[str]:
+        return [self.name]
+
+    def warm_up(self, slot: int) -> None:
+        self.runner.warm_up()
+
+    def run(self, slot: int, job: Job, reporter: Reporter) -> None:
+        self.runner.run(job, reporter)
+
+    def holds(self, slot: int) -> tuple | None:
+        return self.runner.held
+
+    def describe(self, slot: int) -> dict[str, Any]:
+        settings = self.runner.settings
+        device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return {"name": self.name, "device": device, "pid": os.getpid(), "alive": True,
+                "loaded": self.runner.loaded()}
+
+
+@dataclass
+class _Slot:
+    """The manager's view of one executor slot."""
+
+    index: int
+    name: str
+    thread: threading.Thread | None = None
+    job: Job | None = None
+    jobs_done: int = 0
+    jobs_failed: int = 0
+    busy_since: float | None = None
+    ready: bool = False  # warmed up (or no warm-up asked)
+
+
 class JobManager:
-    """The queue, the worker thread and the job records. Thread-safe; the HTTP layer calls it."""
+    """The queue, the dispatcher threads (one per executor slot) and the job records. Thread-safe; the HTTP
+    layer calls it. `executor`: what runs the jobs (see `Executor`); default: `InProcessExecutor`, one
+    slot in this process, exactly the one-worker server."""
 
     def __init__(self, settings: ServeSettings, models: ModelHost, store: JobStore | None = None,
-                 data_lock: DataDirLock | None = None):
+                 data_lock: DataDirLock | None = None, executor: Executor | None = None):
         """Touches no file: the data folder is locked, created and opened by `start`. `data_lock`: the
         folder's lock when the caller took it already (`serve` does, before binding its port)."""
         self.settings = settings
@@ -160,24 +517,26 @@ class JobManager:
         self.data_dir = settings.data_path
         self.outputs = self.data_dir / "outputs"
         self.inputs = self.data_dir / "inputs"
+        self.executor = executor or InProcessExecutor(JobRunner(settings, models, self.outputs, self.inputs))
         self._store = store
         self.data_lock = data_lock
         self._own_lock = False  # True when start() took the lock (shutdown() then lets it go)
         self._cond = threading.Condition()
         self._pending: deque[str] = deque()
         self._live: dict[str, Job] = {}  # queued and running jobs
-        self._current: Job | None = None
+        self._slots = [_Slot(i, name) for i, name in enumerate(self.executor.slots())]
+        self._avoid: dict[str, set[int]] = {}  # job id -> slots it must not run on again (they died on it)
+        self._lost: dict[str, list[str]] = {}  # job id -> why the slots that ran it died
         self._accepting = False
         self._stopping = False
-        self._worker: threading.Thread | None = None
         self._subs: dict[str, list[_Subscriber]] = {}
         self._subs_lock = threading.Lock()
         self._preview_polled_at = 0.0
         self._seq = 0
         self._run_number = 0
-        self._drained = threading.Event()  # set when the worker has stopped for good (shutdown)
+        self._drained = threading.Event()  # set when the dispatchers have stopped for good (shutdown)
         self._hurry = threading.Event()  # set to end the shutdown grace at once
-        self.warmed_up = threading.Event()
+        self.warmed_up = threading.Event()  # every slot is ready (warmed up when the settings ask for it)
 
     @property
     def store(self) -> JobStore:
@@ -189,8 +548,8 @@ class JobManager:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Take the data folder's lock (DataDirInUse when another server holds it: then nothing is
-        touched), pick up what the previous process left, then start the worker (which warms up first when
-        the settings ask for it)."""
+        touched), pick up what the previous process left, then start the executor and one dispatcher
+        thread per slot (each warms up first when the settings ask for it)."""
         if self.data_lock is None:
             self.data_lock = DataDirLock(self.data_dir)
             self._own_lock = True
@@ -212,8 +571,12 @@ class JobManager:
             self._hurry.clear()
             self._accepting = True
             self._stopping = False
-        self._worker = threading.Thread(target=self._work, name="sdxl-job-worker", daemon=True)
-        self._worker.start()
+        self.executor.start(self)
+        for slot in self._slots:
+            slot.ready = False
+            thread_name = "sdxl-job-worker" if len(self._slots) == 1 else f"sdxl-job-worker-{slot.name}"
+            slot.thread = threading.Thread(target=self._work, args=(slot,), name=thread_name, daemon=True)
+            slot.thread.start()
 
     def _recover(self) -> None:
         for job in self.store.unfinished():
@@ -241,42 +604,57 @@ class JobManager:
         return self._stopping
 
     def begin_shutdown(self) -> None:
-        """Refuse new submissions (ShuttingDown) and let the worker take no new job; returns at once."""
+        """Refuse new submissions (ShuttingDown) and let the dispatchers take no new job; returns at once."""
         with self._cond:
             self._accepting = False
-            self._stopping = True  # the worker takes no new job after the current one
+            self._stopping = True  # the dispatchers take no new job after the current one
             self._cond.notify_all()
 
     def hurry(self) -> None:
-        """End the shutdown grace now: the running job stops at its next step and is queued again."""
+        """End the shutdown grace now: running jobs stop at their next step and are queued again."""
         self._hurry.set()
 
     def drain(self, grace_s: float | None = None) -> None:
-        """`begin_shutdown`, then give the running job `grace_s` (default `shutdown_grace_s`) to finish,
-        else stop it at its next step and queue it again. Queued jobs stay queued in the database for the
-        next start. When the worker has stopped, everyone awaiting a job (`wait`) is woken: those whose job
-        did not finish get JobNotFinished. Blocks; safe to call more than once."""
+        """`begin_shutdown`, then give the running jobs `grace_s` (default `shutdown_grace_s`) to finish,
+        else stop them at their next step and queue them again. Queued jobs stay queued in the database
+        for the next start. When the dispatchers have stopped, the executor is closed and everyone awaiting
+        a job (`wait`) is woken: those whose job did not finish get JobNotFinished. Blocks; safe to call
+        more than once."""
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         self.begin_shutdown()
-        worker = self._worker
-        if worker is not None:
+        threads = [s.thread for s in self._slots if s.thread is not None]
+        if threads:
             began = time.monotonic()
             end = began + max(grace, 0.0)
-            while worker.is_alive() and not self._hurry.is_set() and time.monotonic() < end:
-                worker.join(timeout=min(0.05, max(end - time.monotonic(), 0.0)))
-            if worker.is_alive():
-                job = self._current
-                if job is not None:
+            while (any(t.is_alive() for t in threads) and not self._hurry.is_set()
+                   and time.monotonic() < end):
+                alive = next(t for t in threads if t.is_alive())
+                alive.join(timeout=min(0.05, max(end - time.monotonic(), 0.0)))
+            stopped: list[Job] = []
+            for slot in self._slots:
+                job = slot.job
+                if slot.thread is not None and slot.thread.is_alive() and job is not None:
                     log.warning("job %s still running %.1f s into shutdown; it will run again", job.id,
                                 time.monotonic() - began)
                     job.stop_reason = "shutdown"
-                worker.join(timeout=10.0)
-                if worker.is_alive() and job is not None:
+                    self.executor.stop(slot.index, job)
+                    stopped.append(job)
+            deadline = time.monotonic() + 10.0
+            for slot in self._slots:
+                if slot.thread is not None:
+                    slot.thread.join(timeout=max(deadline - time.monotonic(), 0.0))
+            for slot, job in ((s, s.job) for s in self._slots):
+                if slot.thread is not None and slot.thread.is_alive() and job is not None:
                     # stuck inside one step: record it as queued so the next start runs it again
                     job.status = QUEUED
                     job.finished_at = None
                     self.store.save(job)
-            self._worker = None
+            for slot in self._slots:
+                slot.thread = None
+        try:
+            self.executor.close()
+        except Exception:  # noqa: BLE001 - closing must not keep waiters from being answered
+            log.exception("closing the executor failed")
         self._drained.set()
         with self._subs_lock:
             waiting = list(self._subs)
@@ -371,31 +749,55 @@ class JobManager:
                 finished = True
             else:
                 job.stop_reason = "cancel"
+                self._tell_stop(job)
                 finished = False
         if finished:
             self._publish(job.id, {"type": "finished", "job": job.public()})
         return job
 
     def interrupt_current(self) -> Job | None:
-        """A1111's /interrupt: stop the running job at its next step; it ends as cancelled and returns the
-        images it finished plus the stopped one."""
+        """A1111's /interrupt: stop the running job (with several slots: the one `current` returns, the
+        one A1111's /progress shows) at its next step; it ends as cancelled and returns the images it
+        finished plus the stopped one."""
         with self._cond:
-            job = self._current
+            job = self._current_locked()
             if job is not None:
                 job.stop_reason = "interrupt"
+                self._tell_stop(job)
         return job
 
     def skip_current(self) -> Job | None:
         """A1111's /skip: stop the running job's current image (iteration) at its next step, keep it as it
         is, and go on with the job's next iteration."""
         with self._cond:
-            job = self._current
+            job = self._current_locked()
             if job is not None and job.stop_reason is None:
                 job.stop_reason = "skip"
+                self._tell_stop(job)
         return job
 
     def current(self) -> Job | None:
-        return self._current
+        """The running job; with several slots, the one that started first."""
+        with self._cond:
+            return self._current_locked()
+
+    def _current_locked(self) -> Job | None:
+        running = [s.job for s in self._slots if s.job is not None]
+        return min(running, key=lambda j: j.run_number or 0) if running else None
+
+    def running(self) -> list[Job]:
+        """Every running job (one per busy slot)."""
+        with self._cond:
+            return [s.job for s in self._slots if s.job is not None]
+
+    def _tell_stop(self, job: Job) -> None:
+        """`job.stop_reason` was just set: tell the slot running it (called with the lock held)."""
+        for slot in self._slots:
+            if slot.job is job:
+                try:
+                    self.executor.stop(slot.index, job)
+                except Exception:  # noqa: BLE001 - the slot may be gone; the job then ends with it
+                    log.exception("could not tell slot %s to stop job %s", slot.name, job.id)
 
     def queued_count(self) -> int:
         with self._cond:
@@ -406,7 +808,7 @@ class JobManager:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             with self._cond:
-                if not self._pending and self._current is None:
+                if not self._pending and all(s.job is None for s in self._slots):
                     return True
             time.sleep(0.02)
         return False
@@ -469,222 +871,155 @@ class JobManager:
         recently_polled = time.monotonic() - self._preview_polled_at < PREVIEW_INTEREST_S
         return recently_polled or self._has_subscribers(job.id)
 
-    def _update_preview(self, job: Job) -> Image.Image | None:
-        """Make the preview of the job's latest x0 estimate (worker thread; cached per stage and step)."""
-        if job.last_latent is None or self.settings.preview == "off":
-            return None
-        stage, step, latent = job.last_latent
-        if job.preview_cache is not None and job.preview_cache[0] == (stage, step):
-            return job.preview_cache[1]
-        pipe = job.pipes.get(stage) or job.pipes.get("base")
-        image = make_preview(pipe, latent, self.settings.preview)
-        job.preview_cache = ((stage, step), image)
-        return image
+    # ------------------------------------------------------------------ what runners report (Reporter)
+    def progress(self, job: Job, event: dict[str, Any]) -> None:
+        self._publish(job.id, event)
 
-    # ------------------------------------------------------------------ the worker
-    def _work(self) -> None:
+    def wants_preview(self, job: Job) -> bool:
+        return self._wants_preview(job)
+
+    def checkpoint(self, job: Job) -> None:
+        self.store.save(job)
+
+    # ------------------------------------------------------------------ worker status
+    def workers(self) -> list[dict[str, Any]]:
+        """One entry per slot: what the executor says about it (device, pid, alive, loaded models) and
+        the manager's counts (jobs done and failed, the running job)."""
+        out = []
+        for slot in self._slots:
+            try:
+                d = dict(self.executor.describe(slot.index))
+            except Exception as e:  # noqa: BLE001 - a status page must not fail for one slot
+                d = {"name": slot.name, "error": f"{type(e).__name__}: {e}"}
+            with self._cond:
+                job = slot.job
+                d.update({"name": slot.name, "ready": slot.ready, "busy": job is not None,
+                          "current_job": job.id if job is not None else None,
+                          "busy_for_s": (time.monotonic() - slot.busy_since) if slot.busy_since else None,
+                          "jobs_done": slot.jobs_done, "jobs_failed": slot.jobs_failed})
+            out.append(d)
+        return out
+
+    # ------------------------------------------------------------------ the dispatchers
+    def _pick(self, slot: _Slot) -> str | None:
+        """The id of the job `slot` should run next, or None to wait (called with the lock held).
+
+        One slot: the oldest job (strict submission order). Several: among the oldest few, the first whose
+        `job_key` is what this slot holds; else the first that no other slot holds; else the oldest, unless
+        an idle slot that holds it can take it (it will). A job is not given to a slot it died on while
+        another slot may take it."""
+        n = len(self._slots)
+        if n == 1:
+            return self._pending[0] if self._pending else None
+        window = [jid for jid in list(self._pending)[:max(8, 4 * n)]
+                  if slot.index not in self._avoid.get(jid, ()) or len(self._avoid[jid]) >= n]
+        if not window:
+            return None
+        default = self._default_name()
+        keys = {jid: job_key(self._live[jid].request, default) for jid in window}
+        held = self.executor.holds(slot.index)
+        if held is not None:
+            for jid in window:
+                if keys[jid] == held:
+                    return jid
+        others = {s.index: self.executor.holds(s.index) for s in self._slots if s is not slot}
+        held_elsewhere = {k for k in others.values() if k is not None}
+        for jid in window:
+            if keys[jid] not in held_elsewhere:
+                return jid
+        head = window[0]
+        for s in self._slots:
+            if (s is not slot and s.job is None and s.ready and others[s.index] == keys[head]
+                    and s.index not in self._avoid.get(head, ())):
+                return None  # that idle slot takes it
+        return head
+
+    def _default_name(self) -> str | None:
+        path = self.models.default_path()
+        return path.stem if path is not None else None
+
+    def _work(self, slot: _Slot) -> None:
         if self.settings.warmup:
-            self._warm_up()
-        self.warmed_up.set()
+            self.executor.warm_up(slot.index)
+        with self._cond:
+            slot.ready = True
+            if all(s.ready for s in self._slots):
+                self.warmed_up.set()
+            self._cond.notify_all()
         while True:
             with self._cond:
-                while not self._pending and not self._stopping:
-                    self._cond.wait()
+                while not self._stopping and (job_id := self._pick(slot)) is None:
+                    self._cond.wait(timeout=1.0 if len(self._slots) > 1 else None)
                 if self._stopping:
                     return
-                job = self._live[self._pending.popleft()]
+                self._pending.remove(job_id)
+                job = self._live[job_id]
                 job.status = RUNNING
                 job.stop_reason = None
                 job.started_at = time.time()
                 job.attempts += 1
                 self._run_number += 1
                 job.run_number = self._run_number
-                self._current = job
+                slot.job = job
+                slot.busy_since = time.monotonic()
                 self.store.save(job)
             self._publish(job.id, {"type": "status", "job": job.public()})
+            lost: str | None = None
             try:
-                self._run(job)
-            finally:
-                with self._cond:
-                    self._current = None
-                    if job.status in TERMINAL:
-                        self._live.pop(job.id, None)
-                    elif job.status == QUEUED and self._stopping:
-                        pass  # left for the next start
-                    elif job.status == QUEUED:
-                        self._pending.appendleft(job.id)
-                self._publish(job.id, {"type": "finished" if job.status in TERMINAL else "status",
-                                       "job": job.public()})
+                self.executor.run(slot.index, job, self)
+            except WorkerLost as e:
+                lost = str(e) or f"worker {slot.name} died"
+            except Exception as e:  # noqa: BLE001 - an executor bug fails the job, not the dispatcher
+                log.exception("executor failed on job %s", job.id)
+                job.status, job.error = FAILED, f"{type(e).__name__}: {e}"
+            if lost is not None:
+                self._on_lost(slot, job, lost)
+            if job.status != RUNNING:
+                job.finished_at = None if job.status == QUEUED else (job.finished_at or time.time())
+            job.last_latent = None
+            job.preview_cache = None
+            job.pipes = {}
+            self.store.save(job)
+            with self._cond:
+                slot.job = None
+                slot.busy_since = None
+                if job.status == DONE:
+                    slot.jobs_done += 1
+                elif job.status == FAILED:
+                    slot.jobs_failed += 1
+                if job.status in TERMINAL:
+                    self._live.pop(job.id, None)
+                    self._avoid.pop(job.id, None)
+                    self._lost.pop(job.id, None)
+                elif job.status == QUEUED and self._stopping:
+                    pass  # left for the next start
+                elif job.status == QUEUED:
+                    self._pending.appendleft(job.id)
+                self._cond.notify_all()
+            self._publish(job.id, {"type": "finished" if job.status in TERMINAL else "status",
+                                   "job": job.public()})
 
-    def _warm_up(self) -> None:
-        """Load the default model and run one small generation (compiles the model when --compile is on),
-        so the first request does not pay for it. A failure is logged; jobs then load the model as usual."""
-        t0 = time.monotonic()
-        try:
-            pipe = self.models.get(None)
-            size = pipe.config.sample_size
-            pipe.generate(GenerationRequest(prompt="warm-up", width=size, height=size, steps=2, seed=0))
-            log.info("warm-up done in %.1f s", time.monotonic() - t0)
-        except Exception:  # noqa: BLE001 - the server still serves; the first job will show the problem
-            log.exception("warm-up failed")
-
-    def _run(self, job: Job) -> None:
-        """Run one job to its end state. Never raises: every failure ends up in job.error."""
-        t0 = time.monotonic()
-        try:
-            req = self._request_for_run(job)
-            pipe = self.models.get(req.model)
-            refiner = None
-            if req.refiner:
-                refiner = self.models.refiner(req.refiner)
-                req = req.replace(refiner=str(self.models.resolve_refiner(req.refiner)))
-            job.pipes = {"base": pipe, "refiner": refiner} if refiner is not None else {"base": pipe}
-            job.images, job.seeds, job.infos = [], [], []
-            for k, seed in enumerate(iteration_seeds(int(req.seed), req.batch, job.n_iter)):
-                job.iteration = k
-                r = req.replace(seed=seed)
-                if job.resolved is None:
-                    job.resolved = self._public_request(job, r.resolve(pipe.config))
-                try:
-                    result = pipe.generate(r, callback=self._callback(job, r, t0), refiner=refiner)
-                    self._save_images(job, result.request, result.images, result.seeds, result.infos)
-                except Interrupted as e:
-                    if job.stop_reason in KEEP_STOPPED_IMAGE and e.denoised is not None:
-                        self._save_stopped(job, r, e)
-                    if job.stop_reason != "skip":
-                        raise
-                if job.stop_reason == "skip":  # a skip that came too late for this image is dropped
-                    job.stop_reason = None
-                self.store.save(job)  # finished iterations survive a crash in the next one
-            job.status = DONE
-            job.progress = 1.0
-        except Interrupted:
-            reason = job.stop_reason
-            if reason == "timeout":
-                job.status = FAILED
-                job.error = f"timed out after {self.settings.job_timeout_s:g} s"
-            elif reason == "shutdown":
-                job.status = QUEUED
-                job.error = None
-            else:
-                job.status = CANCELLED
-        except Exception as e:  # noqa: BLE001 - a job must never take the worker down
+    def _on_lost(self, slot: _Slot, job: Job, reason: str) -> None:
+        """The slot died while running `job`: queue it again for another slot, once; the second time (or
+        when it was being cancelled or stopped anyway) it ends with the reason."""
+        log.warning("job %s: %s", job.id, reason)
+        with self._cond:
+            reasons = self._lost.setdefault(job.id, [])
+            reasons.append(reason)
+            self._avoid.setdefault(job.id, set()).add(slot.index)
+        if job.stop_reason == "shutdown":
+            job.status = QUEUED
+        elif job.stop_reason in ("cancel", "interrupt"):
+            job.status = CANCELLED
+        elif job.stop_reason == "timeout":
+            job.status, job.error = FAILED, f"timed out after {self.settings.job_timeout_s:g} s ({reason})"
+        elif len(reasons) >= 2:
             job.status = FAILED
-            job.error = f"{type(e).__name__}: {e}"
-            if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
-                job.error = f"out of memory: {e}"
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            log.exception("job %s failed", job.id)
-        job.finished_at = None if job.status == QUEUED else time.time()
-        job.last_latent = None
-        job.preview_cache = None
-        job.pipes = {}
-        self.store.save(job)
-
-    def _request_for_run(self, job: Job) -> GenerationRequest:
-        """Rebuild the request from the stored dict, opening uploaded images and resolving LoRA names."""
-        d = dict(job.request)
-        for key in ("init_image", "mask_image"):
-            v = d.get(key)
-            if isinstance(v, str) and v.startswith(INPUT_PREFIX):
-                d[key] = self.open_input(v[len(INPUT_PREFIX):])
-        d["region_masks"] = [self.open_input(v[len(INPUT_PREFIX):]) if v.startswith(INPUT_PREFIX) else v
-                             for v in d.get("region_masks") or ()]
-        req = GenerationRequest.from_dict(d)
-        loras = [LoraSpec(str(self.models.resolve_lora(x.name)), x.weight) for x in req.loras]
-        return req.replace(loras=loras)
-
-    def _callback(self, job: Job, req: GenerationRequest, t0: float) -> Callable:
-        """The per-step progress callback: records progress, makes previews, enforces stops and timeout."""
-        if req.refiner is None:
-            base_share = 1.0
-        elif req.refiner_mode == "ensemble":
-            base_share = req.refiner_switch
+            job.error = f"{reason}; it had been retried once after: {reasons[0]}"
         else:
-            ref_steps = (req.refiner_steps or req.steps) * req.refiner_strength
-            base_share = req.steps / (req.steps + ref_steps)
-        hires_steps = (req.hires_steps or req.steps) if req.hires else 0
-        hires_share = hires_steps / (req.steps + hires_steps)
-        every = self.settings.preview_every
-
-        def cb(p) -> str | None:
-            if job.stop_reason is None and time.monotonic() - t0 > self.settings.job_timeout_s:
-                job.stop_reason = "timeout"
-            if job.stop_reason is not None:
-                return "stop"
-            frac = p.step / max(p.total, 1)
-            within = frac * base_share if p.stage == "base" else base_share + (1 - base_share) * frac
-            if p.stage == "hires":  # the hires fix's second pass: its share of the steps, after the others
-                within = (1 - hires_share) + hires_share * frac
-            else:
-                within *= 1 - hires_share
-            job.progress = (job.iteration + within) / job.n_iter
-            job.step, job.total, job.stage = p.step, p.total, p.stage
-            event: dict[str, Any] = {
-                "type": "progress", "id": job.id, "progress": job.progress, "step": p.step, "total": p.total,
-                "stage": p.stage, "iteration": job.iteration, "n_iter": job.n_iter,
-            }
-            if self.settings.preview != "off" and p.step % every == 0:
-                job.last_latent = (p.stage, p.step, p.denoised[:1].detach().float().cpu().clone())
-                if self._wants_preview(job):
-                    try:
-                        image = self._update_preview(job)
-                        if image is not None:
-                            event["preview"] = "data:image/jpeg;base64," + encode_image(image, "JPEG")
-                    except Exception:  # noqa: BLE001 - a failed preview must not fail the job
-                        log.exception("preview failed")
-            self._publish(job.id, event)
-            return None
-
-        return cb
-
-    def _public_request(self, job: Job, resolved: GenerationRequest) -> dict[str, Any]:
-        """A resolved request as clients may see it: the names they sent for model, refiner, LoRAs and
-        images, not server paths."""
-        stored = job.request
-        d = resolved.replace(refiner=stored.get("refiner"), model=stored.get("model"),
-                             loras=[LoraSpec(**x) for x in stored.get("loras", [])]).to_dict()
-        for key in ("init_image", "mask_image", "region_masks"):
-            d[key] = stored.get(key)
-        return d
-
-    def _save_images(self, job: Job, resolved: GenerationRequest, images: list[Image.Image],
-                     seeds: list[int], infos: list[str]) -> None:
-        """Each image as a PNG with the A1111 text and the JSON record of the resolved request that remakes
-        it (this image's seed, batch 1; the original names of model, refiner and LoRAs, not server paths)."""
-        for image, seed, info in zip(images, seeds, infos):
-            name = f"{job.id}-{len(job.images):02d}.png"
-            single = self._public_request(job, resolved.replace(seed=int(seed), batch=1))
-            for key in ("init_image", "mask_image"):  # the record marks an image it cannot hold
-                single[key] = "<image>" if single[key] is not None else None
-            single["region_masks"] = ["<image>" for _ in single.get("region_masks") or ()]
-            record = {"request": single, "model": job.request.get("model") or self._default_model_name(),
-                      "version": __version__, "job": job.id}
-            try:
-                write_png(image, self.outputs / name, info, record)  # atomic: no partial file is left
-            except OSError as e:  # a full disk, a read-only or vanished folder: the job fails naming the file
-                raise OSError(e.errno, f"cannot save {name} in {self.outputs}: {e.strerror or e}") from e
-            job.images.append(name)
-            job.seeds.append(int(seed))
-            job.infos.append(info)
-
-    def _save_stopped(self, job: Job, req: GenerationRequest, e: Interrupted) -> None:
-        """Keep the image a stop caught mid-way: its x0 estimate decoded by the stage's model, saved with
-        its infotext like a finished image (A1111 returns it too)."""
-        base = job.pipes["base"]
-        refiner = job.pipes.get("refiner")
-        pipe = refiner if job.stage == "refiner" and refiner is not None and refiner.vae is not None else base
-        with torch.no_grad(), pipe.on_device(pipe.vae):
-            images = to_pil(pipe.decode(e.denoised.to(pipe.device)))
-        resolved = req.resolve(base.config)
-        seeds = [resolved.seed + i for i in range(len(images))]
-        infos = [a1111_parameters(base, resolved, s, refiner) for s in seeds]
-        self._save_images(job, resolved, images, seeds, infos)
-
-    def _default_model_name(self) -> str | None:
-        path = self.models.default_path()
-        return path.stem if path is not None else None
+            job.status = QUEUED
+            job.error = None
+            job.progress, job.step, job.total = 0.0, 0, 0
 
     # ------------------------------------------------------------------ files
     def save_input(self, image: Image.Image, job_id: str, which: str) -> str:
