@@ -46,6 +46,29 @@ class _View:
         return len({m.group(1) for k in self.keys if (m := rx.match(k))})
 
 
+# control model kinds (`control_kind`) as error messages name them
+CONTROL_KIND_NAMES = {"controlnet": "ControlNet", "union": "union ControlNet (ControlNetUnionModel)",
+                      "control-lora": "Control-LoRA", "t2i-adapter": "T2I-Adapter"}
+
+
+def control_kind(keys) -> str | None:
+    """"controlnet", "union", "control-lora" or "t2i-adapter" when the tensor names are a control model's
+    (diffusers layout, or sgm layout bare or under `control_model.`), else None."""
+    keys = set(keys)
+    if "lora_controlnet" in keys:
+        return "control-lora"
+    union = ("control_add_embedding.", "control_model.control_add")
+    if any(k.endswith("task_embedding") or k.startswith(union) for k in keys):
+        return "union"
+    if "controlnet_cond_embedding.conv_in.weight" in keys or any(
+            k.startswith(("input_hint_block.", "control_model.input_hint_block.")) for k in keys):
+        return "controlnet"
+    if any(k.startswith("adapter.") for k in keys) or (
+            "conv_in.weight" in keys and any(k.startswith("body.") for k in keys)):
+        return "t2i-adapter"
+    return None
+
+
 def split_components(keys) -> dict[str, str]:
     """Which components a file holds, and under which prefix (official single-file layout, or bare parts)."""
     keys = list(keys)
@@ -375,6 +398,10 @@ def detect(f: Mapping, metadata: dict[str, str] | None = None, name: str = "chec
                 prediction = "v" if "edm_vpred.sigma_max" in f else config.prediction
                 config = dataclasses.replace(config, edm=edm, vae=vae, prediction=prediction)
         return config
+    kind = control_kind(f.keys())
+    if kind is not None:
+        raise CheckpointError(f"{name}: is a {CONTROL_KIND_NAMES[kind]} file, not an SDXL checkpoint; use it "
+                              "as a control unit (--controlnet FILE with --control-image)")
     parts = split_components(f.keys())
     if not parts:
         sample = ", ".join(sorted(f.keys())[:3]) or "no tensors"
