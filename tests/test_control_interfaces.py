@@ -128,3 +128,33 @@ def test_bad_preprocessor_and_thresholds_are_one_line_errors():
         cm.prepare_control_image(_picture(), "none", None, None, "stretch", 64, 64)
     with pytest.raises(RequestError, match=r"control image: .*nope\.png"):
         cm.prepare_control_image("nope.png", "none", None, None, "crop", 64, 64)
+
+
+# ------------------------------------------------------------------------------------------------ infotext
+def test_infotext_writes_units_as_the_extension(tmp_path):
+    from sdxl.metadata import parse_a1111, request_infotext
+    from sdxl.metadata.hashes import legacy_hash
+    from sdxl.metadata.infotext import CONTROL_FIELDS, parse_control_unit
+
+    model = tmp_path / "diffusers_xl_canny_full.safetensors"
+    model.write_bytes(b"x" * 100)
+    img = Image.new("RGB", (512, 384))
+    req = GenerationRequest(
+        prompt="a cat", width=1024, height=768, seed=1,
+        controls=[{"model": str(model), "image": img, "preprocessor": "canny"},
+                  {"model": "t2i", "image": img, "weight": 0.5, "control_mode": "prompt",
+                   "resize_mode": "fill", "start": 0.1, "end": 0.8}],
+        ip_adapters=[{"model": "ip-adapter-plus_sdxl_vit-h.safetensors", "images": [img], "scale": 0.6}])
+    text = request_infotext(req)
+    want = ('ControlNet 0: "Module: canny, Model: diffusers_xl_canny_full [' + legacy_hash(model)
+            + '], Weight: 1.0, Resize Mode: Crop and Resize, Processor Res: 768, Threshold A: 100, '
+            'Threshold B: 200, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: True, '
+            'Control Mode: Balanced"')
+    assert want in text
+    parsed = parse_a1111(text)
+    one = parse_control_unit(parsed["ControlNet 1"])
+    assert tuple(one) == CONTROL_FIELDS
+    assert one["Control Mode"] == "My prompt is more important" and one["Resize Mode"] == "Resize and Fill"
+    assert (one["Weight"], one["Guidance Start"], one["Guidance End"]) == ("0.5", "0.1", "0.8")
+    two = parse_control_unit(parsed["ControlNet 2"])
+    assert two["Module"] == "ip-adapter_clip_sdxl_plus_vith" and two["Weight"] == "0.6"

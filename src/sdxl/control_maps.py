@@ -37,7 +37,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .control_names import A1111_MODULES, PREPROCESSORS, check_preprocessor, thresholds
+from .control_names import (
+    A1111_MODULES,
+    PREPROCESSORS,
+    check_preprocessor,
+    pixel_perfect_resolution,
+    thresholds,
+)
 from .data.images import ImageError, load_image, to_rgb
 from .errors import RequestError
 
@@ -194,15 +200,6 @@ def fit_to_size(x: np.ndarray, resize_mode: str, width: int, height: int) -> np.
     raise RequestError(f"resize_mode: {resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
 
 
-def pixel_perfect_resolution(x: np.ndarray, resize_mode: str, width: int, height: int) -> int:
-    """The processing resolution at which the map needs no scaling: the short side the image has once
-    scaled to the generation size by the resize mode (the extension's pixel perfect)."""
-    raw_h, raw_w = x.shape[:2]
-    k0, k1 = height / raw_h, width / raw_w
-    k = min(k0, k1) if resize_mode == "fill" else max(k0, k1)
-    return max(1, int(round(k * min(raw_h, raw_w))))
-
-
 def _resize_with_pad(x: np.ndarray, res: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Short side to `res` (bicubic up, area down), edge-padded to multiples of 64; (padded, (h, w))."""
     H, W = x.shape[:2]
@@ -329,7 +326,7 @@ def prepare_control_image(
     x = to_array(image)
     if name != "none":
         res = processor_res if processor_res and processor_res > 0 else pixel_perfect_resolution(
-            x, resize_mode, width, height)
+            x.shape[1], x.shape[0], resize_mode, width, height)
         x = run_preprocessor(name, x, res, a, b)
     return _to_tensor(fit_to_size(x, resize_mode, width, height))
 

@@ -75,3 +75,17 @@ def thresholds(name: str, a: float | None, b: float | None, where: str = "") -> 
             raise RequestError(f"{where}{field}: {value} is outside {lo}..{hi} ({name}'s {label.lower()})")
         out.append(float(value))
     return tuple(out)
+
+
+# A1111 / sd-webui-controlnet names of the request's resize and control modes (in the extension's int order)
+A1111_RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
+A1111_CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                       "control": "ControlNet is more important"}
+
+
+def pixel_perfect_resolution(raw_w: int, raw_h: int, resize_mode: str, width: int, height: int) -> int:
+    """The extension's "pixel perfect" processing resolution: the short side the image has once scaled to
+    width x height by the resize mode (fit inside for fill, cover otherwise), rounded."""
+    k0, k1 = height / raw_h, width / raw_w
+    k = min(k0, k1) if resize_mode == "fill" else max(k0, k1)
+    return max(1, int(round(k * min(raw_h, raw_w))))

@@ -20,8 +20,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from ..control_names import (
+    A1111_CONTROL_MODES,
+    A1111_MODULES,
+    A1111_RESIZE_MODES,
+    PARAMETERS,
+    canonical_preprocessor,
+    pixel_perfect_resolution,
+)
 from ..prompts import PromptError, extract_networks
 from ..sampling.names import parse_sampler_label, parse_schedule_label, sampler_label, schedule_label
+from .hashes import legacy_hash
 from .values import number
 
 # The order A1111's create_infotext writes its fixed fields in; other fields follow in the order given,
@@ -408,6 +419,7 @@ def request_infotext(
     refiner_hash: str | None = None,
     lora_hashes: Mapping[str, str] | None = None,
     version: str | None = None,
+    control_hashes: Mapping[str, str] | None = None,
 ) -> str:
     """The A1111 infotext of one image made from `request` (a resolved GenerationRequest or its `to_dict()`).
 
@@ -420,6 +432,9 @@ def request_infotext(
     prompt already names them, as A1111 keeps LoRAs in the prompt. The rest is what only the caller knows:
     `seed` (this image's; default the request's), the checkpoint's `model` name and `model_hash`
     (`short_hash`), the `refiner` that ran and its hash, `lora_hashes` {name: `lora_hash`} and `version`.
+    Control units and IP-Adapters are "ControlNet N" fields as sd-webui-controlnet writes them
+    (`control_infotext`); `control_hashes` {unit model: legacy hash} names their files' hashes where the
+    unit's model is not a file path.
     """
     get = request.get if isinstance(request, Mapping) else lambda key: getattr(request, key, None)
     prompt = str(get("prompt") or "")
@@ -473,5 +488,129 @@ def request_infotext(
         if (get("refiner_mode") or "ensemble") == "ensemble":
             params["refiner_switch"] = get("refiner_switch")
     params["lora_hashes"] = dict(lora_hashes) if lora_hashes else None
+    params.update(control_infotext(get("controls"), get("ip_adapters"), get("width"), get("height"),
+                                   control_hashes))
     params["version"] = version
     return format_a1111(params)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# control units, as sd-webui-controlnet writes them
+# ---------------------------------------------------------------------------------------------------------
+# sd-webui-controlnet's unit fields in its infotext order ("ControlNet 0: "Module: canny, Model: ..., ..."")
+CONTROL_FIELDS = ("Module", "Model", "Weight", "Resize Mode", "Processor Res", "Threshold A", "Threshold B",
+                  "Guidance Start", "Guidance End", "Pixel Perfect", "Control Mode")
+_HIDDEN_SLIDER = 0.5  # the value the extension writes for a slider its preprocessor does not have
+
+
+def _unit_get(unit: Any, key: str, default: Any = None) -> Any:
+    return unit.get(key, default) if isinstance(unit, Mapping) else getattr(unit, key, default)
+
+
+def control_model_label(model: str, hashes: Mapping[str, str] | None = None) -> str:
+    """'name [hash]' as the extension lists a control model: the file's (or folder's) stem and A1111's
+    8-digit legacy hash of the weights (taken from `hashes` {model: hash} when given, else computed for an
+    existing file; left out when unknown)."""
+    path = Path(str(model))
+    digest = (hashes or {}).get(str(model))
+    if digest is None:
+        weights = path
+        if path.is_dir():
+            found = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+            weights = found[0] if found else path
+        if weights.is_file():
+            try:
+                digest = legacy_hash(weights)
+            except OSError:
+                digest = None
+    name = path.name if path.is_dir() else path.stem
+    return f"{name} [{digest}]" if digest else name
+
+
+def _image_size(image: Any) -> tuple[int, int] | None:
+    """(width, height) of a control image given as a path or a PIL image (reading the header only);
+    None if unknown."""
+    size = getattr(image, "size", None)
+    if isinstance(size, tuple) and len(size) == 2:
+        return size
+    if isinstance(image, str) and image != "<image>":
+        try:
+            with Image.open(image) as img:
+                return img.size
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def _slider_text(value: Any, default: Any) -> str:
+    if value is None or value == default:
+        return str(default)
+    return str(float(value))
+
+
+def ip_adapter_module(model: str) -> str:
+    """The extension's preprocessor name for an SDXL IP-Adapter file: FaceID, ViT-H (plus, vit-h) or bigG."""
+    stem = Path(str(model)).name.lower()
+    if "faceid" in stem or "face_id" in stem:
+        return "ip-adapter_face_id_plus" if "plus" in stem else "ip-adapter_face_id"
+    if "plus" in stem or "vit-h" in stem or "vith" in stem:
+        return "ip-adapter_clip_sdxl_plus_vith"
+    return "ip-adapter_clip_sdxl"
+
+
+def control_infotext(controls: Any, ip_adapters: Any, width: int | None, height: int | None,
+                     hashes: Mapping[str, str] | None = None) -> dict[str, str]:
+    """{"ControlNet 0": "Module: canny, Model: name [hash], Weight: 1.0, ...", ...}: one entry per control
+    unit, then one per IP-Adapter (the extension runs both as ControlNet units), with its field names
+    and value spelling (Python's str of each value). Preprocessing runs at the pixel-perfect resolution
+    (written as Processor Res, Pixel Perfect: True; left out when the image's size is unknown); a unit
+    without a preprocessor writes the extension's default 512 and Pixel Perfect: False."""
+    out: dict[str, str] = {}
+    for unit in controls or ():
+        pre = canonical_preprocessor(_unit_get(unit, "preprocessor") or "none") or "none"
+        resize = _unit_get(unit, "resize_mode", "crop")
+        values: dict[str, Any] = {"Module": A1111_MODULES[pre],
+                                  "Model": control_model_label(_unit_get(unit, "model"), hashes),
+                                  "Weight": str(float(_unit_get(unit, "weight", 1.0))),
+                                  "Resize Mode": A1111_RESIZE_MODES.get(resize, resize)}
+        size = _image_size(_unit_get(unit, "image"))
+        if pre == "none":
+            values["Processor Res"] = "512"
+        elif size is not None and width and height:
+            values["Processor Res"] = str(pixel_perfect_resolution(size[0], size[1], resize, width, height))
+        for label, key, spec in (("Threshold A", "threshold_a", PARAMETERS[pre][0]),
+                                 ("Threshold B", "threshold_b", PARAMETERS[pre][1])):
+            values[label] = (_slider_text(_unit_get(unit, key), spec[1]) if spec is not None
+                             else str(_HIDDEN_SLIDER))
+        values["Guidance Start"] = str(float(_unit_get(unit, "start", 0.0)))
+        values["Guidance End"] = str(float(_unit_get(unit, "end", 1.0)))
+        values["Pixel Perfect"] = str(pre != "none" and "Processor Res" in values)
+        mode = _unit_get(unit, "control_mode", "balanced")
+        values["Control Mode"] = A1111_CONTROL_MODES.get(mode, mode)
+        out[f"ControlNet {len(out)}"] = _unit_text(values)
+    for unit in ip_adapters or ():
+        model = str(_unit_get(unit, "model"))
+        values = {"Module": ip_adapter_module(model), "Model": control_model_label(model, hashes),
+                  "Weight": str(float(_unit_get(unit, "scale", 1.0))), "Resize Mode": "Crop and Resize",
+                  "Processor Res": "512", "Threshold A": str(_HIDDEN_SLIDER),
+                  "Threshold B": str(_HIDDEN_SLIDER),
+                  "Guidance Start": str(float(_unit_get(unit, "start", 0.0))),
+                  "Guidance End": str(float(_unit_get(unit, "end", 1.0))), "Pixel Perfect": "False",
+                  "Control Mode": "Balanced"}
+        out[f"ControlNet {len(out)}"] = _unit_text(values)
+    return out
+
+
+def _unit_text(values: dict[str, Any]) -> str:
+    # the extension's serialize(): "Field: value" pairs joined by ", "; it cannot hold ',' or ':' in a value
+    return ", ".join(f"{k}: {str(v).replace(',', '').replace(':', '')}" for k, v in values.items())
+
+
+def parse_control_unit(text: str) -> dict[str, str]:
+    """'Module: canny, Model: x [h], Weight: 1.0, ...' (one ControlNet infotext value) -> {label: text}."""
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.strip().partition(": ")
+        if sep:
+            out[key] = value
+    return out
