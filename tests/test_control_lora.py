@@ -173,3 +173,21 @@ def test_controlnet_matches_diffusers_control_lora_loader(base):
     assert len(ours.skips) == len(down)
     for a, b in zip(list(ours.skips) + [ours.middle], list(down) + [mid]):
         assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
+
+
+def test_load_control_model_needs_the_unet(base, tmp_path):
+    """load_control_model reads the kind off the marker; with the UNet it builds the ControlNet, with only
+    the UNet's config it is a one-line error."""
+    from sdxl.weights.control import detect_control_kind, load_control_model
+
+    tensors = make_control_lora(base, seed=5)
+    path = save_safetensors(tensors, tmp_path / "control-lora-depth-rank4.safetensors")
+    assert detect_control_kind(tensors.keys()) == "control-lora"
+    cn = load_control_model(path, base)
+    assert isinstance(cn, ControlNet) and cn.kind == "controlnet"
+    direct = load_control_lora(tensors, base)
+    for k, v in direct.state_dict().items():
+        assert torch.equal(cn.state_dict()[k], v), k
+    with pytest.raises(CheckpointError, match="needs the base model's UNet") as e:
+        load_control_model(path, base.cfg)
+    assert path.name in str(e.value) and "\n" not in str(e.value)

@@ -174,3 +174,43 @@ def test_bad_tensors_one_line():
     with pytest.raises(CheckpointError, match="adapter.safetensors") as e:
         t2i_adapter_from_tensors(sd, unet_config=tiny_config().unet, name="adapter.safetensors")
     assert "\n" not in str(e.value)
+
+
+def test_load_control_model_folder_and_file(tmp_path):
+    """A diffusers folder (save_pretrained: config.json + diffusion_pytorch_model.safetensors) and the bare
+    safetensors file load through load_control_model as "t2i-adapter", with diffusers' features."""
+    from sdxl.weights.control import detect_control_kind, load_control_model
+    from sdxl.weights.io import save_safetensors
+
+    ref = diffusers_adapter("full_adapter_xl", (32, 64, 128, 128), 16, seed=8)
+    ref.save_pretrained(tmp_path / "t2i-adapter-canny-sdxl")
+    save_safetensors({k: v.contiguous() for k, v in ref.state_dict().items()},
+                     tmp_path / "adapter.safetensors")
+    assert detect_control_kind(ref.state_dict().keys()) == "t2i-adapter"
+    hint = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = ref(hint)
+    cfg = tiny_config().unet
+    for path in (tmp_path / "t2i-adapter-canny-sdxl", tmp_path / "adapter.safetensors"):
+        model = load_control_model(path, cfg)
+        assert model.kind == "t2i-adapter" and model.cfg.adapter_type == "full_adapter_xl"
+        for a, b in zip(model.encode_hint(hint), expected):
+            assert rel_err(a, b) <= REL_TOL
+
+
+def test_weights_and_soft_injection():
+    """A unit's weight scales every feature; soft injection uses sd-webui-controlnet's adapter table
+    weight * (0.25, 0.62, 0.825, 1.0) over [level 0, level 1, level 2, middle]."""
+    ref = diffusers_adapter("full_adapter_xl", (32, 64, 128, 128), 16, seed=9)
+    adapter = t2i_adapter_from_tensors(ref.state_dict(), unet_config=tiny_config().unet)
+    x = torch.zeros(2, 4, 8, 8)
+    hint = torch.rand(1, 3, 64, 64)
+    out = adapter(x, None, None, None, hint)
+    assert torch.equal(adapter(x, None, None, None, hint_features=adapter.encode_hint(hint)).intrablock[5],
+                       out.intrablock[5])
+    bal = adapter.scaled(out, 0.7)
+    soft = adapter.scaled(out, 0.7, soft=True)
+    for k, s in zip((3, 5, 8), (0.25, 0.62, 0.825)):
+        assert torch.allclose(bal.intrablock[k], 0.7 * out.intrablock[k])
+        assert torch.allclose(soft.intrablock[k], 0.7 * s * out.intrablock[k])
+    assert torch.allclose(soft.middle, 0.7 * out.middle)

@@ -36,6 +36,8 @@ from sdxl.models.config import UNetConfig
 from sdxl.models.unet import UNetControl
 
 ADAPTER_TYPES = ("full_adapter_xl", "full_adapter", "light_adapter")
+# sd-webui-controlnet's per-feature adapter weights under soft injection (its hook.py)
+SOFT_INJECTION_SCALES = (0.25, 0.62, 0.825, 1.0)
 
 
 @dataclass(frozen=True)
@@ -238,10 +240,11 @@ class T2IAdapter(nn.Module):
     """A T2I-Adapter bound to a UNet layout (default: SDXL's).
 
     forward(x, t, context, y, hint, control_type=None) -> UNetControl with `intrablock` (and `middle` for the
-    fourth XL feature), unscaled (weight 1). hint: [1 or B, 3, H, W] in [0, 1], H x W the image size (8x the
-    latent's); one-channel adapters get the mean of the hint's channels. A hint whose size is not a multiple
-    of the adapter's unshuffle factor (an odd latent size) is stretched up to the next multiple, so the
-    features land on the UNet's rounded-up sizes.
+    fourth XL feature), unscaled (weight 1); `scaled(control, weight, soft)` applies a unit's weight.
+    hint: [1 or B, 3, H, W] in [0, 1], H x W the image size (8x the latent's); one-channel adapters get the
+    mean of the hint's channels. A hint whose size is not a multiple of the adapter's unshuffle factor (an
+    odd latent size) is stretched up to the next multiple, so the features land on the UNet's rounded-up
+    sizes.
     """
 
     kind = "t2i-adapter"
@@ -294,19 +297,50 @@ class T2IAdapter(nn.Module):
             x = F.interpolate(x, size=(-(-h // f) * f, -(-w // f) * f), mode="bilinear", align_corners=False)
         return self.adapter(x)
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor, hint: Tensor,
-                control_type: str | None = None) -> UNetControl:
-        feats = self.features(hint)
+    @property
+    def in_channels(self) -> int:
+        """The latent channels it is given (it reads none of them: its features depend on the hint alone)."""
+        return 4
+
+    def encode_hint(self, hint: Tensor, control_type: str | int | None = None) -> list[Tensor]:
+        """The feature maps for `hint` (the ControlNet interface's name for `features`)."""
+        return self.features(hint)
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor, hint: Tensor | None = None,
+                control_type: str | int | None = None,
+                hint_features: list[Tensor] | None = None) -> UNetControl:
+        """The features for `hint` (or `hint_features`, `encode_hint`'s result) placed on the UNet, expanded
+        to x's batch where the hint has one row; x, t, context and y are not read."""
+        if hint_features is None:
+            if hint is None:
+                raise ValueError(f"{self.name}: needs a hint image (or its features)")
+            hint_features = self.features(hint)
         b = x.shape[0]
         intrablock: dict[int, Tensor] = {}
         middle = None
-        for target, feat in zip(self.placement.targets, feats):
+        for target, feat in zip(self.placement.targets, hint_features):
             if feat.shape[0] == 1 and b > 1:
                 feat = feat.expand(b, *feat.shape[1:])
             if target is None:
                 middle = feat
             else:
                 intrablock[target] = feat
+        return UNetControl(intrablock=intrablock, middle=middle)
+
+    def output_scales(self, weight: float, soft: bool = False) -> list[float]:
+        """The scale of each feature, in feature order: the weight, or with soft injection ("My prompt is
+        more important", "ControlNet is more important") sd-webui-controlnet's adapter table
+        weight * (0.25, 0.62, 0.825, 1.0)."""
+        n = len(self.placement.targets)
+        if not soft:
+            return [weight] * n
+        return [weight * k for k in SOFT_INJECTION_SCALES[:n]]
+
+    def scaled(self, control: UNetControl, weight: float, soft: bool = False) -> UNetControl:
+        """`control` (this model's output) with every feature times its `output_scales` entry."""
+        scales = dict(zip(self.placement.targets, self.output_scales(weight, soft)))
+        intrablock = {k: v * scales[k] for k, v in (control.intrablock or {}).items()}
+        middle = None if control.middle is None else control.middle * scales[None]
         return UNetControl(intrablock=intrablock, middle=middle)
 
 
@@ -369,8 +403,8 @@ def t2i_adapter_from_tensors(tensors, config: dict | None = None, unet_config: U
     sd = {k.removeprefix("adapter."): v for k, v in tensors.items()}
     try:
         cfg = config_from_tensors(sd, config)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{name}: not a T2I-Adapter file ({e})") from None
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{name}: inconsistent T2I-Adapter tensors or config.json ({e})") from None
     model = T2IAdapter(cfg, unet_config, name=name)
     want = model.adapter.state_dict()
     missing = sorted(set(want) - set(sd))

@@ -40,7 +40,9 @@ import torch
 
 from ..models.config import UNetConfig
 from ..models.controlnet import ControlNet, ControlNetConfig
+from ..models.t2i_adapter import t2i_adapter_from_tensors
 from .checkpoint import build_module
+from .control_lora import load_control_lora
 from .detect import CONTROL_KIND_NAMES, control_kind, split_components
 from .io import CheckpointError, open_tensors
 
@@ -249,21 +251,25 @@ def _head_dim(config: dict, cfg: ControlNetConfig, base_unet: UNetConfig | None)
     return base_unet.head_dim if base_unet is not None else 64
 
 
-def load_control_model(path: str | Path, base_unet: UNetConfig | None = None, dtype=torch.float32,
-                       device="cpu", allow_pickle: bool = False) -> torch.nn.Module:
+def load_control_model(path: str | Path, base_unet: UNetConfig | torch.nn.Module | None = None,
+                       dtype=torch.float32, device="cpu", allow_pickle: bool = False) -> torch.nn.Module:
     """A control model from a file or diffusers folder, its kind read off the tensors, on `device` in `dtype`.
 
-    `base_unet`: the UNet the model will control; a ControlNet made for another one (text width, conditioning
+    `base_unet`: the UNet the model will control (its config, or the UNet itself: a Control-LoRA is built
+    from the UNet's weights and needs it); a ControlNet made for another one (text width, conditioning
     width) is a one-line CheckpointError, as is a file that is not a control model.
     The module has `.kind` and `forward(x, t, context, y, hint, control_type=None) -> UNetControl`."""
     path = Path(path)
     name = str(path)
+    unet = base_unet if isinstance(base_unet, torch.nn.Module) else None
+    base_unet = unet.cfg if unet is not None else base_unet
     sd, config = _read(path, allow_pickle)
     kind = detect_control_kind(sd.keys(), name)
     if kind == "control-lora":
-        raise CheckpointError(f"{name}: Control-LoRA files are not supported yet")
+        return load_control_lora(sd, unet, name, dtype=dtype, device=device)
     if kind == "t2i-adapter":
-        raise CheckpointError(f"{name}: T2I-Adapter files are not supported yet")
+        return t2i_adapter_from_tensors(sd, config, unet_config=base_unet, name=name, dtype=dtype,
+                                        device=device)
     tensors = {k: sd[k] for k in sd.keys()}
     try:
         if "controlnet_cond_embedding.conv_in.weight" in tensors:
