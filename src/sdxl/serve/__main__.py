@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("SDXL_API_KEY"),
                    help="require this key on every request (or set SDXL_API_KEY)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--devices", metavar="LIST",
+                   help="one worker process per device on one job queue, e.g. cuda:0,cuda:1 (cpu,cpu: two "
+                   "CPU workers, 1 torch thread each unless --threads); default: jobs run in this process")
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "fp32", "fp16", "bf16"],
                    help="model precision (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -86,6 +89,7 @@ def settings_from_args(ns: argparse.Namespace) -> ServeSettings:
         queue_size=ns.queue_size, job_timeout_s=ns.job_timeout, shutdown_grace_s=ns.shutdown_grace,
         preview=ns.preview, preview_every=ns.preview_every, allowed_origins=list(ns.allow_origin),
         allowed_hosts=list(ns.allow_host), threads=ns.threads, compile=ns.compile, warmup=ns.warmup,
+        devices=ns.devices,
     )
 
 

@@ -8,6 +8,8 @@ Routes (all need the API key when one is set, except the web UI's static files):
 
     GET  /                      the web UI (static/index.html, app.js, style.css)
     GET  /health                liveness: {"status": "ok", "queued": n, "running": id or null}
+    GET  /workers               per-worker status: device, pid, alive, loaded models, jobs done, queue
+    GET  /metrics               Prometheus text format: jobs, latency, steps/s, errors, queue, busy workers
     GET  /info                  what the UI needs: model, samplers, schedules, size presets, LoRAs, limits
     POST /jobs                  body = GenerationRequest JSON -> {"id": ...}; 429 when the queue is full
     GET  /jobs                  history, newest first (?limit=&offset=&status=)
@@ -16,6 +18,7 @@ Routes (all need the API key when one is set, except the web UI's static files):
     GET  /images/{name}         a result PNG (with its metadata)
     WS   /ws/jobs/{id}          JSON events: status, progress (with a JPEG preview), finished
     /sdapi/v1/...               the A1111 subset, see a1111.py (shared code: service.py)
+    /controlnet/...             sd-webui-controlnet's routes (model_list, module_list, detect, version)
     GET  /openapi.json, /docs   the schema (FastAPI)
 
 Errors are JSON `{"detail": "..."}` with a message that names the field: 400 bad value, 401 no or wrong
@@ -57,7 +60,7 @@ from urllib.parse import unquote, urlsplit
 import torch
 import uvicorn
 from fastapi import FastAPI, Header, Query, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ConfigDict, Field, Strict, create_model
 from starlette.datastructures import Headers
@@ -68,9 +71,10 @@ from ..errors import BadName, NameNotFound, RequestError
 from ..prompts import PromptError
 from ..request import GenerationRequest
 from ..version import __version__
-from .a1111 import make_router
+from .a1111 import make_controlnet_router, make_router
 from .datalock import DataDirLock
 from .jobs import (
+    Executor,
     JobConflict,
     JobManager,
     JobNotFound,
@@ -79,10 +83,12 @@ from .jobs import (
     check_idempotency_key,
     request_digest,
 )
+from .metrics import METRICS_CONTENT_TYPE
 from .modelhost import ModelHost
 from .service import Service
 from .settings import ServeSettings, SettingsError, check_bind, is_loopback
 from .store import TERMINAL
+from .workers import WorkerPool, check_devices
 
 log = logging.getLogger(__name__)
 
@@ -312,14 +318,21 @@ def _error_handlers(app: FastAPI) -> None:
 
 
 def create_app(settings: ServeSettings | None = None, pipeline: Any = None,
-               data_lock: DataDirLock | None = None) -> FastAPI:
+               data_lock: DataDirLock | None = None, executor: Executor | None = None) -> FastAPI:
     """Build the FastAPI app. `pipeline`: an already-built `SDXL` used as the default model (tests,
     notebooks); without it the default model is loaded from `settings.model` on the first job.
     `data_lock`: the data folder's lock, already held (`serve`); without it the app's startup takes it
-    (and fails with DataDirInUse when another server holds it)."""
+    (and fails with DataDirInUse when another server holds it). `executor`: what runs the jobs (see
+    `jobs.Executor`); default: one worker process per entry of `settings.devices` (`workers.WorkerPool`),
+    or, without devices, this process."""
     settings = settings or ServeSettings()
     models = ModelHost(settings, pipeline)
-    manager = JobManager(settings, models, data_lock=data_lock)
+    if executor is None and settings.devices:
+        if pipeline is not None:
+            raise SettingsError("devices: worker processes load their models from files; a preset pipeline "
+                                "runs in this process only")
+        executor = WorkerPool(settings, settings.devices)
+    manager = JobManager(settings, models, data_lock=data_lock, executor=executor)
     service = Service(settings, models, manager)
 
     @asynccontextmanager
@@ -349,6 +362,17 @@ def create_app(settings: ServeSettings | None = None, pipeline: Any = None,
             return JSONResponse({**d, "status": "stopping"}, status_code=503,
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
         return d
+
+    @app.get("/workers", tags=["native"])
+    def workers() -> dict[str, Any]:
+        """Per-worker status: device, pid, alive, loaded model / refiner / LoRAs, jobs done and failed, the
+        running job; and the queue length. One entry for the one-process server."""
+        return {"queued": manager.queued_count(), "workers": manager.workers()}
+
+    @app.get("/metrics", tags=["native"], response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        """Prometheus text format (0.0.4): jobs, latency, steps/s, errors, queue length, busy workers."""
+        return PlainTextResponse(manager.metrics.render(manager), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/info", tags=["native"])
     def info() -> dict[str, Any]:
@@ -428,6 +452,7 @@ def create_app(settings: ServeSettings | None = None, pipeline: Any = None,
 
     # ---------------------------------------------------------- A1111 subset
     app.include_router(make_router(service))
+    app.include_router(make_controlnet_router(service))
 
     # ---------------------------------------------------------- web UI
     @app.get("/", include_in_schema=False)
@@ -528,6 +553,7 @@ def serve(settings: ServeSettings, log_level: str = "info") -> None:
     `shutdown_grace_s` to finish, then is queued again; queued jobs wait for the next start.
     `settings.threads` sets torch's CPU threads for the whole process."""
     check_bind(settings)
+    check_devices(settings.devices)
     lock = DataDirLock(settings.data_path).acquire()
     try:
         sockets = bind_sockets(settings.host, settings.port)

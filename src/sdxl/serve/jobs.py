@@ -73,6 +73,7 @@ from ..prompts import extract_loras
 from ..request import GenerationRequest, LoraSpec, iteration_seeds
 from ..version import __version__
 from .datalock import DataDirLock
+from .metrics import ServeMetrics
 from .modelhost import ModelHost
 from .previews import encode_image, make_preview
 from .settings import ServeSettings
@@ -221,6 +222,7 @@ class Executor:
       does this when it sees `stop_reason`; a remote slot has to be told). The per-job timeout is the
       runner's (`JobRunner` checks it at every step).
     - `holds(slot)`: the `job_key` of what the slot has loaded, or None (unknown: no preference).
+      `available(slot)`: False while the slot cannot take jobs (default True).
     - `describe(slot)`: a JSON-able dict for GET /workers (device, pid, alive, loaded models, ...).
 
     `InProcessExecutor` (one slot, this process's thread, what `sdxl serve` runs by default) is the
@@ -244,6 +246,10 @@ class Executor:
 
     def holds(self, slot: int) -> tuple | None:
         return None
+
+    def available(self, slot: int) -> bool:
+        """False while the slot cannot take jobs (a device given up); its dispatcher then waits."""
+        return True
 
     def describe(self, slot: int) -> dict[str, Any]:
         return {"name": self.slots()[slot]}
@@ -500,6 +506,7 @@ class _Slot:
     jobs_done: int = 0
     jobs_failed: int = 0
     busy_since: float | None = None
+    steps: int = 0  # sampler steps of the running job
     ready: bool = False  # warmed up (or no warm-up asked)
 
 
@@ -537,6 +544,7 @@ class JobManager:
         self._drained = threading.Event()  # set when the dispatchers have stopped for good (shutdown)
         self._hurry = threading.Event()  # set to end the shutdown grace at once
         self.warmed_up = threading.Event()  # every slot is ready (warmed up when the settings ask for it)
+        self.metrics = ServeMetrics()
 
     @property
     def store(self) -> JobStore:
@@ -704,6 +712,7 @@ class JobManager:
             self._live[job.id] = job
             self._pending.append(job.id)
             self._cond.notify_all()
+        self.metrics.job_submitted(source)
         return job
 
     def new_job_id(self) -> str:
@@ -746,6 +755,7 @@ class JobManager:
                 job.status = CANCELLED
                 job.finished_at = time.time()
                 self.store.save(job)
+                self.metrics.job_finished(CANCELLED, job.finished_at - job.created_at, None)
                 finished = True
             else:
                 job.stop_reason = "cancel"
@@ -873,6 +883,10 @@ class JobManager:
 
     # ------------------------------------------------------------------ what runners report (Reporter)
     def progress(self, job: Job, event: dict[str, Any]) -> None:
+        for slot in self._slots:
+            if slot.job is job:
+                slot.steps += 1
+                self.metrics.step(slot.name)
         self._publish(job.id, event)
 
     def wants_preview(self, job: Job) -> bool:
@@ -911,6 +925,8 @@ class JobManager:
         n = len(self._slots)
         if n == 1:
             return self._pending[0] if self._pending else None
+        if not self.executor.available(slot.index):
+            return None
         window = [jid for jid in list(self._pending)[:max(8, 4 * n)]
                   if slot.index not in self._avoid.get(jid, ()) or len(self._avoid[jid]) >= n]
         if not window:
@@ -930,6 +946,7 @@ class JobManager:
         head = window[0]
         for s in self._slots:
             if (s is not slot and s.job is None and s.ready and others[s.index] == keys[head]
+                    and self.executor.available(s.index)
                     and s.index not in self._avoid.get(head, ())):
                 return None  # that idle slot takes it
         return head
@@ -962,6 +979,7 @@ class JobManager:
                 job.run_number = self._run_number
                 slot.job = job
                 slot.busy_since = time.monotonic()
+                slot.steps = 0
                 self.store.save(job)
             self._publish(job.id, {"type": "status", "job": job.public()})
             lost: str | None = None
@@ -980,6 +998,12 @@ class JobManager:
             job.preview_cache = None
             job.pipes = {}
             self.store.save(job)
+            if job.status in TERMINAL:
+                end = job.finished_at or time.time()
+                self.metrics.job_finished(job.status, end - job.created_at,
+                                          end - job.started_at if job.started_at else None)
+            if slot.busy_since is not None:
+                self.metrics.job_speed(slot.name, slot.steps, time.monotonic() - slot.busy_since)
             with self._cond:
                 slot.job = None
                 slot.busy_since = None
@@ -1003,6 +1027,7 @@ class JobManager:
         """The slot died while running `job`: queue it again for another slot, once; the second time (or
         when it was being cancelled or stopped anyway) it ends with the reason."""
         log.warning("job %s: %s", job.id, reason)
+        self.metrics.worker_lost()
         with self._cond:
             reasons = self._lost.setdefault(job.id, [])
             reasons.append(reason)

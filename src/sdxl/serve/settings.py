@@ -82,7 +82,10 @@ class ServeSettings:
     allowed_hosts: without an API key the server answers only requests whose Host header is a loopback
         name or address (this defeats DNS rebinding: a web page whose domain is re-pointed at 127.0.0.1);
         list other names here (e.g. a reverse proxy's). Ignored when an API key is set.
-    threads: torch's intra-op CPU threads (None: torch's default); set by `serve()` for the process.
+    threads: torch's intra-op CPU threads (None: torch's default); set by `serve()` for the process, and
+        in each worker process with `devices` (there None means 1 per CPU worker, torch's default on GPUs).
+    devices: one worker process per entry ("cuda:0", "cpu", ...; repeats allowed), all on the one job
+        queue (`workers.py`); empty: jobs run in the server's own process on `device` (the default).
     compile: load models with torch.compile (`SDXL.load(..., compile=True)`).
     warmup: load the default model and run one small generation at start, before the first job (None:
         when `compile` is on, since compiling is what makes a first request slow).
@@ -113,6 +116,7 @@ class ServeSettings:
     threads: int | None = None
     compile: bool = False
     warmup: bool | None = None
+    devices: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("models_dir", "loras_dir", "embeddings_dir", "upscalers_dir", "data_dir"):
@@ -131,6 +135,7 @@ class ServeSettings:
             raise SettingsError(f"preview: {self.preview!r} is not one of {', '.join(PREVIEW_MODES)}")
         if self.threads is not None and self.threads < 1:
             raise SettingsError(f"threads: {self.threads} must be at least 1")
+        self.devices = parse_devices(self.devices)
         if self.warmup is None:
             self.warmup = self.compile
         if self.queue_size < 1:
@@ -144,6 +149,25 @@ class ServeSettings:
     @property
     def data_path(self) -> Path:
         return self.data_dir if self.data_dir is not None else default_data_dir()
+
+
+def parse_devices(text: str | list[str] | None) -> list[str]:
+    """`--devices cuda:0,cuda:1` -> ["cuda:0", "cuda:1"]. Each entry is cpu, cuda, cuda:N or mps;
+    repeats are allowed (`cpu,cpu`: two CPU workers). Raises SettingsError naming the bad entry."""
+    if not text:
+        return []
+    items = list(text) if not isinstance(text, str) else text.split(",")
+    out = []
+    for raw in items:
+        d = str(raw).strip().lower()
+        kind, _, index = d.partition(":")
+        bad_index = bool(index) and (kind != "cuda" or not index.isdigit())
+        if kind not in ("cpu", "cuda", "mps") or bad_index or d.endswith(":"):
+            shown = repr(raw) if d else "an empty entry"
+            raise SettingsError(f"--devices: {shown} is not a device (cpu, cuda, cuda:N or mps; e.g. "
+                                "cuda:0,cuda:1 or cpu,cpu)")
+        out.append(d)
+    return out
 
 
 def is_loopback(host: str) -> bool:
