@@ -25,6 +25,7 @@ from .assets import DEFAULT_NAME, default_model_path
 from .data.images import load_image
 from .errors import BadName, Interrupted, NameNotFound, NumericsError
 from .files import resolve_in_folder
+from .ip_conditioning import IPAdapterFiles, ip_adapters
 from .metadata import lora_hash, request_infotext, short_hash
 from .models.conditioning import conditioning_numbers, micro_conditioning
 from .models.config import ModelConfig
@@ -108,6 +109,7 @@ class SDXL:
         self._hash: str | None = None
         self._lora_cache: dict[tuple[str, int], Any] = {}
         self._refiners: dict[str, SDXL] = {}  # refiners named by requests, loaded once
+        self.ip_files = IPAdapterFiles()  # IP-Adapter folders, image encoder, loaded adapters
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -155,7 +157,9 @@ class SDXL:
         text = TextEncoders(tl, tg)
         switches = speed_up(unet, text, vae, exact=fast, compile=compile)
         log.debug("%s: speed switches %s", name, ", ".join(switches) or "none")
-        return cls(cfg, unet, vae, text, device=device, dtype=dtype, vae_dtype=vae_dtype, path=path)
+        pipe = cls(cfg, unet, vae, text, device=device, dtype=dtype, vae_dtype=vae_dtype, path=path)
+        pipe.ip_files.allow_pickle = allow_pickle  # IP-Adapter .bin files follow the checkpoint's rule
+        return pipe
 
     # ---------------------------------------------------------------- memory
     def enable_cpu_offload(self, storage: str = "cpu") -> SDXL:
@@ -645,7 +649,9 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
     if refiner is not None and req.refiner_mode == "ensemble":
         base_sigmas, ref_sigmas = S.split_sigmas(sigmas, req.refiner_switch, pipe.schedule_for(req))
 
-    with guidance_variants(pipe.unet, req) as pag_state:  # FreeU and PAG: the base model only
+    # FreeU, PAG and IP-Adapters: the base model only
+    with guidance_variants(pipe.unet, req) as pag_state, ip_adapters(pipe, req) as ip:
+        cond, uncond = ip.extend(cond, uncond, len(sigmas) - 1)  # fractions of the whole schedule
         denoiser = pipe.make_denoiser(cond, uncond, req, base_sigmas, extra_channels=extra,
                                       pag_state=pag_state)
         if mask is not None and extra is None and init is not None:
@@ -753,7 +759,8 @@ def hires_pass(pipe: SDXL, req: GenerationRequest, x: torch.Tensor, seeds: list[
     sigmas = hires_sigmas(pipe, hreq)
     noise = _randn(gens, tuple(init.shape[1:]), pipe.device)
     x = init.to(noise) + noise * sigmas[0]
-    with guidance_variants(pipe.unet, hreq) as pag_state:
+    with guidance_variants(pipe.unet, hreq) as pag_state, ip_adapters(pipe, hreq) as ip:
+        cond, uncond = ip.extend(cond, uncond, len(sigmas) - 1)
         denoiser = pipe.make_denoiser(cond, uncond, hreq, sigmas, pag_state=pag_state)
         with pipe.on_device(pipe.unet):
             return _run_sampler(pipe, denoiser, x, sigmas, hreq, gens[0], "hires", callback)
