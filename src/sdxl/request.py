@@ -632,6 +632,8 @@ def _check_ip_adapters(req: GenerationRequest) -> None:
         for k, m in enumerate(u.images):
             if isinstance(m, str):
                 _text(f"{where}.images[{k}]", m, MAX_NAME_CHARS)
+            elif not (hasattr(m, "__fspath__") or (hasattr(m, "convert") and hasattr(m, "size"))):  # PIL
+                raise RequestError(f"{where}.images[{k}]: {show_value(m)} is not an image or a path")
         for k, e in enumerate(u.face_embeddings):
             if not isinstance(e, tuple) or not 1 <= len(e) <= 4096 or not all(
                     _is_number(v) and math.isfinite(v) for v in e):
@@ -715,6 +717,9 @@ class RunOptions:
     fast: bool = True  # the exact speed switches (fused projections, channels_last, oneDNN, SDPA)
     compile: bool = False  # torch.compile with an on-disk Inductor cache
     allow_pickle: bool = False
+    ip_adapter_dir: str | None = None  # IP-Adapter files (names are looked up there; image encoders in its
+    # image_encoder/ and clip_vision/ sub-folders)
+    image_encoder: str | None = None  # the CLIP vision tower for IP-Adapters whose unit names none
 
 
 @dataclass

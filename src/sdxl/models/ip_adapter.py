@@ -264,6 +264,8 @@ class IPAttention(nn.Module):
         inner = self.inner
         text_len = context.shape[1] - n_image
         text = context[:, :text_len]
+        if not any(self.state.scales):  # every adapter at scale 0: the plain cross-attention on the text
+            return inner(x, text)
         q = inner.to_q(x)
         h = self._attend(q, inner.to_k(text), inner.to_v(text))
         start = text_len
