@@ -1,0 +1,163 @@
+"""The server on Ray Serve (sdxl.serve.ray_serve): a local Ray cluster with two CPU generation replicas.
+
+Ray is an optional extra, so this file skips without it; CI installs it (.ci/run: `.[test,serve,ray]`).
+To run it here: `pip install -e '.[ray]'`, then `python -m pytest -q tests/test_ray_serve.py`.
+
+Only this file starts Ray: one local cluster (2 CPUs, no dashboard) and one Serve application for the
+whole module, over real HTTP through Serve's proxy. On the 2-core build machine Ray's start and the
+deployment's take 10 to 35 s of the file's time (printed by the fixture). Checked here:
+
+- requests for two models land on the replicas that hold them: each replica loads one multiplexed id
+  (model + refiner + LoRA set) and runs only that model's jobs, counted from the replicas' own reports;
+- a request gives the same pixels (and infotext) as the single-process server;
+- killing the replica that runs a job mid-job loses nothing: the job runs again on the other replica
+  (attempts 2) and gives the same pixels as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import socket
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+httpx = pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from sdxl.models.config import tiny_config  # noqa: E402
+from sdxl.serve.app import create_app  # noqa: E402
+from sdxl.serve.ray_serve import APP_NAME, GENERATOR_NAME, RayOptions, build_app  # noqa: E402
+from sdxl.serve.settings import ServeSettings  # noqa: E402
+from sdxl.weights.checkpoint import random_checkpoint, write_single_file  # noqa: E402
+
+TERMINAL = ("done", "failed", "cancelled")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_files, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray_serve")
+    models = root / "models"
+    models.mkdir()
+    shutil.copy(tiny_files["base"], models / "a.safetensors")
+    write_single_file(random_checkpoint(tiny_config("base"), seed=21), models / "b.safetensors")
+    return root
+
+
+def _settings(folders, data: str) -> ServeSettings:
+    return ServeSettings(model=str(folders / "models" / "a.safetensors"), models_dir=folders / "models",
+                         data_dir=folders / data, shutdown_grace_s=2, preview="off")
+
+
+@pytest.fixture(scope="module")
+def cluster(folders):
+    """A local Ray cluster running the app with two CPU replicas; yields an HTTP client on its proxy."""
+    t0 = time.monotonic()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    t1 = time.monotonic()
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(_settings(folders, "ray_data"), RayOptions(min_replicas=2, max_replicas=2,
+                                                                   gpus_per_replica=0)),
+              name=APP_NAME, route_prefix="/")
+    print(f"\nRay start {t1 - t0:.1f} s, Serve application ready {time.monotonic() - t1:.1f} s later")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        yield client
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _wait(client, job_id: str, timeout: float = 60.0) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["status"] in TERMINAL:
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish within {timeout} s: {job}")
+
+
+def _run(client, body: dict) -> dict:
+    r = client.post("/jobs", json=body)
+    assert r.status_code == 202, r.text
+    return _wait(client, r.json()["id"])
+
+
+def _pixels(client, job: dict) -> np.ndarray:
+    assert job["status"] == "done", job
+    r = client.get(job["images"][0]["url"])
+    assert r.status_code == 200
+    return np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+
+
+def _replicas(client) -> dict:
+    workers = client.get("/workers").json()["workers"]
+    return workers[0]["replicas"]
+
+
+def test_two_models_land_on_the_replicas_that_hold_them(cluster):
+    """Six jobs alternating two models: each replica loads one multiplexed id and runs only its jobs."""
+    jobs = {}
+    for k in range(6):
+        model = "a.safetensors" if k % 2 == 0 else "b.safetensors"
+        job = _run(cluster, {"prompt": f"p{k}", "width": 64, "height": 64, "steps": 2, "seed": k,
+                             "model": model})
+        assert job["status"] == "done", job
+        jobs[job["id"]] = model
+    time.sleep(1.1)  # the executor caches the replicas' reports for a second
+    replicas = _replicas(cluster)
+    assert len(replicas) == 2, replicas
+    loads = {rid: r["model_ids_loaded"] for rid, r in replicas.items()}
+    assert sorted(len(v) for v in loads.values()) == [1, 1], loads  # one load per replica: 2 for 6 jobs
+    assert {v[0] for v in loads.values()} == {"model=a.safetensors;refiner=;loras=",
+                                              "model=b.safetensors;refiner=;loras="}
+    for rid, r in replicas.items():
+        models = {jobs[j] for j in r["jobs"] if j in jobs}
+        assert len(models) == 1 and f"model={models.pop()};" in loads[rid][0], (rid, r, jobs)
+        assert len([j for j in r["jobs"] if j in jobs]) == 3
+
+
+def test_same_pixels_as_the_single_process_server(cluster, folders):
+    body = {"prompt": "a red house", "negative_prompt": "blur", "width": 64, "height": 96, "steps": 4,
+            "seed": 1234, "sampler": "euler_a", "cfg": 6.0}
+    with TestClient(create_app(_settings(folders, "local_data")), base_url="http://localhost") as local:
+        expected = _run(local, body)
+        expected_pixels = _pixels(local, expected)
+    got = _run(cluster, body)
+    np.testing.assert_array_equal(_pixels(cluster, got), expected_pixels)
+    assert got["images"][0]["info"] == expected["images"][0]["info"]
+    assert got["images"][0]["seed"] == expected["images"][0]["seed"] == 1234
+
+
+def test_killing_a_replica_mid_job_loses_no_job(cluster):
+    body = {"prompt": "long", "width": 64, "height": 64, "steps": 150, "seed": 7, "model": "b.safetensors"}
+    job_id = cluster.post("/jobs", json=body).json()["id"]
+    end = time.monotonic() + 60
+    replica = None
+    while time.monotonic() < end and replica is None:
+        job = cluster.get(f"/jobs/{job_id}").json()
+        lanes = [w for w in cluster.get("/workers").json()["workers"] if w["current_job"] == job_id]
+        if job["status"] == "running" and job["step"] >= 2 and lanes and lanes[0]["replica"]:
+            replica = lanes[0]["replica"]
+        time.sleep(0.05)
+    assert replica is not None, "the job never got going"
+    actor = ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#{GENERATOR_NAME}#{replica}", namespace="serve")
+    ray.kill(actor, no_restart=True)
+    job = _wait(cluster, job_id, timeout=90)
+    assert job["status"] == "done", job
+    assert job["attempts"] == 2
+    # the rerun is the whole job from its seed: the same pixels as a run nobody interrupted
+    again = _run(cluster, body)
+    np.testing.assert_array_equal(_pixels(cluster, job), _pixels(cluster, again))
