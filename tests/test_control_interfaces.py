@@ -158,3 +158,143 @@ def test_infotext_writes_units_as_the_extension(tmp_path):
     assert (one["Weight"], one["Guidance Start"], one["Guidance End"]) == ("0.5", "0.1", "0.8")
     two = parse_control_unit(parsed["ControlNet 2"])
     assert two["Module"] == "ip-adapter_clip_sdxl_plus_vith" and two["Weight"] == "0.6"
+
+
+# ------------------------------------------------------------------------------------------------ A1111 API
+def _b64(image: Image.Image, prefix: bool = False) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    text = base64.b64encode(buf.getvalue()).decode()
+    return "data:image/png;base64," + text if prefix else text
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The tiny pipeline served over HTTP (uvicorn in a thread) with a tiny random-weight ControlNet for its
+    UNet (sgm layout, `control_model.*`) in models/ControlNet."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn  # lazy: the server extra
+
+    from conftest import tiny_pipeline
+    from sdxl.models.config import tiny_config
+    from sdxl.models.controlnet import ControlNet, ControlNetConfig
+    from sdxl.request import Limits
+    from sdxl.serve.app import create_app
+    from sdxl.serve.settings import ServeSettings
+    from sdxl.weights.io import save_safetensors
+
+    root = tmp_path_factory.mktemp("cn_serve")
+    cn_dir = root / "models" / "ControlNet"
+    cn_dir.mkdir(parents=True)
+    torch.manual_seed(0)
+    cn = ControlNet(ControlNetConfig(unet=tiny_config().unet))
+    save_safetensors({"control_model." + k: v for k, v in cn.state_dict().items()},
+                     cn_dir / "tiny_canny.safetensors")
+    pipe = tiny_pipeline()
+    pipe.control_dirs = [cn_dir]  # the server does not yet set its control folder on the pipeline itself
+    limits = Limits(max_pixels=128 * 128, max_steps=20, max_batch=2)
+    settings = ServeSettings(data_dir=root / "data", models_dir=root / "models", queue_size=4,
+                             shutdown_grace_s=5, limits=limits)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, pipeline=pipe), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{port}", "port": port, "model": cn_dir / "tiny_canny.safetensors",
+           "pipe": pipe}
+    server.should_exit = True
+    thread.join(30)
+
+
+def test_controlnet_routes_list_models_and_modules(served):
+    import httpx
+
+    from sdxl.metadata.hashes import legacy_hash
+
+    url = served["url"]
+    title = f"tiny_canny [{legacy_hash(served['model'])}]"
+    assert httpx.get(f"{url}/controlnet/model_list").json() == {"model_list": [title]}
+    assert httpx.get(f"{url}/controlnet/version").json() == {"version": 3}
+    modules = httpx.get(f"{url}/controlnet/module_list").json()
+    assert modules["module_list"][:7] == ["none", "canny", "threshold", "scribble_xdog", "invert",
+                                          "tile_resample", "blur_gaussian"]
+    low = {"name": "Low Threshold", "value": 100, "min": 1, "max": 255, "step": 1}
+    assert modules["module_detail"]["canny"]["sliders"][1] == low
+    assert "controlnet" in httpx.get(f"{url}/sdapi/v1/scripts").json()["txt2img"]
+    img = _picture()
+    r = httpx.post(f"{url}/controlnet/detect", json={
+        "controlnet_module": "canny", "controlnet_input_images": [_b64(Image.fromarray(img), prefix=True)],
+        "controlnet_processor_res": 96, "controlnet_threshold_a": 100, "controlnet_threshold_b": 200})
+    import base64
+    import io
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+    assert np.array_equal(got[:, :, 0], cv2.Canny(img, 100, 200))  # 96 = the picture's short side
+    r = httpx.post(f"{url}/controlnet/detect", json={
+        "controlnet_module": "depth_midas", "controlnet_input_images": [_b64(Image.fromarray(img))]})
+    assert r.status_code == 422 and "depth_midas" in r.json()["detail"]
+
+
+def test_webuiapi_controlnet_unit_and_hires(served):
+    import webuiapi  # lazy: the third-party client is a test dependency only
+
+    from sdxl.metadata import parse_a1111
+    from sdxl.metadata.infotext import parse_control_unit
+
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=served["port"])
+    title = api.controlnet_model_list()[0]
+    control = Image.fromarray(_picture(48, 32))
+    unit = webuiapi.ControlNetUnit(image=control, module="canny", model=title, weight=0.8, threshold_a=100,
+                                   threshold_b=200, guidance_start=0.0, guidance_end=0.5, control_mode=1,
+                                   resize_mode="Crop and Resize")
+    result = api.txt2img(prompt="a red circle", seed=7, steps=3, width=32, height=48, cfg_scale=4,
+                         sampler_name="Euler", enable_hr=True, hr_scale=2, hr_upscaler="Latent",
+                         denoising_strength=0.6, hr_second_pass_steps=2, controlnet_units=[unit],
+                         alwayson_scripts={})  # webuiapi's default dict is shared between calls
+    assert result.image.size == (64, 96)
+    info = parse_a1111(result.image.info["parameters"])
+    assert info["hires_upscale"] == 2.0 and info["hires_steps"] == 2 and info["denoising_strength"] == 0.6
+    fields = parse_control_unit(info["ControlNet 0"])
+    assert fields["Module"] == "canny" and fields["Model"] == title and fields["Weight"] == "0.8"
+    assert fields["Control Mode"] == "My prompt is more important" and fields["Guidance End"] == "0.5"
+    assert (fields["Threshold A"], fields["Threshold B"]) == ("100", "200")  # the defaults, as the extension
+    # the control changes the picture: the same request without the unit differs
+    plain = api.txt2img(prompt="a red circle", seed=7, steps=3, width=32, height=48, cfg_scale=4,
+                        sampler_name="Euler", enable_hr=True, hr_scale=2, hr_upscaler="Latent",
+                        denoising_strength=0.6, hr_second_pass_steps=2, alwayson_scripts={})
+    assert not np.array_equal(np.asarray(plain.image), np.asarray(result.image))
+    assert "ControlNet 0" not in plain.image.info["parameters"]
+
+
+@pytest.mark.parametrize("unit, words", [
+    ({"model": "nope", "image": "x"}, "args[0].image: not valid base64"),
+    ({"model": "nope"}, "args[0].image: missing"),
+    ({"model": "nope", "image": "<png>"}, "args[0].model: 'nope' is not in the control models folder"),
+    ({"model": "tiny_canny", "image": "<png>", "module": "depth_midas"}, "args[0].module: 'depth_midas'"),
+    ({"model": "tiny_canny", "image": "<png>", "weight": "1"}, "args[0].weight: '1' is not a number"),
+    ({"model": "tiny_canny", "image": "<png>", "control_mode": 7}, "args[0].control_mode: 7 is not one of"),
+    ({"model": "tiny_canny", "image": "<png>", "resize_mode": "Stretch"}, "args[0].resize_mode: 'Stretch'"),
+    ({"model": "ip.bin", "image": "<png>", "module": "ip-adapter_face_id"}, "FaceID needs a face detector"),
+])
+def test_bad_controlnet_units_are_one_line_400s(served, unit, words):
+    import httpx
+
+    png = _b64(Image.fromarray(_picture(16, 16)))
+    unit = {k: (png if v == "<png>" else v) for k, v in unit.items()}
+    r = httpx.post(f"{served['url']}/sdapi/v1/txt2img", json={
+        "prompt": "x", "width": 32, "height": 32, "steps": 2,
+        "alwayson_scripts": {"controlnet": {"args": [{"enabled": False, "model": 5}, unit]}}})
+    assert r.status_code == 400, r.text
+    detail = r.json()["detail"]
+    assert "\n" not in detail and words.replace("args[0]", "args[1]") in detail, detail

@@ -371,7 +371,8 @@ def test_a1111_connect_time_endpoints(client):
     for path in ("upscalers", "latent-upscale-modes"):  # the hires fix's (contents: tests/test_hires.py)
         r = client.get(f"/sdapi/v1/{path}")
         assert r.status_code == 200 and r.json() and all("name" in x for x in r.json()), path
-    builtin = ["freeu integrated", "perturbed attention guidance integrated"]  # Forge's (test_serve_guidance)
+    # ControlNet (test_control_interfaces) and Forge's (test_serve_guidance)
+    builtin = ["controlnet", "freeu integrated", "perturbed attention guidance integrated"]
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": builtin, "img2img": builtin}
     assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     flags = client.get("/sdapi/v1/cmd-flags").json()
@@ -642,7 +643,8 @@ def test_bad_native_requests_get_4xx_with_a_message(client, change, status, word
     [
         ({"enable_hr": True, "hr_upscaler": "Magic"}, "hires_upscaler"),
         ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, "hr_checkpoint_name"),
-        ({"alwayson_scripts": {"controlnet": {"args": []}}}, "controlnet"),
+        ({"alwayson_scripts": {"controlnet": {"args": [{"model": "x", "image": ""}]}}}, "controlnet"),
+        ({"alwayson_scripts": {"roop": {"args": []}}}, "roop"),
         ({"sampler_name": "Magic"}, "unknown sampler"),
         ({"scheduler": "Wobbly"}, "unknown schedule"),
         ({"steps": 0}, "steps"),

@@ -83,7 +83,8 @@ def test_disabled_scripts_change_nothing(client, pipe):
     ({"FreeU Integrated": {"args": ["yes", 1.1, 1.2, 0.8, 0.3]}}, "FreeU Integrated.args[0]"),
     ({"Perturbed Attention Guidance Integrated": {"args": [True, -1.0]}}, "pag_scale"),
     ({"FreeU Integrated": {"args": [True, 99.0, 1.2, 0.8, 0.3]}}, "freeu_b1"),
-    ({"controlnet": {"args": []}}, "controlnet"),
+    ({"controlnet": {"args": [{"model": "x"}]}}, "controlnet.args[0].image"),
+    ({"roop": {"args": []}}, "roop"),
 ])  # fmt: skip
 def test_bad_script_args_are_400_naming_them(client, scripts, named):
     r = client.post("/sdapi/v1/txt2img", json={**BODY, "alwayson_scripts": scripts})
@@ -92,4 +93,4 @@ def test_bad_script_args_are_400_naming_them(client, scripts, named):
 
 def test_scripts_listing_names_the_built_in_ones(client):
     assert client.get("/sdapi/v1/scripts").json()["txt2img"] == [
-        "freeu integrated", "perturbed attention guidance integrated"]
+        "controlnet", "freeu integrated", "perturbed attention guidance integrated"]
