@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from .assets import DEFAULT_NAME, default_model_path
+from .control import request_control
 from .data.images import load_image
 from .errors import BadName, Interrupted, NameNotFound, NumericsError
 from .files import resolve_in_folder
@@ -109,6 +110,7 @@ class SDXL:
         self._hash: str | None = None
         self._lora_cache: dict[tuple[str, int], Any] = {}
         self._refiners: dict[str, SDXL] = {}  # refiners named by requests, loaded once
+        self.control_dirs: list[Path] = []  # where control model (ControlNet) names are looked up
         self.ip_files = IPAdapterFiles()  # IP-Adapter folders, image encoder, loaded adapters
 
     # ---------------------------------------------------------------- loading
@@ -314,13 +316,14 @@ class SDXL:
         sigmas: torch.Tensor,
         extra_channels: torch.Tensor | None = None,
         pag_state: PerturbState | None = None,
+        control=None,
     ) -> ModelDenoiser:
         """A denoiser D(x, sigma) with classifier-free guidance (both branches in one batch), guidance
         rescale, CFG limited to a range of steps, and per-step conditioning (prompt editing).
 
         `cond`/`uncond` are schedules from `text_conditioning`; see `sampling.guidance`. Needs a resolved
         request. `pag_state`: the UNet's PAG layers swapped (`guidance_variants`); then the request's
-        pag_scale applies.
+        pag_scale applies. `control`: the request's `ControlFn` (`control.request_control`).
         """
         prediction = req.prediction or self.config.prediction
         den = ModelDenoiser(
@@ -341,6 +344,7 @@ class SDXL:
             pag_state=pag_state,
             region_masks=(self.region_masks(req) if isinstance(cond, Composable) and req.region_masks
                           else None),
+            control=control,
         )
         return den
 
@@ -650,10 +654,12 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
         base_sigmas, ref_sigmas = S.split_sigmas(sigmas, req.refiner_switch, pipe.schedule_for(req))
 
     # FreeU, PAG and IP-Adapters: the base model only
-    with guidance_variants(pipe.unet, req) as pag_state, ip_adapters(pipe, req) as ip:
+    # control units: the base model, step fractions of the whole schedule (the base's share with a refiner)
+    with guidance_variants(pipe.unet, req) as pag_state, ip_adapters(pipe, req) as ip, \
+            request_control(pipe, req, req.width, req.height, len(sigmas) - 1) as control:
         cond, uncond = ip.extend(cond, uncond, len(sigmas) - 1)  # fractions of the whole schedule
         denoiser = pipe.make_denoiser(cond, uncond, req, base_sigmas, extra_channels=extra,
-                                      pag_state=pag_state)
+                                      pag_state=pag_state, control=control)
         if mask is not None and extra is None and init is not None:
             denoiser = _masked(denoiser, init, noise, lat_mask, first_sigma=float(base_sigmas[0]))
         with pipe.on_device(pipe.unet):
@@ -759,9 +765,10 @@ def hires_pass(pipe: SDXL, req: GenerationRequest, x: torch.Tensor, seeds: list[
     sigmas = hires_sigmas(pipe, hreq)
     noise = _randn(gens, tuple(init.shape[1:]), pipe.device)
     x = init.to(noise) + noise * sigmas[0]
-    with guidance_variants(pipe.unet, hreq) as pag_state, ip_adapters(pipe, hreq) as ip:
+    with guidance_variants(pipe.unet, hreq) as pag_state, ip_adapters(pipe, hreq) as ip, \
+            request_control(pipe, hreq, hreq.width, hreq.height, len(sigmas) - 1, hires=True) as control:
         cond, uncond = ip.extend(cond, uncond, len(sigmas) - 1)
-        denoiser = pipe.make_denoiser(cond, uncond, hreq, sigmas, pag_state=pag_state)
+        denoiser = pipe.make_denoiser(cond, uncond, hreq, sigmas, pag_state=pag_state, control=control)
         with pipe.on_device(pipe.unet):
             return _run_sampler(pipe, denoiser, x, sigmas, hreq, gens[0], "hires", callback)
 

@@ -59,6 +59,7 @@ UNION_CONTROL_TYPES: dict[str, int] = {
     "tile": 6, "blur": 6,
     "repaint": 7, "inpaint": 7, "outpaint": 7,
 }
+SOFT_INJECTION_BASE = 0.825  # sd-webui-controlnet's soft injection: weight * 0.825 ** (12 - k)
 UNION_TYPE_NAMES = ("openpose", "depth", "hed/pidi/scribble/ted", "canny/lineart/anime_lineart/mlsd",
                     "normal", "segment", "tile", "repaint")
 
@@ -234,6 +235,22 @@ class ControlNet(nn.Module):
     def type_index(self, control_type: str | None, where: str = "control_type") -> int | None:
         """The control type id a union model gets for `control_type` (None for a plain ControlNet)."""
         return union_type_index(control_type, self.cfg.union_types, where) if self.cfg.is_union else None
+
+    @staticmethod
+    def output_scales(weight: float, n_outputs: int, soft: bool = False) -> list[float]:
+        """The scale of each output [skip 0, ..., skip N-1, middle]: the weight, or with soft injection
+        ("My prompt is more important", "ControlNet is more important") sd-webui-controlnet's
+        weight * 0.825 ** (12 - k), its 13-entry table cut to the model's outputs (SDXL: the middle gets
+        0.825 ** 3)."""
+        if not soft:
+            return [weight] * n_outputs
+        return [weight * SOFT_INJECTION_BASE ** float(12 - k) for k in range(n_outputs)]
+
+    def scaled(self, control: UNetControl, weight: float, soft: bool = False) -> UNetControl:
+        """`control` (this model's output) with every residual times its `output_scales` entry."""
+        scales = self.output_scales(weight, len(control.skips) + 1, soft)
+        return UNetControl(skips=[s * k for s, k in zip(control.skips, scales)],
+                           middle=control.middle * scales[-1])
 
     def encode_hint(self, hint: Tensor, control_type: str | int | None = None) -> Tensor:
         """The hint's features, added to conv_in's output: [B or 1, model width, H, W] from pixels in [0, 1].
