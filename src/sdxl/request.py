@@ -717,6 +717,7 @@ class RunOptions:
     fast: bool = True  # the exact speed switches (fused projections, channels_last, oneDNN, SDPA)
     compile: bool = False  # torch.compile with an on-disk Inductor cache
     allow_pickle: bool = False
+    controlnet_dir: str | None = None  # control models (ControlNet, T2I-Adapter): A1111's models/ControlNet
     ip_adapter_dir: str | None = None  # IP-Adapter files (names are looked up there; image encoders in its
     # image_encoder/ and clip_vision/ sub-folders)
     image_encoder: str | None = None  # the CLIP vision tower for IP-Adapters whose unit names none
