@@ -172,9 +172,24 @@ def _b64(image: Image.Image, prefix: bool = False) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """The tiny pipeline served over HTTP (uvicorn in a thread) with a tiny random-weight ControlNet for its
-    UNet (sgm layout, `control_model.*`) in models/ControlNet."""
+def cn_file(tmp_path_factory):
+    """A tiny random-weight ControlNet for tiny_config's UNet, as an sgm-layout file (`control_model.*`)."""
+    from sdxl.models.config import tiny_config
+    from sdxl.models.controlnet import ControlNet, ControlNetConfig
+    from sdxl.weights.io import save_safetensors
+
+    torch.manual_seed(0)
+    cn = ControlNet(ControlNetConfig(unet=tiny_config().unet))
+    path = tmp_path_factory.mktemp("cn") / "tiny_canny.safetensors"
+    save_safetensors({"control_model." + k: v for k, v in cn.state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, cn_file):
+    """The tiny pipeline served over HTTP (uvicorn in a thread) with the tiny ControlNet in
+    models/ControlNet."""
+    import shutil
     import socket
     import threading
     import time
@@ -182,20 +197,14 @@ def served(tmp_path_factory):
     import uvicorn  # lazy: the server extra
 
     from conftest import tiny_pipeline
-    from sdxl.models.config import tiny_config
-    from sdxl.models.controlnet import ControlNet, ControlNetConfig
     from sdxl.request import Limits
     from sdxl.serve.app import create_app
     from sdxl.serve.settings import ServeSettings
-    from sdxl.weights.io import save_safetensors
 
     root = tmp_path_factory.mktemp("cn_serve")
     cn_dir = root / "models" / "ControlNet"
     cn_dir.mkdir(parents=True)
-    torch.manual_seed(0)
-    cn = ControlNet(ControlNetConfig(unet=tiny_config().unet))
-    save_safetensors({"control_model." + k: v for k, v in cn.state_dict().items()},
-                     cn_dir / "tiny_canny.safetensors")
+    shutil.copy(cn_file, cn_dir / "tiny_canny.safetensors")
     pipe = tiny_pipeline()
     pipe.control_dirs = [cn_dir]  # the server does not yet set its control folder on the pipeline itself
     limits = Limits(max_pixels=128 * 128, max_steps=20, max_batch=2)
@@ -298,3 +307,63 @@ def test_bad_controlnet_units_are_one_line_400s(served, unit, words):
     assert r.status_code == 400, r.text
     detail = r.json()["detail"]
     assert "\n" not in detail and words.replace("args[0]", "args[1]") in detail, detail
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_controlnet_flags_metadata_and_from(tiny_files, cn_file, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from sdxl.cli import app
+
+    runner = CliRunner()
+    control = tmp_path / "edges.png"
+    Image.fromarray(_picture(64, 64)).save(control)
+    out = tmp_path / "a.png"
+    base = ["generate", "a red circle", "--model", str(tiny_files["base"]), "-W", "32", "-H", "32", "--steps",
+            "2", "--seed", "3", "--quiet"]
+    res = runner.invoke(app, [*base, "--out", str(out), "--controlnet", f"{cn_file}:0.8:0:0.5",
+                              "--control-image", str(control), "--control-preprocessor", "canny",
+                              "--control-mode", "prompt", "--control-threshold", "50:150"])
+    assert res.exit_code == 0, res.output
+    stored = json.loads(Image.open(out).info["sdxl"])["request"]["controls"]
+    assert stored == [{"model": str(cn_file.resolve()), "image": str(control.resolve()), "weight": 0.8,
+                       "start": 0.0, "end": 0.5, "control_type": None, "control_mode": "prompt",
+                       "resize_mode": "crop", "preprocessor": "canny", "threshold_a": 50.0,
+                       "threshold_b": 150.0}]
+    assert 'ControlNet 0: "Module: canny, Model: tiny_canny [' in Image.open(out).info["parameters"]
+    again = tmp_path / "again.png"
+    res = runner.invoke(app, ["generate", "--from", str(out), "--model", str(tiny_files["base"]), "--out",
+                              str(again), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--controlnet", "<cn>"], "--control-image: 0 given for 1 --controlnet units"),
+    (["--controlnet", "<cn>:1:0.5", "--control-image", "<img>"], "expected FILE, FILE:WEIGHT or"),
+    (["--controlnet", "nope.safetensors", "--control-image", "<img>"],
+     "--controlnet nope.safetensors: no such"),
+    (["--controlnet", "<cn>", "--control-image", "<img>", "--control-mode", "loud"],
+     "--control-mode (unit 1): 'loud' is not one of balanced, prompt, control"),
+    (["--controlnet", "<cn>", "--control-image", "<img>", "--control-preprocessor", "depth"],
+     "--control-preprocessor (unit 1): 'depth' is not a preprocessor"),
+    (["--controlnet", "<cn>", "--controlnet", "<cn>", "--control-image", "<img>", "--control-image", "<img>",
+      "--control-resize", "crop", "--control-resize", "fill", "--control-resize", "crop"],
+     "--control-resize: given 3 times for 2 units"),
+    (["--controlnet", "<cn>:20", "--control-image", "<img>"], "--controlnet (unit 1): 20"),
+    (["--control-mode", "prompt"], "--control-mode: no control unit"),
+    (["--ip-adapter", "<cn>", "--ip-adapter", "<cn>", "--ip-image", "<img>"], "--ip-image: 1 given for 2"),
+])  # fmt: skip
+def test_cli_control_errors_are_one_line(cn_file, tmp_path, extra, words):
+    from typer.testing import CliRunner
+
+    from sdxl.cli import app
+
+    img = tmp_path / "c.png"
+    Image.new("RGB", (8, 8)).save(img)
+    extra = [x.replace("<cn>", str(cn_file)).replace("<img>", str(img)) for x in extra]
+    res = CliRunner().invoke(app, ["generate", "x", "--steps", "2", *extra])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and words in res.output and len(lines) == 1, res.output

@@ -196,6 +196,41 @@ _CLI_OPTIONS: dict[str, tuple[Any, Any]] = {
     "save_latents": (Path | None, typer.Option(None, help="Also write the final latents (safetensors).")),
     "allow_pickle": (bool, typer.Option(False, help="Allow .ckpt pickle files (weights-only loading).")),
     "quiet": (bool, typer.Option(False, "--quiet", "-q", help="No progress bar, no seed line.")),
+    # control units: --controlnet and --control-image are paired in order; each --control-* option is given
+    # once (every unit) or once per unit (in order)
+    "controlnet": (list[str], typer.Option(
+        [], "--controlnet", help="Control model FILE[:WEIGHT[:START:END]] (ControlNet, union, Control-LoRA "
+        "or T2I-Adapter; a path or a name in --controlnet-dir; START/END: fractions of the steps); "
+        "repeatable, paired in order with --control-image.", show_default=False)),
+    "control_image": (list[Path], typer.Option(
+        [], "--control-image", help="The control image of each --controlnet, in order (the map itself, or "
+        "the input of --control-preprocessor).", show_default=False)),
+    "control_type": (list[str], typer.Option(
+        [], "--control-type", help="Union models: the control type (canny, depth, openpose, ...). Once for "
+        "every unit or once per unit.", show_default=False)),
+    "control_mode": (list[str], typer.Option(
+        [], "--control-mode", help="balanced, prompt (my prompt is more important) or control (ControlNet is "
+        "more important); once for every unit or once per unit.", show_default=False)),
+    "control_resize": (list[str], typer.Option(
+        [], "--control-resize", help="resize (stretch), crop (cover, centre crop; the default) or fill (fit "
+        "inside, padded); once for every unit or once per unit.", show_default=False)),
+    "control_preprocessor": (list[str], typer.Option(
+        [], "--control-preprocessor", help="none (the image is the map), canny, threshold, scribble, invert, "
+        "tile, blur; once for every unit or once per unit.", show_default=False)),
+    "control_threshold": (list[str], typer.Option(
+        [], "--control-threshold", help="The preprocessor's A[:B] (canny: LOW:HIGH on 0..255, default "
+        "100:200); once for every unit or once per unit.", show_default=False)),
+    "controlnet_dir": (Path | None, typer.Option(None, help="Folder searched for --controlnet names.")),
+    "ip_adapter": (list[str], typer.Option(
+        [], "--ip-adapter", help="IP-Adapter FILE[:SCALE[:START:END]] (a path or a name in "
+        "--ip-adapter-dir); repeatable.", show_default=False)),
+    "ip_image": (list[Path], typer.Option(
+        [], "--ip-image", help="Reference image: with one --ip-adapter every --ip-image is its; with "
+        "several, one per adapter, in order.", show_default=False)),
+    "image_encoder": (str | None, typer.Option(None, help="The CLIP vision tower for --ip-adapter (a folder "
+                                               "or file; default: the one found beside the adapter).")),
+    "ip_adapter_dir": (Path | None, typer.Option(None, help="Folder searched for --ip-adapter names and "
+                                                 "their image encoders.")),
 }
 _SIZE_PAIRS = {  # convenience option -> (width field, height field)
     "original_size": ("original_width", "original_height"),
@@ -257,6 +292,7 @@ def _generate(**opts: Any) -> None:
         given["prompt"] = opts["prompt"]
     if opts["lora"]:
         given["loras"] = [_lora_spec(spec) for spec in opts["lora"]]
+    given.update(_control_fields(opts, base))
     if given.get("seed") is not None and given["seed"] < 0:  # A1111 convention: -1 = random
         given["seed"] = None
     if "prompt" not in given and "prompt" not in base:
@@ -272,9 +308,11 @@ def _generate(**opts: Any) -> None:
     try:  # reject a bad request before loading gigabytes of weights
         req = GenerationRequest.from_dict({**defaults, **base, **given}).validate()
     except RequestError as e:
-        fail(_flagged(str(e)))
+        fail(_flagged(_unit_flags(str(e))))
     model_path = resolve_model(model, models_dir)
     refiner_path = resolve_model(run.refiner, models_dir, "refiner") if run.refiner else None
+    if opts["ip_adapter_dir"] is not None:
+        run = dataclasses.replace(run, ip_adapter_dir=str(opts["ip_adapter_dir"]))
     run_generate(req, dataclasses.replace(run, model=str(model_path),
                                           refiner=str(refiner_path) if refiner_path else None),
                  out=opts["out"], n=opts["n"], save_latents=opts["save_latents"], quiet=opts["quiet"],
@@ -301,6 +339,176 @@ def _lora_spec(spec: str) -> LoraSpec:
     except ValueError:
         fail(f"--lora {spec!r}: expected NAME or NAME:WEIGHT")
     raise AssertionError
+
+
+# ------------------------------------------------------------------------------------------------- control
+_UNIT_FLAGS = {  # request field of a unit -> the flag that sets it
+    "controls": {"model": "--controlnet", "weight": "--controlnet", "start": "--controlnet",
+                 "end": "--controlnet", "image": "--control-image", "control_type": "--control-type",
+                 "control_mode": "--control-mode", "resize_mode": "--control-resize",
+                 "preprocessor": "--control-preprocessor", "threshold_a": "--control-threshold",
+                 "threshold_b": "--control-threshold"},
+    "ip_adapters": {"model": "--ip-adapter", "scale": "--ip-adapter", "start": "--ip-adapter",
+                    "end": "--ip-adapter", "images": "--ip-image", "image_encoder": "--image-encoder",
+                    "face_embeddings": "--ip-image"},
+}  # fmt: skip
+_UNIT_FIELD = re.compile(r"^(controls|ip_adapters)\[(\d+)\]\.(\w+)(\[\d+\])?")
+
+
+def _unit_flags(message: str) -> str:
+    """'controls[1].control_mode: ...' -> '--control-mode (unit 2): ...', in the CLI's words."""
+    m = _UNIT_FIELD.match(message)
+    if not m or m.group(3) not in _UNIT_FLAGS[m.group(1)]:
+        return message
+    return f"{_UNIT_FLAGS[m.group(1)][m.group(3)]} (unit {int(m.group(2)) + 1})" + message[m.end():]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _unit_spec(spec: str, flag: str, what: str) -> tuple[str, list[float]]:
+    """FILE, FILE:W or FILE:W:START:END -> (FILE, numbers); numbers are read from the right, so a path
+    holding ':' (C:\\models\\x.safetensors) stays whole."""
+    parts = spec.split(":")
+    k = 0
+    while k < len(parts) - 1 and _is_number(parts[-1 - k]):
+        k += 1
+    k = min(k, 3)
+    if k == 2:
+        fail(f"{flag} {spec!r}: expected FILE, FILE:{what} or FILE:{what}:START:END")
+    name = ":".join(parts[: len(parts) - k])
+    if not name:
+        fail(f"{flag} {spec!r}: no file given")
+    return name, [float(x) for x in parts[len(parts) - k:]]
+
+
+def _file_in(name: str, folder: Path | None, flag: str, suffixes: tuple[str, ...]) -> str:
+    """A file or folder given as a path, or a name in `folder`: its absolute path (what the PNG records)."""
+    p = Path(name).expanduser()
+    if p.exists():
+        return str(p.resolve())
+    if folder is not None:
+        try:
+            return str(resolve_in_folder(folder, name, flag.lstrip("-"), suffixes))
+        except (BadName, NameNotFound):
+            pass
+    where = f" (nor in {folder})" if folder is not None else ""
+    fail(f"{flag} {name}: no such file or folder{where}")
+    raise AssertionError
+
+
+def _per_unit(opts: dict, key: str, n: int) -> list[Any]:
+    """A --control-* option for n units: given once (every unit), n times (in order), or not at all."""
+    values = list(opts.get(key) or ())
+    if not values:
+        return [None] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        flag = "--" + key.replace("_", "-")
+        fail(f"{flag}: given {len(values)} times for {n} units (give it once for every unit, or once per "
+             "unit)")
+    return values
+
+
+def _image_path(path: Path, flag: str) -> str:
+    if not path.is_file():
+        fail(f"{flag} {path}: no such file")
+    return str(path.resolve())
+
+
+def _control_fields(opts: dict, base: dict) -> dict[str, Any]:
+    """The request's `controls` and `ip_adapters` from the control flags. --controlnet / --ip-adapter
+    replace the units of --from's request; without them, --control-image / --ip-image and the --control-*
+    options change the stored units."""
+    out: dict[str, Any] = {}
+    images = [_image_path(p, "--control-image") for p in opts["control_image"]]
+    if opts["controlnet"]:
+        if len(images) != len(opts["controlnet"]):
+            fail(f"--control-image: {len(images)} given for {len(opts['controlnet'])} --controlnet units "
+                 "(one per unit, in order)")
+        units = []
+        for spec, image in zip(opts["controlnet"], images):
+            name, nums = _unit_spec(spec, "--controlnet", "WEIGHT")
+            unit: dict[str, Any] = {"model": _file_in(name, opts["controlnet_dir"], "--controlnet",
+                                                      (".safetensors", ".pth", ".bin")), "image": image}
+            unit.update(zip(("weight", "start", "end"), nums))
+            units.append(unit)
+    else:
+        units = [dict(u) for u in base.get("controls") or ()]
+        if images:
+            if len(images) != len(units):
+                fail(f"--control-image: {len(images)} given for {len(units)} control units (add --controlnet "
+                     "FILE for each)")
+            for unit, image in zip(units, images):
+                unit["image"] = image
+    for key, field in (("control_type", "control_type"), ("control_mode", "control_mode"),
+                       ("control_resize", "resize_mode"), ("control_preprocessor", "preprocessor")):
+        if opts[key] and not units:
+            fail(f"--{key.replace('_', '-')}: no control unit (add --controlnet FILE --control-image IMG)")
+        for unit, value in zip(units, _per_unit(opts, key, len(units))):
+            if value is not None:
+                unit[field] = value
+    for unit, value in zip(units, _per_unit(opts, "control_threshold", len(units))):
+        if value is not None:
+            a, sep, b = value.partition(":")
+            if not _is_number(a) or (sep and not _is_number(b)):
+                fail(f"--control-threshold {value!r}: expected A or A:B (numbers)")
+            unit["threshold_a"] = float(a)
+            unit["threshold_b"] = float(b) if sep else None
+    for i, unit in enumerate(units):
+        if unit.get("image") in (None, "<image>"):
+            fail(f"--control-image: unit {i + 1} has no stored control image (it was uploaded, not a file); "
+                 "give it with --control-image")
+    if opts["controlnet"] or units != list(base.get("controls") or ()):
+        out["controls"] = units
+    out.update(_ip_fields(opts, base))
+    return out
+
+
+def _ip_fields(opts: dict, base: dict) -> dict[str, Any]:
+    images = [_image_path(p, "--ip-image") for p in opts["ip_image"]]
+    encoder = opts["image_encoder"]
+    if encoder is not None:
+        encoder = _file_in(encoder, None, "--image-encoder", ())
+    if opts["ip_adapter"]:
+        n = len(opts["ip_adapter"])
+        if n == 1:
+            per = [images]
+        elif len(images) == n:
+            per = [[im] for im in images]
+        else:
+            fail(f"--ip-image: {len(images)} given for {n} --ip-adapter units (one per adapter, in order; "
+                 "with one adapter, any number)")
+        units = []
+        for spec, imgs in zip(opts["ip_adapter"], per):
+            name, nums = _unit_spec(spec, "--ip-adapter", "SCALE")
+            unit: dict[str, Any] = {"model": _file_in(name, opts["ip_adapter_dir"], "--ip-adapter",
+                                                      (".safetensors", ".bin")), "images": imgs}
+            unit.update(zip(("scale", "start", "end"), nums))
+            units.append(unit)
+    else:
+        units = [dict(u) for u in base.get("ip_adapters") or ()]
+        if images:
+            if len(units) != 1:
+                fail(f"--ip-image: {len(units)} IP-Adapters to give it to (add --ip-adapter FILE)")
+            units[0]["images"] = images
+    if encoder is not None:
+        if not units:
+            fail("--image-encoder: no IP-Adapter (add --ip-adapter FILE --ip-image IMG)")
+        for unit in units:
+            unit["image_encoder"] = encoder
+    for i, unit in enumerate(units):
+        if "<image>" in (unit.get("images") or ()):
+            fail(f"--ip-image: IP-Adapter {i + 1} has a reference image that was not stored (it was "
+                 "uploaded); give them with --ip-image")
+    changed = opts["ip_adapter"] or units != list(base.get("ip_adapters") or ())
+    return {"ip_adapters": units} if changed else {}
 
 
 def _install_generate() -> None:
@@ -366,6 +574,8 @@ def run_generate(
         fail(f"--n {n}: must be at least 1")
     pipe = load_for_run(run, run.model)
     ref = load_for_run(run, run.refiner, "refiner") if run.refiner else None
+    if run.ip_adapter_dir and getattr(pipe, "ip_files", None) is not None:
+        pipe.ip_files.dirs = [Path(run.ip_adapter_dir)]  # adapter names, and encoders in its sub-folders
     if embeddings is not None:
         if not embeddings.is_dir():
             fail(f"--embeddings {embeddings}: not a folder")
