@@ -206,7 +206,6 @@ def served(tmp_path_factory, cn_file):
     cn_dir.mkdir(parents=True)
     shutil.copy(cn_file, cn_dir / "tiny_canny.safetensors")
     pipe = tiny_pipeline()
-    pipe.control_dirs = [cn_dir]  # the server does not yet set its control folder on the pipeline itself
     limits = Limits(max_pixels=128 * 128, max_steps=20, max_batch=2)
     settings = ServeSettings(data_dir=root / "data", models_dir=root / "models", queue_size=4,
                              shutdown_grace_s=5, limits=limits)

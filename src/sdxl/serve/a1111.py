@@ -69,7 +69,6 @@ from ..control_maps import detect as detect_map
 from ..control_names import A1111_MODULES, PARAMETERS, canonical_preprocessor
 from ..errors import RequestError
 from ..metadata import parse_a1111
-from ..metadata.hashes import legacy_hash
 from ..request import (
     MAX_CLIP_SKIP,
     MAX_CONTROL_UNITS,
@@ -83,6 +82,7 @@ from ..sampling import SAMPLER_INFO, SCHEDULES
 from ..sampling.names import A1111_SAMPLER_NAMES, A1111_SCHEDULE_NAMES, is_automatic
 from ..upscale_models import png_bytes
 from ..version import __version__
+from .control_files import control_dirs, control_model_files, control_model_title
 from .jobs import JobNotFinished, check_idempotency_key, request_digest
 from .previews import encode_image
 from .service import Service
@@ -350,7 +350,6 @@ def _refuse_unsupported(body: _A1111Body) -> None:
 # extension's; unknown fields are ignored as it ignores them; wrong types are a 400 naming the field.
 CONTROLNET_SCRIPT = "controlnet"
 CONTROLNET_API_VERSION = 3  # what the extension's /controlnet/version answers
-CONTROL_MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")  # the extension's CN_MODEL_EXTS
 _RESIZE_BY_INT = {0: "resize", 1: "crop", 2: "fill", 3: "resize"}  # 3: "Just Resize (Latent upscale)"
 _RESIZE_BY_NAME = {
     "just resize": "resize", "crop and resize": "crop", "resize and fill": "fill",
@@ -374,46 +373,6 @@ _UNIT_TYPES: dict[str, tuple[type, ...]] = {
 }  # fmt: skip
 _LEGACY_ALIASES = {"input_image": "image", "guidance": "guidance_end", "lowvram": "low_vram",
                    "mask_image": "mask"}
-
-
-def control_dirs(settings: Any) -> list[Path]:
-    """The folders of control models (ControlNet, T2I-Adapter, Control-LoRA and, as A1111 keeps them,
-    IP-Adapter files): `controlnet_dir` when the server has one, else `<models_dir>/ControlNet`."""
-    dirs = [getattr(settings, "controlnet_dir", None), getattr(settings, "ipadapter_dir", None)]
-    models_dir = getattr(settings, "models_dir", None)
-    if models_dir is not None:
-        dirs += [Path(models_dir) / "ControlNet", Path(models_dir) / "controlnet"]
-    out: list[Path] = []
-    for d in dirs:
-        if d is not None and Path(d).is_dir() and Path(d).resolve() not in [x.resolve() for x in out]:
-            out.append(Path(d))
-    return out
-
-
-def control_model_files(dirs: list[Path]) -> list[Path]:
-    """Control model files (any of the extension's suffixes, in sub-folders too) and diffusers folders
-    (config.json beside diffusion_pytorch_model.*), sorted by name; image encoder folders left out."""
-    found: dict[str, Path] = {}
-    for root in dirs:
-        for p in sorted(root.rglob("*")):
-            rel = p.relative_to(root)
-            if any(part in ("image_encoder", "clip_vision") for part in rel.parts):
-                continue
-            if p.is_file() and p.suffix.lower() in CONTROL_MODEL_SUFFIXES and not (
-                    p.parent / "config.json").is_file():
-                found.setdefault(p.stem.lower(), p)
-            elif p.is_dir() and (p / "config.json").is_file() and any(p.glob("diffusion_pytorch_model.*")):
-                found.setdefault(p.name.lower(), p)
-    return sorted(found.values(), key=lambda p: (p.stem if p.is_file() else p.name).lower())
-
-
-def control_model_title(path: Path) -> str:
-    """'name [hash]' as the extension lists a model: the stem and A1111's 8-digit legacy hash of the file
-    (of a diffusers folder's weights file)."""
-    weights = path
-    if path.is_dir():
-        weights = sorted(path.glob("diffusion_pytorch_model.*"))[0]
-    return f"{path.stem if path.is_file() else path.name} [{legacy_hash(weights)}]"
 
 
 def _find_control_model(service: Service, name: str, where: str) -> Path:

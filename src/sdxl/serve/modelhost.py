@@ -24,6 +24,7 @@ from ..pipeline import SDXL
 from ..weights import detect
 from ..weights.checkpoint import read_checkpoint
 from ..weights.io import open_tensors
+from .control_files import control_dirs
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,10 @@ class ModelHost:
         embeddings folder's textual inversions are loaded (a bad file is logged and left out)."""
         pipe.lora_dirs = [self.settings.loras_dir] if self.settings.loras_dir else []
         pipe.allow_lora_paths = False
+        pipe.control_dirs = control_dirs(self.settings, existing=False)  # names only, inside these folders
+        if getattr(pipe, "ip_files", None) is not None:
+            pipe.ip_files.dirs = pipe.ip_files.dirs or control_dirs(self.settings, existing=False)
+            pipe.ip_files.allow_paths = False
         folder = self.settings.embeddings_dir
         if folder is not None and folder.is_dir():
             try:
