@@ -326,12 +326,12 @@ def create_app(settings: ServeSettings | None = None, pipeline: Any = None,
     `jobs.Executor`); default: one worker process per entry of `settings.devices` (`workers.WorkerPool`),
     or, without devices, this process."""
     settings = settings or ServeSettings()
-    models = ModelHost(settings, pipeline)
     if executor is None and settings.devices:
         if pipeline is not None:
             raise SettingsError("devices: worker processes load their models from files; a preset pipeline "
                                 "runs in this process only")
         executor = WorkerPool(settings, settings.devices)
+    models = ModelHost(settings, pipeline)
     manager = JobManager(settings, models, data_lock=data_lock, executor=executor)
     service = Service(settings, models, manager)
 

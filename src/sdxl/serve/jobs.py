@@ -57,7 +57,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -507,6 +507,7 @@ class _Slot:
     jobs_failed: int = 0
     busy_since: float | None = None
     steps: int = 0  # sampler steps of the running job
+    by_model: dict[str, int] = field(default_factory=dict)  # finished jobs per model name
     ready: bool = False  # warmed up (or no warm-up asked)
 
 
@@ -910,7 +911,8 @@ class JobManager:
                 d.update({"name": slot.name, "ready": slot.ready, "busy": job is not None,
                           "current_job": job.id if job is not None else None,
                           "busy_for_s": (time.monotonic() - slot.busy_since) if slot.busy_since else None,
-                          "jobs_done": slot.jobs_done, "jobs_failed": slot.jobs_failed})
+                          "jobs_done": slot.jobs_done, "jobs_failed": slot.jobs_failed,
+                          "jobs_by_model": dict(slot.by_model)})
             out.append(d)
         return out
 
@@ -1007,6 +1009,9 @@ class JobManager:
             with self._cond:
                 slot.job = None
                 slot.busy_since = None
+                if job.status in TERMINAL:
+                    model = job_key(job.request, self._default_name())[0]
+                    slot.by_model[model] = slot.by_model.get(model, 0) + 1
                 if job.status == DONE:
                     slot.jobs_done += 1
                 elif job.status == FAILED:
