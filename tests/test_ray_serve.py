@@ -10,6 +10,7 @@ deployment's take 10 to 35 s of the file's time (printed by the fixture). Checke
 - requests for two models land on the replicas that hold them: each replica loads one multiplexed id
   (model + refiner + LoRA set) and runs only that model's jobs, counted from the replicas' own reports;
 - a request gives the same pixels (and infotext) as the single-process server;
+- a cancel reaches the replica running the job;
 - killing the replica that runs a job mid-job loses nothing: the job runs again on the other replica
   (attempts 2) and gives the same pixels as an uninterrupted run.
 """
@@ -141,18 +142,35 @@ def test_same_pixels_as_the_single_process_server(cluster, folders):
     assert got["images"][0]["seed"] == expected["images"][0]["seed"] == 1234
 
 
-def test_killing_a_replica_mid_job_loses_no_job(cluster):
-    body = {"prompt": "long", "width": 64, "height": 64, "steps": 150, "seed": 7, "model": "b.safetensors"}
-    job_id = cluster.post("/jobs", json=body).json()["id"]
+def _running_replica(client, job_id: str) -> str:
+    """The replica running `job_id`, once it has made two steps."""
     end = time.monotonic() + 60
-    replica = None
-    while time.monotonic() < end and replica is None:
-        job = cluster.get(f"/jobs/{job_id}").json()
-        lanes = [w for w in cluster.get("/workers").json()["workers"] if w["current_job"] == job_id]
+    while time.monotonic() < end:
+        job = client.get(f"/jobs/{job_id}").json()
+        lanes = [w for w in client.get("/workers").json()["workers"] if w["current_job"] == job_id]
         if job["status"] == "running" and job["step"] >= 2 and lanes and lanes[0]["replica"]:
-            replica = lanes[0]["replica"]
+            return lanes[0]["replica"]
+        assert job["status"] in ("queued", "running"), job
         time.sleep(0.05)
-    assert replica is not None, "the job never got going"
+    raise AssertionError("the job never got going")
+
+
+def test_cancel_reaches_the_replica(cluster):
+    """A cancel (through the board the replicas poll) stops the running job at its next step; the stopped
+    image is kept, as in the one-process server."""
+    job_id = cluster.post("/jobs", json={"prompt": "c", "width": 64, "height": 64, "steps": 80,
+                                         "seed": 3}).json()["id"]
+    _running_replica(cluster, job_id)
+    assert cluster.post(f"/jobs/{job_id}/cancel").status_code == 200
+    job = _wait(cluster, job_id)
+    assert job["status"] == "cancelled", job
+    assert len(job["images"]) == 1 and cluster.get(job["images"][0]["url"]).status_code == 200
+
+
+def test_killing_a_replica_mid_job_loses_no_job(cluster):
+    body = {"prompt": "long", "width": 64, "height": 64, "steps": 30, "seed": 7, "model": "b.safetensors"}
+    job_id = cluster.post("/jobs", json=body).json()["id"]
+    replica = _running_replica(cluster, job_id)
     actor = ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#{GENERATOR_NAME}#{replica}", namespace="serve")
     ray.kill(actor, no_restart=True)
     job = _wait(cluster, job_id, timeout=90)
