@@ -169,7 +169,8 @@ def reference(ip_files):
 def _run_reference(ref, weights: list[str], images: list, scales, steps_active=None):
     """diffusers with `weights` loaded; `steps_active(i)` -> the scales to use on step i (set after step i - 1
     through callback_on_step_end, the pipeline's hook for that)."""
-    ref.unload_ip_adapter() if getattr(ref, "image_encoder", None) is not None else None
+    if getattr(ref.unet, "encoder_hid_proj", None) is not None:
+        ref.unload_ip_adapter()
     ref.load_ip_adapter(str(weights[0].parent), subfolder="", weight_name=[w.name for w in weights],
                         image_encoder_folder="image_encoder")
     ref.set_ip_adapter_scale(steps_active(0) if steps_active else scales)
@@ -210,6 +211,59 @@ def test_plain_and_plus_with_steps_match_diffusers(ip_files, ours, reference):
     ref = _run_reference(reference, [ip_files["plain"], ip_files["plus"]], [a, [b1, b2]], None,
                          steps_active=lambda i: [0.7, 1.0 if 2 <= i <= 3 else 0.0])
     assert psnr(got, ref) >= 40.0
+
+
+def _faceid_file(path, unet: UNet, c: int, lora: bool) -> None:
+    """A FaceID adapter (MLPProjModel over a 32-d face embedding, 4 tokens) and, with `lora`, the LoRA of the
+    UNet's attention its files carry: keys N.to_q_lora.down.weight ... with N over attn1 (2k) and attn2
+    (2k + 1) of every transformer block."""
+    g = torch.Generator().manual_seed(2)
+    sd = {"image_proj.proj.0.weight": torch.randn(64, 32, generator=g) * 0.2,
+          "image_proj.proj.0.bias": torch.randn(64, generator=g) * 0.1,
+          "image_proj.proj.2.weight": torch.randn(4 * c, 64, generator=g) * 0.2,
+          "image_proj.proj.2.bias": torch.randn(4 * c, generator=g) * 0.1,
+          "image_proj.norm.weight": 1 + 0.1 * torch.randn(c, generator=g),
+          "image_proj.norm.bias": 0.1 * torch.randn(c, generator=g), **_ip_layers(g, unet, c)}
+    for k, (tb, _) in enumerate(cross_attentions(unet) if lora else ()):
+        w = tb.attn2.to_q.out_features
+        for n, cross in ((2 * k, False), (2 * k + 1, True)):
+            for p in ("to_q", "to_k", "to_v", "to_out"):
+                width_in = c if cross and p in ("to_k", "to_v") else w
+                sd[f"ip_adapter.{n}.{p}_lora.down.weight"] = torch.randn(4, width_in, generator=g) * 0.1
+                sd[f"ip_adapter.{n}.{p}_lora.up.weight"] = torch.randn(w, 4, generator=g) * 0.1
+    save_file(sd, path)
+
+
+def test_faceid_with_lora_matches_diffusers(ip_files, ours, reference, tmp_path):
+    """FaceID: face embeddings given (two of them), the negative branch projects zeros (diffusers' documented
+    ip_adapter_image_embeds usage); the file's LoRA is on the UNet during the run (diffusers loads it through
+    PEFT at weight 1) and off afterwards."""
+    c = ours.config.unet.context_dim
+    faceid = ip_files["dir"] / "faceid.safetensors"
+    _faceid_file(faceid, UNet(tiny_config().unet), c, lora=True)
+    _faceid_file(tmp_path / "faceid_nolora.safetensors", UNet(tiny_config().unet), c, lora=False)
+    emb = torch.randn(2, 32, generator=torch.Generator().manual_seed(9))
+    faces = tuple(tuple(e.tolist()) for e in emb)
+    got = ours.generate(GenerationRequest(**GEN, ip_adapters=(IPAdapterUnit(model=str(faceid),
+                                                                            face_embeddings=faces),)))
+    no_lora = ours.generate(GenerationRequest(**GEN, ip_adapters=(IPAdapterUnit(
+        model=str(tmp_path / "faceid_nolora.safetensors"), face_embeddings=faces),)))
+    reference.unload_ip_adapter()
+    reference.load_ip_adapter(str(ip_files["dir"]), subfolder="", weight_name="faceid.safetensors",
+                              image_encoder_folder=None)
+    try:
+        with torch.no_grad():
+            ref = reference(GEN["prompt"], negative_prompt=None, num_inference_steps=GEN["steps"],
+                            guidance_scale=GEN["cfg"], width=GEN["width"], height=GEN["height"],
+                            ip_adapter_image_embeds=[torch.cat([torch.zeros_like(emb[None]), emb[None]])],
+                            generator=torch.Generator("cpu").manual_seed(GEN["seed"]),
+                            output_type="np").images
+    finally:
+        reference.unload_lora_weights()
+    got8 = np.asarray(got.images[0])
+    assert psnr(got8, to_uint8(ref)[0]) >= 40.0
+    assert psnr(got8, np.asarray(no_lora.images[0])) < 35.0, "the FaceID LoRA should change this image"
+    assert not any(hasattr(m, "_lora_unfused_holds") and m._lora_unfused_holds for m in ours.unet.modules())
 
 
 def test_scale_zero_and_undo(ip_files, ours):
