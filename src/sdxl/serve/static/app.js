@@ -308,6 +308,50 @@ async function loadGallery() {
   for (const job of data.jobs) addJobToGallery(job, false);
 }
 
+// ------------------------------------------------------------------------------------------ workers
+// GET /workers: one row per worker (one for the one-process server, one per device with --devices),
+// refreshed every few seconds while the panel is open; the summary line always shows the counts.
+async function refreshWorkers() {
+  let data;
+  try {
+    data = await api("/workers");
+  } catch (e) {
+    $("workers-summary").textContent = "(unavailable)";
+    return;
+  }
+  state.workers = data;
+  const busy = data.workers.filter((w) => w.busy).length;
+  $("workers-summary").textContent =
+    "(" + data.workers.length + ", " + busy + " busy, " + data.queued + " queued)";
+  const rows = data.workers.map((w) => {
+    const tr = document.createElement("tr");
+    const loaded = w.loaded || {};
+    const stateText = !w.alive ? (w.broken ? "given up" : "restarting") : w.busy ? "busy" : "idle";
+    const cells = [w.name, w.device || "", w.pid ?? "", stateText,
+      [loaded.model, loaded.refiner].filter(Boolean).join(" + ") || "-",
+      (loaded.loras || []).join(", ") || "-", w.jobs_done, w.jobs_failed, w.restarts ?? 0,
+      w.current_job ? w.current_job.slice(0, 8) : "-"];
+    for (const value of cells) {
+      const td = document.createElement("td");
+      td.textContent = String(value);
+      tr.append(td);
+    }
+    if (w.last_death) tr.title = w.last_death;
+    return tr;
+  });
+  $("workers").tBodies[0].replaceChildren(...rows);
+}
+
+function watchWorkers() {
+  refreshWorkers();
+  setInterval(() => {
+    if ($("workers-panel").open) refreshWorkers();
+  }, 3000);
+  $("workers-panel").ontoggle = () => {
+    if ($("workers-panel").open) refreshWorkers();
+  };
+}
+
 // ------------------------------------------------------------------------------------------ wiring
 async function start() {
   $("api-key").value = apiKey();
@@ -364,6 +408,7 @@ async function start() {
       showError(err.message);
     }
   };
+  watchWorkers();
   try {
     await loadGallery();
   } catch (e) {
