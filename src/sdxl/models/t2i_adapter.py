@@ -18,7 +18,8 @@ transformer, before the downsampler; on a plain level after the whole level, dow
 the sum is what the level keeps as its skip connection and passes down. A feature left over after the levels
 is added after the middle block when its shape matches (how the fourth XL feature is used). In our
 `UNet.input_blocks` numbering (0 = conv_in, then per level `num_res_blocks` ResBlocks and a downsampler but on
-the last level) SDXL's three features go to input blocks 3, 5 and 8 and the fourth to the middle.
+the last level) SDXL's three features go to input blocks 3, 5 and 8 and the fourth to the middle, the
+places sd-webui-controlnet's hook uses for SDXL adapters too.
 
 The features depend on the control image alone, so `T2IAdapter.forward` keeps the last few per hint tensor.
 """
