@@ -366,3 +366,31 @@ def test_cli_control_errors_are_one_line(cn_file, tmp_path, extra, words):
     res = CliRunner().invoke(app, ["generate", "x", "--steps", "2", *extra])
     lines = res.output.strip().splitlines()
     assert res.exit_code == 2 and words in res.output and len(lines) == 1, res.output
+
+
+def test_native_api_control_unit_takes_base64_never_server_paths(served, tmp_path):
+    import time
+
+    import httpx
+
+    url = served["url"]
+    png = _b64(Image.fromarray(_picture(32, 32)), prefix=True)
+    body = {"prompt": "a red circle", "width": 32, "height": 32, "steps": 2, "seed": 1,
+            "controls": [{"model": "tiny_canny", "image": png, "preprocessor": "canny", "weight": 0.7}]}
+    job = httpx.post(f"{url}/jobs", json=body).json()
+    assert "id" in job, job
+    for _ in range(600):
+        j = httpx.get(f"{url}/jobs/{job['id']}").json()
+        if j["status"] in ("done", "failed"):
+            break
+        time.sleep(0.05)
+    assert j["status"] == "done", j
+    assert 'ControlNet 0: "Module: canny, Model: tiny_canny' in j["images"][0]["info"]
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(secret)
+    r = httpx.post(f"{url}/jobs", json={**body, "controls": [{"model": "tiny_canny", "image": str(secret)}]})
+    assert r.status_code == 400 and "controls[0].image" in r.json()["detail"], r.text
+    outside = tmp_path / "cn.safetensors"
+    outside.write_bytes(served["model"].read_bytes())
+    r = httpx.post(f"{url}/jobs", json={**body, "controls": [{"model": str(outside), "image": png}]})
+    assert r.status_code == 400 and "controls[0].model" in r.json()["detail"], r.text

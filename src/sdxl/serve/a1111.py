@@ -48,7 +48,6 @@ sd-vae, sd-modules, prompt-styles, face-restorers, realesrgan-models, hypernetwo
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import os
@@ -82,7 +81,7 @@ from ..sampling import SAMPLER_INFO, SCHEDULES
 from ..sampling.names import A1111_SAMPLER_NAMES, A1111_SCHEDULE_NAMES, is_automatic
 from ..upscale_models import png_bytes
 from ..version import __version__
-from .control_files import control_dirs, control_model_files, control_model_title
+from .control_files import control_dirs, control_model_files, control_model_title, store_image
 from .jobs import JobNotFinished, check_idempotency_key, request_digest
 from .previews import encode_image
 from .service import Service
@@ -416,19 +415,7 @@ def _unit_images(service: Service, unit: dict[str, Any], where: str, init: Image
 
 
 def _stored_image(service: Service, image: Image.Image) -> str:
-    """A decoded control image saved in the server's inputs folder (named by its content); its path is what
-    the request holds, so the queued job can be stored and run after a restart."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    data = buf.getvalue()
-    folder = Path(service.manager.inputs)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"control-{hashlib.sha256(data).hexdigest()[:24]}.png"
-    if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    return str(path.resolve())
+    return store_image(service.manager.inputs, image)
 
 
 def _slider(pre: str, index: int, value: Any) -> float | None:

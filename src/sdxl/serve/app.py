@@ -269,6 +269,12 @@ def _request_body_model():
                     "'output:NAME'; white = where that sub-prompt applies")
             fields[f.name] = (list[Annotated[str, Strict()]], Field(default_factory=list, description=desc))
             continue
+        if f.name in ("controls", "ip_adapters"):  # units whose images are base64, never server paths
+            desc = (f.metadata.get("help") or "") + (
+                " Each unit as the Python API's ControlUnit / IPAdapterUnit; images base64 PNG/JPEG or "
+                "'output:NAME'; models are names in the control models folder.")
+            fields[f.name] = (list[dict[str, Any]], Field(default_factory=list, description=desc))
+            continue
         tp = hints[f.name]
         if f.name in ("init_image", "mask_image"):
             tp = str | None

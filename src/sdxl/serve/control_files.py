@@ -3,8 +3,13 @@ keeps them, IP-Adapter files) are looked up, and how sd-webui-controlnet lists t
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from ..metadata.hashes import legacy_hash
 
@@ -51,3 +56,19 @@ def control_model_title(path: Path) -> str:
     if path.is_dir():
         weights = sorted(path.glob("diffusion_pytorch_model.*"))[0]
     return f"{path.stem if path.is_file() else path.name} [{legacy_hash(weights)}]"
+
+
+def store_image(folder: str | os.PathLike, image: Image.Image) -> str:
+    """A decoded control / reference image saved as PNG in the server's inputs folder, named by its content;
+    its absolute path is what the request holds, so a queued job can be stored and run after a restart."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    data = buf.getvalue()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"control-{hashlib.sha256(data).hexdigest()[:24]}.png"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return str(path.resolve())

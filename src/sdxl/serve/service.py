@@ -16,13 +16,15 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
+from ..control import resolve_control_model
 from ..data.buckets import scaled_buckets
 from ..data.images import load_image, to_rgb
 from ..errors import RequestError
 from ..prompts import PromptError, extract_loras
-from ..request import MAX_SUBPROMPTS, GenerationRequest
+from ..request import MAX_CONTROL_UNITS, MAX_IP_IMAGES, MAX_SUBPROMPTS, GenerationRequest
 from ..sampling import A1111_SCHEDULE_NAMES, SAMPLER_INFO, SCHEDULES
 from ..version import __version__
+from .control_files import control_dirs, store_image
 from .jobs import Job, JobManager
 from .modelhost import ModelHost
 from .settings import ServeSettings
@@ -81,14 +83,17 @@ class Service:
 
     # ---------------------------------------------------------- checking and queueing
     def check_names(self, req: GenerationRequest) -> None:
-        """Every model / refiner / LoRA name must resolve inside its folder (BadName 400, NameNotFound 404),
-        including LoRAs named inline in the prompt (`<lora:name:0.8>`)."""
+        """Every model / refiner / LoRA / control model name must resolve inside its folder (BadName 400,
+        NameNotFound 404), including LoRAs named inline in the prompt (`<lora:name:0.8>`)."""
         if not self.models.is_default(req.model):
             self.models.resolve(req.model)
         if req.refiner:
             self.models.resolve_refiner(req.refiner)
         for spec in req.loras:
             self.models.resolve_lora(spec.name)
+        dirs = control_dirs(self.settings, existing=False)
+        for i, unit in enumerate(req.controls):  # names inside the control models folder only
+            resolve_control_model(unit.model, dirs, allow_paths=False, where=f"controls[{i}].model")
         for text in (req.prompt, req.prompt_2, req.negative_prompt, req.negative_prompt_2):
             if not text:
                 continue
@@ -156,7 +161,34 @@ class Service:
         if len(masks) > MAX_SUBPROMPTS:  # before decoding any of them
             raise RequestError(f"region_masks: {len(masks)} masks, the limit is {MAX_SUBPROMPTS}")
         d["region_masks"] = [self.image_ref(m, f"region_masks[{i}]") for i, m in enumerate(masks)]
+        d["controls"], d["ip_adapters"] = self.unit_images(d.get("controls"), d.get("ip_adapters"))
         return GenerationRequest.from_dict(d)
+
+    def unit_images(self, controls: Any, ip_adapters: Any) -> tuple[list[Any], list[Any]]:
+        """Control and IP-Adapter units of a native body with their images (base64 or 'output:NAME', never
+        server paths) decoded and kept in the inputs folder; the units then name those files."""
+        for name, units in (("controls", controls), ("ip_adapters", ip_adapters)):
+            if len(units or ()) > MAX_CONTROL_UNITS:  # before decoding any image
+                raise RequestError(f"{name}: {len(units)} units, the limit is {MAX_CONTROL_UNITS}")
+        out_c = []
+        for i, unit in enumerate(controls or ()):
+            unit = dict(unit) if isinstance(unit, dict) else unit
+            if isinstance(unit, dict) and isinstance(unit.get("image"), str):
+                unit["image"] = store_image(self.manager.inputs,
+                                            self.image_ref(unit["image"], f"controls[{i}].image"))
+            out_c.append(unit)
+        out_ip = []
+        for i, unit in enumerate(ip_adapters or ()):
+            unit = dict(unit) if isinstance(unit, dict) else unit
+            if isinstance(unit, dict) and isinstance(unit.get("images"), (list, tuple)):
+                if len(unit["images"]) > MAX_IP_IMAGES:
+                    raise RequestError(f"ip_adapters[{i}].images: {len(unit['images'])} images, the limit is "
+                                       f"{MAX_IP_IMAGES}")
+                unit["images"] = [
+                    store_image(self.manager.inputs, self.image_ref(m, f"ip_adapters[{i}].images[{k}]"))
+                    if isinstance(m, str) else m for k, m in enumerate(unit["images"])]
+            out_ip.append(unit)
+        return out_c, out_ip
 
     # ---------------------------------------------------------- UI info
     def size_presets(self, sample_size: int) -> list[dict[str, int]]:
