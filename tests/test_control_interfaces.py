@@ -394,3 +394,49 @@ def test_native_api_control_unit_takes_base64_never_server_paths(served, tmp_pat
     outside.write_bytes(served["model"].read_bytes())
     r = httpx.post(f"{url}/jobs", json={**body, "controls": [{"model": str(outside), "image": png}]})
     assert r.status_code == 400 and "controls[0].model" in r.json()["detail"], r.text
+
+
+# ------------------------------------------------------------------------------------------------ web UI
+def test_webui_control_section(served, tmp_path):
+    """The page lists the server's control models, sends the chosen image as a unit and shows the
+    ControlNet infotext; "Reuse these settings" puts the unit's settings back (Chromium via Playwright, as
+    tests/test_webui.py)."""
+    from test_webui import open_page, sync_playwright, wait_done, wait_js, wait_ready
+
+    control = tmp_path / "control.png"
+    Image.fromarray(_picture(32, 32)).save(control)
+    with sync_playwright() as pw:
+        browser, page, errors = open_page(pw)
+        page.goto(served["url"] + "/")
+        wait_ready(page)
+        wait_js(page, "document.querySelectorAll('#control_model option').length === 2", 10_000)
+        assert page.eval_on_selector_all("#control_model option", "os => os.map(o => o.value)") == [
+            "", "tiny_canny"]
+        page.fill("#prompt", "a red circle")
+        page.fill("#width", "32")
+        page.fill("#height", "32")
+        page.fill("#steps", "2")
+        page.fill("#seed", "5")
+        page.set_input_files("#control_image", str(control))
+        page.select_option("#control_model", "tiny_canny")
+        page.select_option("#control_preprocessor", "canny")
+        page.select_option("#control_mode", "control")
+        page.fill("#control_weight", "0.6")
+        page.fill("#control_end", "0.5")
+        page.click("#generate")
+        wait_done(page)
+        card = page.locator("#gallery .card").first
+        card.wait_for(timeout=10_000)
+        info = card.locator(".info").text_content()
+        assert 'ControlNet 0: "Module: canny, Model: tiny_canny, Weight: 0.6, Resize Mode: Crop' in info
+        assert "Guidance End: 0.5" in info and "Control Mode: ControlNet is more important" in info
+        page.select_option("#control_mode", "balanced")
+        page.fill("#control_weight", "1")
+        card.locator(".reuse").click()
+        assert page.input_value("#control_mode") == "control" and page.input_value("#control_weight") == "0.6"
+        # an image without a model is a message on the page, not a request
+        page.select_option("#control_model", "")
+        page.click("#generate")
+        wait_js(page, "document.getElementById('error').textContent.includes('choose a model')", 5_000)
+        assert not errors, errors
+        browser.close()

@@ -170,6 +170,45 @@ async function readMasks() {
   })));
 }
 
+// The control section: one unit when an image and a model are chosen; the image goes as a data: URL.
+async function readControls() {
+  const file = ($("control_image").files || [])[0];
+  const model = $("control_model").value;
+  if (!file && !model) return [];
+  if (!file) throw new Error("Control: choose a control image for the model " + model);
+  if (!model) throw new Error("Control: choose a model for the control image (the server's ControlNet folder)");
+  const image = await new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error("cannot read " + file.name));
+    reader.readAsDataURL(file);
+  });
+  return [{
+    model,
+    image,
+    weight: numberOrNull("control_weight") ?? 1,
+    start: numberOrNull("control_start") ?? 0,
+    end: numberOrNull("control_end") ?? 1,
+    control_mode: $("control_mode").value,
+    resize_mode: $("control_resize").value,
+    preprocessor: $("control_preprocessor").value,
+    control_type: $("control_type").value.trim() || null,
+  }];
+}
+
+// The control models the server has ("name [hash]" as sd-webui-controlnet lists them; requests use name).
+async function loadControlModels() {
+  const select = $("control_model");
+  try {
+    const data = await api("/controlnet/model_list");
+    for (const title of data.model_list || []) {
+      select.append(option(title.replace(/ \[[0-9a-f]+\]$/, ""), title));
+    }
+  } catch (e) {
+    select.title = "cannot list control models: " + e.message;
+  }
+}
+
 // "Reuse these settings": put a finished job's request back into the form, with the image's own seed.
 function reuse(request, seed) {
   $("prompt").value = request.prompt || "";
@@ -193,6 +232,17 @@ function reuse(request, seed) {
   $("refiner_switch_out").textContent = request.refiner_switch;
   $("loras").replaceChildren();
   for (const l of request.loras || []) addLoraRow(l.name, l.weight);
+  const unit = (request.controls || [])[0]; // its image cannot be put back: choose the file again
+  if (unit) {
+    $("control_model").value = unit.model;
+    $("control_weight").value = unit.weight;
+    $("control_start").value = unit.start;
+    $("control_end").value = unit.end;
+    $("control_mode").value = unit.control_mode;
+    $("control_resize").value = unit.resize_mode;
+    $("control_preprocessor").value = unit.preprocessor;
+    $("control_type").value = unit.control_type || "";
+  }
   window.scrollTo({ top: 0, behavior: "smooth" });
 }
 
@@ -389,6 +439,7 @@ async function start() {
     try {
       const body = readForm();
       body.region_masks = await readMasks();
+      body.controls = await readControls();
       const job = await api("/jobs", { method: "POST", body: JSON.stringify(body) });
       state.current = job.id;
       setBusy(true);
@@ -409,6 +460,7 @@ async function start() {
     }
   };
   watchWorkers();
+  loadControlModels();
   try {
     await loadGallery();
   } catch (e) {
