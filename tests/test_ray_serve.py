@@ -76,8 +76,7 @@ def cluster(folders):
     print(f"\nRay start {t1 - t0:.1f} s, Serve application ready {time.monotonic() - t1:.1f} s later")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         yield client
-    serve.shutdown()
-    ray.shutdown()
+    ray.shutdown()  # the whole local cluster at once (serve.shutdown first would drain: 5 s more)
 
 
 def _wait(client, job_id: str, timeout: float = 60.0) -> dict:

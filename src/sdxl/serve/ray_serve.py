@@ -362,14 +362,18 @@ class RayExecutor(Executor):
                 if now != watched:
                     watched = now
                     self.board.set_watched.remote(job.id, now)
-            raise WorkerLost(f"Ray Serve replica {replica or '?'} ended the job's stream without a result")
-        except RayActorError as e:
+        except Exception as e:  # noqa: BLE001 - Ray's and Serve's errors: the job may run elsewhere
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             lane.update(job=None)
-            raise WorkerLost(f"Ray Serve replica {replica or '(not started)'} died while running the job "
+            what = "died while running the job" if isinstance(e, RayActorError) else "failed to run the job"
+            raise WorkerLost(f"Ray Serve replica {replica or '(not started)'} {what} "
                              f"({type(e).__name__}: {first})") from None
         finally:
-            self.board.forget.remote(job.id)
+            if self.board is not None:
+                self.board.forget.remote(job.id)
+        lane.update(job=None)
+        raise WorkerLost(f"Ray Serve replica {replica or '(not started)'} ended the job's stream without a "
+                         "result")
 
     def stop(self, slot: int, job: Job) -> None:
         if self.board is not None and job.stop_reason is not None:
@@ -502,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             ray.init(address=ns.ray_address)
         else:
             ray.init(num_cpus=ns.num_cpus, include_dashboard=False)
-        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.start(proxy_location="EveryNode", http_options={"host": settings.host, "port": settings.port})
         serve.run(build_app(settings, options), name=APP_NAME, route_prefix="/")
         shown = f"[{settings.host}]" if ":" in settings.host else settings.host
         log.info("sdxl on Ray Serve at http://%s:%d (ready in %.1f s; data folder %s on the head node; "
