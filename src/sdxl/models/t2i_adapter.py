@@ -22,6 +22,9 @@ the last level) SDXL's three features go to input blocks 3, 5 and 8 and the four
 places sd-webui-controlnet's hook uses for SDXL adapters too.
 
 The features depend on the control image alone, so `T2IAdapter.forward` keeps the last few per hint tensor.
+A unit's weight is diffusers' `adapter_conditioning_scale`; diffusers' `adapter_conditioning_factor` f (the
+adapter applies on steps i < int(n * f) of n) is a unit with start 0 and an end in
+[(int(n * f) - 1) / n, int(n * f) / n) under the pipeline's A1111 rule (start <= i / n <= end).
 """
 
 from __future__ import annotations
