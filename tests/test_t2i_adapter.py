@@ -147,6 +147,9 @@ def test_features_cached_per_hint():
     hint.mul_(0.5)  # modified in place: stale
     again = adapter.features(hint)
     assert again is not first and not torch.equal(again[0], first[0])
+    with torch.inference_mode():  # no version count: computed each time, same values
+        frozen = hint.clone()
+        assert torch.equal(adapter.features(frozen)[2], again[2])
 
 
 def test_odd_latent_size_and_batch():

@@ -278,7 +278,10 @@ class T2IAdapter(nn.Module):
 
     def features(self, hint: Tensor) -> list[Tensor]:
         """The adapter's feature maps for `hint` (the last `cache_size` hints' results are kept: the same
-        hint tensor, not modified in place since, gives the same list)."""
+        hint tensor, not modified in place since, gives the same list; an inference-mode tensor, which keeps
+        no version count, is computed every time)."""
+        if hint.is_inference():
+            return self._compute(hint)
         for cached_hint, version, dtype, feats in self._cache:
             if cached_hint is hint and version == hint._version and dtype == self.dtype:
                 return feats
