@@ -269,14 +269,15 @@ def test_faceid_with_lora_matches_diffusers(ip_files, ours, reference, tmp_path)
 def test_scale_zero_and_undo(ip_files, ours):
     """Scale 0 gives the image without the adapter (bit for bit), and the UNet is restored after a request."""
     img = _image(5, 40, 56)
-    plain = ours.generate(GenerationRequest(**GEN)).latents
+    gen = {**GEN, "steps": 2}
+    plain = ours.generate(GenerationRequest(**gen)).latents
     unit = IPAdapterUnit(model=str(ip_files["plain"]), images=(img,), scale=0.0,
                          image_encoder=str(ip_files["encoder"]))
-    zero = ours.generate(GenerationRequest(**GEN, ip_adapters=(unit,))).latents
+    zero = ours.generate(GenerationRequest(**gen, ip_adapters=(unit,))).latents
     torch.testing.assert_close(zero, plain, rtol=0, atol=0)
     assert not any(isinstance(tb.attn2, IPAttention) for tb, _ in cross_attentions(ours.unet))
     assert ours.ip_files.image_tokens == 0
-    assert torch.equal(ours.generate(GenerationRequest(**GEN)).latents, plain)
+    assert torch.equal(ours.generate(GenerationRequest(**gen)).latents, plain)
 
 
 def test_zero_tokens_add_nothing(ip_files, ours):
@@ -354,3 +355,23 @@ def test_bad_inputs(ip_files, ours, tmp_path):
     torch.save({"image_proj": {}, "ip_adapter": {}}, pickled)
     with pytest.raises(CheckpointError, match="refused"):
         load_ip_adapter(pickled)
+
+
+def test_with_pag_composable_prompt_editing_and_hires(ip_files, ours, tmp_path, caplog):
+    """Image tokens ride on every context: AND sub-prompts, prompt editing, PAG's perturbed rows, a batch,
+    and the hires pass all run with three adapters at once; the FaceID LoRA finds its layers under PAG's
+    wrapper (no unmatched keys) and the UNet comes back plain."""
+    faceid = tmp_path / "faceid.safetensors"
+    _faceid_file(faceid, UNet(tiny_config().unet), ours.config.unet.context_dim, lora=True)
+    img = _image(5, 40, 56)
+    units = (IPAdapterUnit(model=str(ip_files["plain"]), images=(img,), scale=0.5),
+             IPAdapterUnit(model=str(ip_files["plus"]), images=(img, img), start=0.5),
+             IPAdapterUnit(model=str(faceid), face_embeddings=(tuple([0.1] * 32),), end=0.5))
+    req = GenerationRequest(prompt="a [cat:dog:0.5] AND a tree :0.5", width=64, height=64, steps=2, seed=1,
+                            batch=2, pag_scale=2.0, pag_layers="mid", hires_scale=1.5, hires_steps=2,
+                            ip_adapters=units)
+    with caplog.at_level("WARNING"):
+        r = ours.generate(req)
+    assert r.latents.shape == (2, 4, 12, 12) and torch.isfinite(r.latents).all()
+    assert "FaceID LoRA" not in caplog.text
+    assert not any(isinstance(tb.attn2, IPAttention) for tb, _ in cross_attentions(ours.unet))

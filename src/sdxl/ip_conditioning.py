@@ -323,17 +323,21 @@ def _faceid_lora(pipe, adapters: list[IPAdapter]):
 def faceid_lora(unet, adapter: IPAdapter) -> Lora:
     """The FaceID file's attention LoRA as a `Lora` over our UNet's module names: key N counts attn1 / attn2
     of the transformer blocks in diffusers' order (2k: attn1, 2k + 1: attn2 of block k); up @ down is
-    added at scale 1 (no alpha), as the original LoRAIPAttnProcessor and diffusers' conversion do."""
+    added at scale 1 (no alpha), as the original LoRAIPAttnProcessor and diffusers' conversion do. Names
+    are those the layers have now (PAG may have wrapped a self-attention: `...attn1.inner.to_q`)."""
     blocks = cross_attentions(unet)
-    names = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+    names = {id(m): n for n, m in unet.named_modules()}
     tensors = {}
     for key, v in adapter.lora.items():
         n_str, proj_lora, direction, _ = key.split(".")  # "N.to_q_lora.down.weight"
         n = int(n_str)
         if n // 2 >= len(blocks):
             continue
-        module = f"{blocks[n // 2][1]}.attn{1 + n % 2}.{names[proj_lora.removesuffix('_lora')]}"
-        tensors[f"unet.{module}.lora.{direction}.weight"] = v
+        attn = getattr(blocks[n // 2][0], f"attn{1 + n % 2}")
+        attn = getattr(attn, "inner", attn)  # PAG's / IP's wrappers keep the projections on `inner`
+        proj = proj_lora.removesuffix("_lora")
+        layer = attn.to_out[0] if proj == "to_out" else getattr(attn, proj)
+        tensors[f"unet.{names[id(layer)]}.lora.{direction}.weight"] = v
     return Lora.from_state_dict(tensors, {}, "FaceID LoRA")
 
 
