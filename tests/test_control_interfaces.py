@@ -440,3 +440,47 @@ def test_webui_control_section(served, tmp_path):
         wait_js(page, "document.getElementById('error').textContent.includes('choose a model')", 5_000)
         assert not errors, errors
         browser.close()
+
+
+def test_a1111_unit_fields_map_as_the_extension_reads_them(tmp_path):
+    """sd-webui-controlnet's spellings -> ControlUnit / IPAdapterUnit (without running anything)."""
+    import base64
+    import io
+    from types import SimpleNamespace
+
+    from sdxl.serve.a1111 import controlnet_units
+
+    (tmp_path / "models" / "ControlNet").mkdir(parents=True)
+    (tmp_path / "models" / "ControlNet" / "cn_lineart.safetensors").write_bytes(b"0" * 64)
+
+    def decode(text, what):
+        return Image.open(io.BytesIO(base64.b64decode(text.partition(",")[2] if text.startswith("data:")
+                                                      else text))).convert("RGB")
+
+    svc = SimpleNamespace(settings=SimpleNamespace(models_dir=tmp_path / "models"),
+                          manager=SimpleNamespace(inputs=tmp_path / "inputs"), decode_image=decode)
+    pic = Image.fromarray(_picture(16, 24))
+    args = [
+        {"enabled": False, "module": "canny", "model": "missing"},
+        {"input_image": _b64(pic, prefix=True), "module": "invert (from white bg & black line)",
+         "model": "cn_lineart [0123abcd]", "guidance": 0.6, "resize_mode": 2, "weight": 1.5,
+         "control_mode": "ControlNet is more important", "threshold_a": 500, "low_vram": True,
+         "some_future_field": [1, 2]},
+        {"image": {"image": _b64(pic), "mask": _b64(pic)}, "module": "canny", "model": "CN_LINEART",
+         "threshold_a": 30, "threshold_b": -1, "resize_mode": "Outer Fit (Shrink to Fit)", "control_mode": 1},
+        {"image": _b64(pic), "module": "ip-adapter_clip_sdxl_plus_vith",
+         "model": "ip-adapter-plus_sdxl_vit-h [f1e2d3c4]", "weight": 0.7, "guidance_start": 0.2},
+    ]
+    controls, ips = controlnet_units(svc, "ControlNet", {"args": args})
+    first, second = controls
+    assert (first.preprocessor, first.end, first.resize_mode, first.weight, first.control_mode) == (
+        "invert", 0.6, "fill", 1.5, "control")
+    assert first.threshold_a is None and first.control_type == "lineart"
+    assert first.model == str((tmp_path / "models" / "ControlNet" / "cn_lineart.safetensors").resolve())
+    assert np.array_equal(np.asarray(Image.open(first.image)), np.asarray(pic))  # kept in the inputs folder
+    assert (second.preprocessor, second.threshold_a, second.threshold_b, second.resize_mode,
+            second.control_mode, second.control_type) == ("canny", 30.0, None, "fill", "prompt", "canny")
+    (ip,) = ips
+    assert (ip.model, ip.scale, ip.start, ip.end, len(ip.images)) == ("ip-adapter-plus_sdxl_vit-h", 0.7, 0.2,
+                                                                     1.0, 1)
+    GenerationRequest(controls=controls, ip_adapters=ips).validate()  # the request's own checks pass
