@@ -484,3 +484,33 @@ def test_a1111_unit_fields_map_as_the_extension_reads_them(tmp_path):
     assert (ip.model, ip.scale, ip.start, ip.end, len(ip.images)) == ("ip-adapter-plus_sdxl_vit-h", 0.7, 0.2,
                                                                      1.0, 1)
     GenerationRequest(controls=controls, ip_adapters=ips).validate()  # the request's own checks pass
+
+
+def test_cli_ip_adapter_flags_and_from_replacements(tmp_path, capsys):
+    import typer
+
+    from sdxl.cli import _control_fields
+
+    adapter, encoder = tmp_path / "ip-adapter_sdxl.safetensors", tmp_path / "image_encoder"
+    adapter.write_bytes(b"0")
+    encoder.mkdir()
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for p in (a, b):
+        Image.new("RGB", (8, 8)).save(p)
+    empty = {k: [] for k in ("controlnet", "control_image", "control_type", "control_mode", "control_resize",
+                             "control_preprocessor", "control_threshold", "ip_adapter", "ip_image")}
+    empty.update(controlnet_dir=None, ip_adapter_dir=None, image_encoder=None)
+    got = _control_fields({**empty, "ip_adapter": [f"{adapter}:0.6:0.1:0.9"], "ip_image": [a, b],
+                           "image_encoder": str(encoder)}, {})
+    assert got == {"ip_adapters": [{"model": str(adapter.resolve()), "images": [str(a.resolve()),
+                                                                                  str(b.resolve())],
+                                    "scale": 0.6, "start": 0.1, "end": 0.9,
+                                    "image_encoder": str(encoder.resolve())}]}
+    # --from: an image uploaded to the server is not stored; --control-image supplies it, the rest stays
+    stored = {"controls": [{"model": "cn", "image": "<image>", "weight": 0.5}]}
+    got = _control_fields({**empty, "control_image": [a], "control_mode": ["control"]}, stored)
+    assert got["controls"] == [{"model": "cn", "image": str(a.resolve()), "weight": 0.5,
+                                "control_mode": "control"}]
+    with pytest.raises(typer.Exit):
+        _control_fields(empty, stored)
+    assert "unit 1 has no stored control image" in capsys.readouterr().err
