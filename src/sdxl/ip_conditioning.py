@@ -159,6 +159,11 @@ def _find_encoder(files: IPAdapterFiles, unit: IPAdapterUnit, adapter: IPAdapter
                        "or --image-encoder")
 
 
+def _home(pipe) -> torch.device:
+    """Where loaded adapters and encoders live: the storage memory under CPU offload, else the device."""
+    return pipe.offload_storage if getattr(pipe, "offload_storage", None) is not None else pipe.device
+
+
 def load_unit_adapter(pipe, unit: IPAdapterUnit, where: str) -> tuple[IPAdapter, Path]:
     """The unit's adapter (loaded once per file and modification time), checked against the UNet."""
     files: IPAdapterFiles = pipe.ip_files
@@ -166,7 +171,7 @@ def load_unit_adapter(pipe, unit: IPAdapterUnit, where: str) -> tuple[IPAdapter,
     key = (str(path.resolve()), _mtime(path))
     if key not in files.adapters:
         try:
-            files.adapters[key] = load_ip_adapter(path, pipe.device, pipe.dtype, files.allow_pickle)
+            files.adapters[key] = load_ip_adapter(path, _home(pipe), pipe.dtype, files.allow_pickle)
         except CheckpointError as e:
             raise RequestError(f"{where}.model: {e}") from None
     adapter = files.adapters[key]
@@ -181,7 +186,7 @@ def _encoder(pipe, path: Path, where: str) -> CLIPVisionTower:
     key = (str(path.resolve()), _mtime(path))
     if key not in files.encoders:
         try:
-            files.encoders[key] = load_image_encoder(path, pipe.device, pipe.dtype, files.allow_pickle)
+            files.encoders[key] = load_image_encoder(path, _home(pipe), pipe.dtype, files.allow_pickle)
         except CheckpointError as e:
             raise RequestError(f"{where}.image_encoder: {e}") from None
     return files.encoders[key]
@@ -220,18 +225,21 @@ class UnitTokens:
 
 @torch.no_grad()
 def unit_tokens(pipe, unit: IPAdapterUnit, where: str) -> tuple[IPAdapter, UnitTokens]:
-    """Load the unit's adapter (and encoder) and compute its cond / uncond image tokens."""
+    """Load the unit's adapter (and encoder) and compute its cond / uncond image tokens. With CPU offload the
+    adapter and the encoder are kept in the storage memory and visit the device for this (`on_device`)."""
     adapter, path = load_unit_adapter(pipe, unit, where)
     if adapter.kind == "faceid":
         if unit.images and not unit.face_embeddings:
             raise RequestError(f"{where}.face_embeddings: {path.name} is a FaceID adapter; it takes face "
                                "embeddings (512 numbers each, from a face-recognition model), not images")
+        for k, e in enumerate(unit.face_embeddings):
+            if len(e) != adapter.spec.embed_dim:
+                raise RequestError(f"{where}.face_embeddings[{k}]: {len(e)} numbers, {path.name} takes "
+                                   f"{adapter.spec.embed_dim}")
         emb = torch.tensor([list(e) for e in unit.face_embeddings], dtype=torch.float32)
-        if emb.shape[1] != adapter.spec.embed_dim:
-            raise RequestError(f"{where}.face_embeddings: {emb.shape[1]} numbers each, {path.name} takes "
-                               f"{adapter.spec.embed_dim}")
-        emb = emb.to(pipe.device, pipe.dtype)
-        cond, uncond = adapter.project(emb), adapter.project(torch.zeros_like(emb))
+        with pipe.on_device(adapter):
+            emb = emb.to(pipe.device, pipe.dtype)
+            cond, uncond = adapter.project(emb), adapter.project(torch.zeros_like(emb))
     else:
         if unit.face_embeddings:
             raise RequestError(f"{where}.face_embeddings: {path.name} is not a FaceID adapter; give images")
@@ -239,15 +247,19 @@ def unit_tokens(pipe, unit: IPAdapterUnit, where: str) -> tuple[IPAdapter, UnitT
             raise RequestError(f"{where}.images: none given")
         images = _images(unit, where)
         encoder = _encoder(pipe, _find_encoder(pipe.ip_files, unit, adapter, path, where), where)
-        pixels = preprocess(images, encoder.cfg.image_size).to(pipe.device, encoder.dtype)
-        if adapter.uses_hidden_states:
-            cond = adapter.project(encoder(pixels, penultimate=True))
-            uncond = adapter.project(encoder(torch.zeros_like(pixels), penultimate=True))
-        else:
-            embeds = encoder(pixels)
-            cond, uncond = adapter.project(embeds), adapter.project(torch.zeros_like(embeds))
-    return adapter, UnitTokens(cond.to(pipe.dtype), uncond.to(pipe.dtype), float(unit.scale),
-                               float(unit.start), float(unit.end))
+        pixels = preprocess(images, encoder.cfg.image_size)
+        with pipe.on_device(encoder):
+            pixels = pixels.to(pipe.device, encoder.dtype)
+            if adapter.uses_hidden_states:
+                embeds = encoder(pixels, penultimate=True)
+                negative = encoder(torch.zeros_like(pixels), penultimate=True)  # diffusers: a zero image
+            else:
+                embeds = encoder(pixels)
+                negative = torch.zeros_like(embeds)  # diffusers: zero image embeddings
+        with pipe.on_device(adapter):
+            cond, uncond = adapter.project(embeds), adapter.project(negative)
+    return adapter, UnitTokens(cond.to(pipe.device, pipe.dtype), uncond.to(pipe.device, pipe.dtype),
+                               float(unit.scale), float(unit.start), float(unit.end))
 
 
 def extend_schedule(schedule: list, units: list[UnitTokens], steps: int, negative: bool) -> list:
