@@ -69,6 +69,14 @@ class IPAdapterFiles:
     image_tokens: int = 0
     adapters: dict[tuple[str, int], IPAdapter] = field(default_factory=dict)
     encoders: dict[tuple[str, int], CLIPVisionTower] = field(default_factory=dict)
+    encoder_dims: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+
+    def dims(self, path: Path) -> tuple[int, int]:
+        """(projection_dim, width) of an image encoder, read once per file and modification time."""
+        key = (str(path.resolve()), _mtime(path))
+        if key not in self.encoder_dims:
+            self.encoder_dims[key] = encoder_output_dims(path, self.allow_pickle)
+        return self.encoder_dims[key]
 
 
 def text_context(pipe, context: torch.Tensor) -> torch.Tensor:
@@ -136,7 +144,7 @@ def _find_encoder(files: IPAdapterFiles, unit: IPAdapterUnit, adapter: IPAdapter
         path = _resolve(files, explicit, field_name, "image encoder", ENCODER_SUFFIXES, folders_ok=True,
                         subdirs=("", *ENCODER_FOLDERS))
         try:
-            dims = encoder_output_dims(path, files.allow_pickle)
+            dims = files.dims(path)
         except CheckpointError as e:
             raise RequestError(f"{field_name}: {e}") from None
         if not fits_encoder(spec, dims):
@@ -147,7 +155,7 @@ def _find_encoder(files: IPAdapterFiles, unit: IPAdapterUnit, adapter: IPAdapter
     tried = []
     for cand in _encoder_candidates(files, adapter_path):
         try:
-            dims = encoder_output_dims(cand, files.allow_pickle)
+            dims = files.dims(cand)
         except CheckpointError:
             continue
         tried.append(str(cand))
