@@ -13,6 +13,7 @@ GET /metrics on the pool; --devices parsing.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -63,8 +64,6 @@ def _wait(client, job_id, timeout=60.0, until=("done", "failed", "cancelled")):
 
 
 def _pixels(client, job) -> list[np.ndarray]:
-    import io
-
     return [np.asarray(Image.open(io.BytesIO(client.get(im["url"]).content)).convert("RGB"))
             for im in job["images"]]
 
@@ -121,6 +120,8 @@ def test_200_jobs_from_20_clients_none_lost_or_run_twice(pool):
     with ThreadPoolExecutor(20) as ex:
         ids = [i for chunk in ex.map(submit, range(20)) for i in chunk]
     assert len(set(ids)) == 200
+    again = client.post("/jobs", json={**body, "seed": 1000 * 7 + 3}, headers={"Idempotency-Key": "c7-3"})
+    assert again.json()["id"] == ids[7 * 10 + 3]  # a retried submission is the same job
     assert manager.wait_idle(120)
     jobs = [client.get(f"/jobs/{i}").json() for i in ids]
     assert all(j["status"] == "done" for j in jobs), {j["status"] for j in jobs}
@@ -245,6 +246,25 @@ def _sample(text: str, series: str) -> float:
         if line.startswith(series + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{series} not in the metrics")
+
+
+def test_drain_requeues_the_running_job_and_stops_the_workers(pool):
+    """Last in the module: it shuts the pool down (the fixture's own shutdown then finds it drained)."""
+    client, manager = pool
+    long = {"prompt": "slow", "width": 64, "height": 64, "steps": 150}
+    running = [client.post("/jobs", json={**long, "seed": i}).json()["id"] for i in (1, 2)]
+    for job_id in running:
+        _running_on(client, job_id)
+    queued = client.post("/jobs", json={"prompt": "later", "seed": 1, **SMALL}).json()["id"]
+    manager.drain(grace_s=0)
+    for job_id in running:  # stopped at their next step; they run again after a restart
+        stored = manager.store.get(job_id)
+        assert stored.status == "queued" and stored.attempts == 1 and not stored.images
+    stored = manager.store.get(queued)
+    assert stored.status == "queued" and stored.attempts == 0
+    assert client.post("/jobs", json={"prompt": "x", **SMALL}).status_code == 503
+    assert not any(w["alive"] for w in client.get("/workers").json()["workers"])
+    assert manager.data_lock is not None and manager.data_lock.held  # let go by the shutdown, not the drain
 
 
 def test_devices_option_and_its_errors():
