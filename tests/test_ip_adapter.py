@@ -351,10 +351,19 @@ def test_bad_inputs(ip_files, ours, tmp_path):
     # the checkpoint given as an adapter; a pickle without allow_pickle
     with pytest.raises(CheckpointError, match="not an IP-Adapter file"):
         load_ip_adapter(ip_files["base"])
+    # the original .bin layout ({"image_proj": {...}, "ip_adapter": {...}}): refused without allow_pickle,
+    # then read weights-only into the same adapter as the .safetensors release
+    from safetensors.torch import load_file
+
+    flat = load_file(ip_files["plain"])
     pickled = tmp_path / "ip.bin"
-    torch.save({"image_proj": {}, "ip_adapter": {}}, pickled)
+    torch.save({part: {k[len(part) + 1:]: v for k, v in flat.items() if k.startswith(part + ".")}
+                for part in ("image_proj", "ip_adapter")}, pickled)
     with pytest.raises(CheckpointError, match="refused"):
         load_ip_adapter(pickled)
+    a, b = load_ip_adapter(pickled, allow_pickle=True), load_ip_adapter(ip_files["plain"])
+    assert a.spec == b.spec and all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                                       b.state_dict().values()))
 
 
 def test_with_pag_composable_prompt_editing_and_hires(ip_files, ours, tmp_path, caplog):
