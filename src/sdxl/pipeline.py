@@ -22,12 +22,13 @@ import torch
 from PIL import Image, ImageFilter
 
 from .assets import DEFAULT_NAME, default_model_path
-from .control import request_control
+from .control import request_control, resolve_control_model
 from .data.images import load_image
 from .errors import BadName, Interrupted, NameNotFound, NumericsError
 from .files import resolve_in_folder
 from .ip_conditioning import IPAdapterFiles, ip_adapters
 from .metadata import lora_hash, request_infotext, short_hash
+from .metadata.infotext import control_model_hash
 from .models.conditioning import conditioning_numbers, micro_conditioning
 from .models.config import ModelConfig
 from .models.fast import speed_up
@@ -825,6 +826,15 @@ def a1111_parameters(pipe: SDXL, req: GenerationRequest, seed: int, refiner: SDX
         except (RequestError, OSError):
             pass
     used_refiner = refiner is not None and refiner.path is not None
+    control_hashes = {}  # control units named by a name in the control models folder: their files' hashes
+    for u in req.controls:
+        try:
+            path = resolve_control_model(u.model, pipe.control_dirs, pipe.allow_lora_paths)
+        except RequestError:
+            continue
+        digest = control_model_hash(path)
+        if digest:
+            control_hashes[u.model] = digest
     return request_infotext(
         req,
         seed=seed,
@@ -834,4 +844,5 @@ def a1111_parameters(pipe: SDXL, req: GenerationRequest, seed: int, refiner: SDX
         refiner_hash=refiner.model_hash() if used_refiner else None,
         lora_hashes=lora_hashes,
         version=f"sdxl {__version__}",
+        control_hashes=control_hashes,
     )

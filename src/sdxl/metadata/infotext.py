@@ -514,17 +514,24 @@ def control_model_label(model: str, hashes: Mapping[str, str] | None = None) -> 
     path = Path(str(model))
     digest = (hashes or {}).get(str(model))
     if digest is None:
-        weights = path
-        if path.is_dir():
-            found = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
-            weights = found[0] if found else path
-        if weights.is_file():
-            try:
-                digest = legacy_hash(weights)
-            except OSError:
-                digest = None
+        digest = control_model_hash(path)
     name = path.name if path.is_dir() else path.stem
     return f"{name} [{digest}]" if digest else name
+
+
+def control_model_hash(path: str | Path) -> str | None:
+    """A1111's 8-digit legacy hash of a control model file (of a diffusers folder's weights file); None
+    when there is no such file."""
+    weights = Path(path)
+    if weights.is_dir():
+        found = sorted(weights.glob("*.safetensors")) + sorted(weights.glob("*.bin"))
+        weights = found[0] if found else weights
+    if not weights.is_file():
+        return None
+    try:
+        return legacy_hash(weights)
+    except OSError:
+        return None
 
 
 def _image_size(image: Any) -> tuple[int, int] | None:
