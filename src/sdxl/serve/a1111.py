@@ -441,7 +441,10 @@ def controlnet_units(service: Service, title: str, value: Any, init: Image.Image
                      hires: bool = False) -> tuple[list[ControlUnit], list[IPAdapterUnit]]:
     """`alwayson_scripts.controlnet` -> (control units, IP-Adapter units). Disabled units are skipped;
     modules ip-adapter_* make IP-Adapter units (FaceID modules are refused: the face embedding needs a
-    face detector this server does not have); the others ControlUnits with the module as preprocessor."""
+    face detector this server does not have); the others ControlUnits with the module as preprocessor.
+    Accepted and not used: processor_res and pixel_perfect (preprocessors always run at the pixel-perfect
+    resolution, which the infotext reports), low_vram, masks; hr_option must be "Both" with the hires fix
+    (units apply to both passes). A unit without an image uses img2img's init image."""
     args = value.get("args") if isinstance(value, dict) else value
     if not isinstance(args, list):
         raise RequestError(f"alwayson_scripts.{title}.args: expected a list of ControlNet units")
