@@ -515,3 +515,18 @@ def test_cli_ip_adapter_flags_and_from_replacements(tmp_path, capsys):
     with pytest.raises(typer.Exit):
         _control_fields(empty, stored)
     assert "unit 1 has no stored control image" in capsys.readouterr().err
+
+
+def test_a1111_img2img_unit_without_image_uses_the_init_image(served):
+    import json
+
+    import httpx
+
+    init = _b64(Image.fromarray(_picture(32, 32)))
+    r = httpx.post(f"{served['url']}/sdapi/v1/img2img", timeout=120, json={
+        "prompt": "a red circle", "init_images": [init], "steps": 2, "seed": 3, "denoising_strength": 0.5,
+        "alwayson_scripts": {"ControlNet": {"args": [{"image": "", "mask": None, "module": "canny",
+                                                       "model": "tiny_canny", "enabled": True}]}}})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])["infotexts"][0]
+    assert 'ControlNet 0: "Module: canny, Model: tiny_canny [' in info and "Denoising strength: 0.5" in info
