@@ -198,6 +198,12 @@ def test_control_modes(refs):
         torch.testing.assert_close(got["prompt"], r * soft[k])
         assert not got["control"][:1].any()  # the uncond row: untouched
         torch.testing.assert_close(got["control"][1:], r[1:] * soft[k], rtol=1e-4, atol=1e-6)
+    # several units sum: 0.3 + 0.4 balanced is 0.7 balanced
+    two = [ActiveUnit(model, hint, None, w, 0.0, 1.0, False, False) for w in (0.3, 0.4)]
+    with torch.no_grad():
+        summed = make_control_fn(None, two, 10)(x, t, ctx, y, 4, 1)
+    for a, b in zip(summed.skips + [summed.middle], outs["balanced"].skips + [outs["balanced"].middle]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # outside start..end nothing is added
     late = [ActiveUnit(model, hint, None, 1.0, 0.5, 1.0, False, False)]
     assert make_control_fn(None, late, 10)(x, t, ctx, y, 4, 1) is None
@@ -224,6 +230,19 @@ def test_inpainting_and_hires_run_with_control(refs, tiny_files, monkeypatch):
                               hires_upscaler="Latent", hires_steps=2, controls=(unit,))
     assert sdxl.load(tiny_files["base"]).generate(hires).images[0].size == (96, 96)
     assert sizes == [(W, H), (W, H), (96, 96)]
+
+
+def test_model_names_resolve_in_the_control_folder(refs, tmp_path):
+    """Names (A1111's "name [hash]" too) resolve inside the folder; paths only where allowed."""
+    from sdxl.control import resolve_control_model
+
+    shutil.copy(refs["dir"] / "cn.safetensors", tmp_path / "canny_xl.safetensors")
+    found = resolve_control_model("canny_xl [a1b2c3d4]", [tmp_path], allow_paths=False)
+    assert found == (tmp_path / "canny_xl.safetensors").resolve()
+    with pytest.raises(RequestError, match=r"controls\[0\]\.model: .*'\.\./x'"):
+        resolve_control_model("../x", [tmp_path], allow_paths=False)
+    with pytest.raises(RequestError, match="not a path"):
+        resolve_control_model(str(refs["dir"] / "cn.safetensors"), [tmp_path], allow_paths=False)
 
 
 def test_bad_inputs_are_one_line(refs, tiny_files, ours):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from .request import ControlUnit, GenerationRequest
 from .sampling.guidance import ControlFn
 from .weights.control import load_control_model
 
+CACHE_SIZE = 2  # control models kept loaded beyond a request's own (sd-webui-controlnet's default cache)
 _A1111_HASH = re.compile(r"\s+\[[0-9a-fA-F]{6,}\]$")
 CONTROL_SUFFIXES = (".safetensors", ".pth", ".bin")
 
@@ -73,14 +75,17 @@ def _version(path: Path) -> int:
     return path.stat().st_mtime_ns
 
 
-def control_model(pipe, unit: ControlUnit, where: str = "controls[0]") -> torch.nn.Module:
+def control_model(pipe, unit: ControlUnit, where: str = "controls[0]", keep: int = CACHE_SIZE
+                  ) -> torch.nn.Module:
     """The unit's control model, loaded once per (path, version) and kept on `pipe` (in its dtype, in its
-    offload storage when CPU offload is on, else on its device)."""
+    offload storage when CPU offload is on, else on its device); the `keep` most recently used stay."""
     dirs = list(getattr(pipe, "control_dirs", []) or [])
     path = resolve_control_model(unit.model, dirs, getattr(pipe, "allow_lora_paths", True), f"{where}.model")
-    cache = pipe.__dict__.setdefault("_control_cache", {})
+    cache: OrderedDict = pipe.__dict__.setdefault("_control_cache", OrderedDict())
     key = (str(path.resolve()), _version(path))
-    if key not in cache:
+    if key in cache:
+        cache.move_to_end(key)
+    else:
         for old in [k for k in cache if k[0] == key[0]]:
             del cache[old]  # an older version of this file
         device = pipe.offload_storage or pipe.device
@@ -90,6 +95,8 @@ def control_model(pipe, unit: ControlUnit, where: str = "controls[0]") -> torch.
                                             allow_pickle=allow_pickle)
         except CheckpointError as e:
             raise RequestError(f"{where}.model: {e}") from None
+        while len(cache) > max(keep, 1):
+            cache.popitem(last=False)
     return cache[key]
 
 
@@ -113,7 +120,7 @@ class ActiveUnit:
     """One unit as sampling uses it."""
 
     model: torch.nn.Module
-    hint: Tensor  # [1, 3, H, W] on the device
+    hint: Tensor | None  # [1, 3, H, W] on the device (dropped once encoded)
     type_index: int | None  # union models: the control type id
     weight: float
     start: float
@@ -127,6 +134,7 @@ class ActiveUnit:
         model = self.model
         if self.features is None:
             self.features = model.encode_hint(self.hint.to(x.device), self.type_index)
+            self.hint = None  # the features are what the pass needs from here on
         x = x[:, : model.in_channels]  # an inpainting UNet's x has 9 channels; the ControlNet reads 4
         out = model(x, t, context, y, control_type=self.type_index, hint_features=self.features)
         return model.scaled(out, self.weight, self.soft)
@@ -170,10 +178,13 @@ def active_units(pipe, req: GenerationRequest, width: int, height: int,
     units = []
     for i, unit in enumerate(req.controls):
         where = f"controls[{i}]"
-        model = control_model(pipe, unit, where)
+        model = control_model(pipe, unit, where, keep=max(CACHE_SIZE, len(req.controls)))
         type_index = None
         if getattr(model, "kind", None) == "union":
-            type_index = model.type_index(unit.control_type, f"{where}.control_type")
+            # no type given: the preprocessor's, as sd-webui-controlnet reads it off the module (canny, tile)
+            preprocessor = unit.preprocessor if unit.preprocessor not in (None, "none") else None
+            given = unit.control_type or preprocessor
+            type_index = model.type_index(given, f"{where}.control_type")
         hint = prepare_hint(unit, width, height, where).to(pipe.device)
         soft = unit.control_mode != "balanced" or (hires and any(p in (unit.preprocessor or "")
                                                                  for p in ("canny", "mlsd")))
