@@ -11,6 +11,8 @@ nothing); here the adapter moves the image to ~20 dB from the one without it.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -384,3 +386,33 @@ def test_with_pag_composable_prompt_editing_and_hires(ip_files, ours, tmp_path, 
     assert r.latents.shape == (2, 4, 12, 12) and torch.isfinite(r.latents).all()
     assert "FaceID LoRA" not in caplog.text
     assert not any(isinstance(tb.attn2, IPAttention) for tb, _ in cross_attentions(ours.unet))
+
+
+def test_names_in_folders(ip_files, ours, tmp_path):
+    """Server mode (names only): an adapter by stem inside the IP-Adapter folder, its encoder found in the
+    folder's image_encoder/; a path or '..' is a one-line error naming the field; an encoder outside the
+    folders is not picked up."""
+    from sdxl.ip_conditioning import unit_tokens
+
+    files = ours.ip_files
+    files.dirs, files.allow_paths = [ip_files["dir"]], False
+    try:
+        adapter, tokens = unit_tokens(ours, IPAdapterUnit(model="ip_plain", images=(_image(5, 40, 56),)),
+                                      "ip_adapters[0]")
+        assert adapter.kind == "plain" and tokens.cond.shape == (1, 4, ours.config.unet.context_dim)
+        for bad in (str(ip_files["plain"]), "../ip/ip_plain"):
+            with pytest.raises(RequestError, match=r"^ip_adapters\[0\]\.model: "):
+                unit_tokens(ours, IPAdapterUnit(model=bad, images=(_image(5, 40, 56),)), "ip_adapters[0]")
+        # h94's layout puts the plus models' encoder in ../models/image_encoder: here that is outside the
+        # adapter folder, so only a run that allows paths may use it
+        (tmp_path / "adapters").mkdir()
+        (tmp_path / "adapters" / "lone.safetensors").write_bytes(ip_files["plain"].read_bytes())
+        shutil.copytree(ip_files["encoder"], tmp_path / "models" / "image_encoder")
+        files.dirs = [tmp_path / "adapters"]
+        unit = IPAdapterUnit(model="lone", images=(_image(5, 40, 56),))
+        with pytest.raises(RequestError, match="no image encoder found"):
+            unit_tokens(ours, unit, "ip_adapters[0]")
+        files.allow_paths = True
+        assert unit_tokens(ours, unit, "ip_adapters[0]")[1].cond.shape[1] == 4
+    finally:
+        files.dirs, files.allow_paths = [], True

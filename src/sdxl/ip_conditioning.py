@@ -115,7 +115,8 @@ def _mtime(p: Path) -> int:
 def _encoder_candidates(files: IPAdapterFiles, adapter_path: Path) -> list[Path]:
     """Where an adapter's encoder may be when none is named: beside the file (h94/IP-Adapter's
     `sdxl_models/image_encoder`, and `models/image_encoder` one level up, where the ViT-H of the plus models
-    is), then in the adapter folders' image_encoder/ and clip_vision/ sub-folders."""
+    is), then in the adapter folders' image_encoder/ and clip_vision/ sub-folders. Without `allow_paths` only
+    candidates inside the adapter folders count."""
     here = adapter_path.resolve().parent
     out = [here / "image_encoder", here.parent / "models" / "image_encoder"]
     for d in files.dirs:
@@ -125,12 +126,16 @@ def _encoder_candidates(files: IPAdapterFiles, adapter_path: Path) -> list[Path]
             if folder.is_dir():
                 out += sorted(x for x in folder.iterdir()
                               if x.is_dir() or x.suffix.lower() in ENCODER_SUFFIXES)
+    roots = [Path(d).resolve() for d in files.dirs]
     seen, unique = set(), []
     for c in out:
-        if c not in seen and (c.is_file() or (c / "model.safetensors").is_file()
-                              or (c / "pytorch_model.bin").is_file()):
-            seen.add(c)
-            unique.append(c)
+        if c in seen or not (c.is_file() or (c / "model.safetensors").is_file()
+                             or (c / "pytorch_model.bin").is_file()):
+            continue
+        if not files.allow_paths and not any(c.resolve().is_relative_to(r) for r in roots):
+            continue  # names only (the server): nothing outside the configured folders
+        seen.add(c)
+        unique.append(c)
     return unique
 
 
