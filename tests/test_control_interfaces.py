@@ -7,6 +7,7 @@ dependency only; the package computes them with torch and numpy).
 
 from __future__ import annotations
 
+import cv2  # the reference the preprocessors are checked against (opencv-python-headless, a test dependency)
 import numpy as np
 import pytest
 import torch
@@ -15,8 +16,6 @@ from PIL import Image
 from sdxl import control_maps as cm
 from sdxl.errors import RequestError
 from sdxl.request import ControlUnit, GenerationRequest
-
-cv2 = pytest.importorskip("cv2")
 
 
 def _picture(h: int = 96, w: int = 128, seed: int = 0) -> np.ndarray:
