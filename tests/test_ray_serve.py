@@ -5,7 +5,9 @@ To run it here: `pip install -e '.[ray]'`, then `python -m pytest -q tests/test_
 
 Only this file starts Ray: one local cluster (2 CPUs, no dashboard) and one Serve application for the
 whole module, over real HTTP through Serve's proxy. On the 2-core build machine Ray's start and the
-deployment's take 10 to 35 s of the file's time (printed by the fixture). Checked here:
+deployment's take 20 to 35 s of the file's time (printed by the fixture). Checked here:
+
+- deploy/ray-serve.yaml's args build the application `serve run` would deploy (no cluster needed);
 
 - requests for two models land on the replicas that hold them: each replica loads one multiplexed id
   (model + refiner + LoRA set) and runs only that model's jobs, counted from the replicas' own reports;
@@ -21,6 +23,7 @@ import io
 import shutil
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,17 +31,19 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
+yaml = pytest.importorskip("yaml")  # PyYAML comes with ray[serve]
 
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from sdxl.models.config import tiny_config  # noqa: E402
 from sdxl.serve.app import create_app  # noqa: E402
-from sdxl.serve.ray_serve import APP_NAME, GENERATOR_NAME, RayOptions, build_app  # noqa: E402
+from sdxl.serve.ray_serve import APP_NAME, GENERATOR_NAME, RayOptions, app_builder, build_app  # noqa: E402
 from sdxl.serve.settings import ServeSettings  # noqa: E402
 from sdxl.weights.checkpoint import random_checkpoint, write_single_file  # noqa: E402
 
 TERMINAL = ("done", "failed", "cancelled")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -105,6 +110,24 @@ def _pixels(client, job: dict) -> np.ndarray:
 def _replicas(client) -> dict:
     workers = client.get("/workers").json()["workers"]
     return workers[0]["replicas"]
+
+
+def test_the_serve_run_config_builds_the_application():
+    """deploy/ray-serve.yaml's args through app_builder (what `serve run` calls): the settings and the
+    replica layout reach the two deployments (no cluster needed)."""
+    config = yaml.safe_load((ROOT / "deploy" / "ray-serve.yaml").read_text())
+    (application,) = config["applications"]
+    assert application["import_path"] == "sdxl.serve.ray_serve:app_builder"
+    ingress = app_builder(dict(application["args"], api_key="k"))._bound_deployment
+    assert ingress.name == "sdxl" and ingress.ray_actor_options["num_cpus"] == 0
+    generator = ingress.init_args[0]._bound_deployment
+    settings, models_per_replica = generator.init_args
+    assert generator.name == "generator" and generator.max_ongoing_requests == 1
+    assert generator.ray_actor_options["num_gpus"] == 1 and models_per_replica == 1
+    scaling = generator._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (1, 8)
+    assert settings.models_dir == Path("/shared/models") and settings.api_key == "k"
+    assert settings.queue_size == 256 and str(settings.data_dir) == "/var/lib/sdxl"
 
 
 def test_two_models_land_on_the_replicas_that_hold_them(cluster):

@@ -60,12 +60,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 from PIL import Image
-from ray import serve
-from ray.exceptions import RayActorError
 
+try:
+    import ray
+    from ray import serve
+    from ray.exceptions import RayActorError
+except ModuleNotFoundError as e:  # the optional extra is missing
+    if __name__ == "__main__" and (e.name or "").startswith("ray"):
+        sys.exit("error: Ray Serve is not installed; install the extra: pip install 'sdxl[ray]'")
+    raise
+
+from .__main__ import build_parser, settings_from_args
 from .app import create_app
 from .jobs import INPUT_PREFIX, Executor, JobRunner, Reporter, WorkerLost, job_key
 from .modelhost import ModelHost
@@ -445,8 +452,6 @@ def app_builder(args: dict[str, Any]):
     """`serve run sdxl.serve.ray_serve:app_builder key=value ...` or a config's `import_path` with `args`:
     the keys are `sdxl serve`'s options with underscores (model, models_dir, data_dir, api_key, ...) and
     RayOptions' fields (min_replicas, max_replicas, gpus_per_replica, models_per_replica)."""
-    from .__main__ import build_parser, settings_from_args  # lazy: argparse setup only `serve run` needs
-
     args = dict(args or {})
     ray_fields = {f.name for f in dataclasses.fields(RayOptions)}
     option_values = {k: args.pop(k) for k in list(args) if k in ray_fields}
@@ -471,8 +476,6 @@ def app_builder(args: dict[str, Any]):
 
 # ------------------------------------------------------------------------------------------------ the command
 def build_ray_parser() -> argparse.ArgumentParser:
-    from .__main__ import build_parser  # lazy: the one-host server's parser, shared
-
     p = build_parser()
     p.prog = "python -m sdxl.serve.ray_serve"
     p.description = "Serve the sdxl HTTP API on Ray Serve (generation replicas, one device each)."
@@ -492,18 +495,22 @@ def build_ray_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .__main__ import settings_from_args  # lazy: see build_ray_parser
-
     ns = build_ray_parser().parse_args(argv)
     try:
         settings = settings_from_args(ns)
         check_bind(settings)
+        if settings.devices:
+            raise SettingsError("--devices: Ray Serve places one replica per device itself; use "
+                                "--max-replicas and --gpus-per-replica instead")
         options = RayOptions(min_replicas=ns.min_replicas, max_replicas=ns.max_replicas,
                              gpus_per_replica=ns.gpus_per_replica, models_per_replica=ns.models_per_replica)
         logging.basicConfig(level=ns.log_level.upper())
         t0 = time.monotonic()
         if ns.ray_address:
-            ray.init(address=ns.ray_address)
+            try:
+                ray.init(address=ns.ray_address)
+            except ConnectionError as e:
+                raise SettingsError(f"--ray-address {ns.ray_address}: {e}") from None
         else:
             ray.init(num_cpus=ns.num_cpus, include_dashboard=False)
         serve.start(proxy_location="EveryNode", http_options={"host": settings.host, "port": settings.port})
