@@ -24,9 +24,10 @@ Life of a job::
   store or recovers anything, so a second server on the same folder stops without touching the first
   one's jobs.
 - Shutdown (`begin_shutdown`, then `drain`): new submissions are refused at once (`ShuttingDown`, HTTP 503),
-  the worker takes no new job, the running job gets `shutdown_grace_s` to finish and is then stopped at its
-  next step and queued again. Queued jobs stay queued for the next start. Clients awaiting a job that did
-  not finish are answered `JobNotFinished` (503 naming the job) as soon as the worker has stopped.
+  the dispatchers take no new job, the running jobs get `shutdown_grace_s` to finish and are then stopped
+  at their next step and queued again. Queued jobs stay queued for the next start. Clients awaiting a job
+  that did not finish are answered `JobNotFinished` (503 naming the job) as soon as the dispatchers have
+  stopped and the executor is closed (worker processes exit).
 - Idempotency: a submission may carry a client's key and a digest of the body it came with. The key is
   unique in the job table, so a retry with the same key and body returns the first job (across restarts
   too) instead of queueing a second one; the same key with another body is `IdempotencyConflict` (409).
@@ -38,9 +39,12 @@ Life of a job::
   three keep the stopped image, decoded from that estimate, as A1111 does. A timeout fails the job; a
   shutdown queues it again.
 - Progress and previews are pushed to subscribers (the websocket route) through asyncio queues, and are
-  kept on the job for polling (`GET /jobs/{id}`, A1111 `/progress`). Previews are computed on the worker
-  thread (it owns the models), and only while someone watches: a websocket subscriber, or a `/progress`
-  poll in the last `PREVIEW_INTEREST_S` seconds.
+  kept on the job for polling (`GET /jobs/{id}`, A1111 `/progress`). Previews are computed where the job
+  runs (that process owns the models), and only while someone watches: a websocket subscriber, or a
+  `/progress` poll in the last `PREVIEW_INTEREST_S` seconds.
+- With several slots: a job goes to an idle slot, preferring one that holds its model, refiner and LoRAs
+  (`job_key`); a slot that dies mid-job (`WorkerLost`) has its job queued once more for another slot, then
+  failed with the reason. A1111's /progress, interrupt and skip act on the running job that started first.
 """
 
 from __future__ import annotations
