@@ -106,7 +106,7 @@ def prepare_hint(unit: ControlUnit, width: int, height: int, where: str = "contr
         return prepare_control_image(unit.image, unit.preprocessor, unit.threshold_a, unit.threshold_b,
                                      unit.resize_mode, width, height)
     except RequestError as e:
-        raise RequestError(f"{where}.{e}" if not str(e).startswith(where) else str(e)) from None
+        raise RequestError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
 
 
 def _text_context(pipe, context: Tensor) -> Tensor:
