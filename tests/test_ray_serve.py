@@ -11,7 +11,9 @@ deployment's take 20 to 35 s of the file's time (printed by the fixture). Checke
 
 - requests for two models land on the replicas that hold them: each replica loads one multiplexed id
   (model + refiner + LoRA set) and runs only that model's jobs, counted from the replicas' own reports;
-- a request gives the same pixels (and infotext) as the single-process server;
+- a request gives the same pixels (and infotext) as the single-process server, natively and through A1111's
+  txt2img;
+- progress and previews (made on the replica while someone watches) reach a websocket;
 - a cancel reaches the replica running the job;
 - killing the replica that runs a job mid-job loses nothing: the job runs again on the other replica
   (attempts 2) and gives the same pixels as an uninterrupted run.
@@ -19,7 +21,9 @@ deployment's take 20 to 35 s of the file's time (printed by the fixture). Checke
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import shutil
 import socket
 import time
@@ -32,6 +36,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 yaml = pytest.importorskip("yaml")  # PyYAML comes with ray[serve]
+connect = pytest.importorskip("websockets.sync.client").connect
 
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -64,7 +69,7 @@ def folders(tiny_files, tmp_path_factory):
 
 def _settings(folders, data: str) -> ServeSettings:
     return ServeSettings(model=str(folders / "models" / "a.safetensors"), models_dir=folders / "models",
-                         data_dir=folders / data, shutdown_grace_s=2, preview="off")
+                         data_dir=folders / data, shutdown_grace_s=2, preview="approx")
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +163,39 @@ def test_same_pixels_as_the_single_process_server(cluster, folders):
     with TestClient(create_app(_settings(folders, "local_data")), base_url="http://localhost") as local:
         expected = _run(local, body)
         expected_pixels = _pixels(local, expected)
+        a1111 = {"prompt": "a boat", "width": 64, "height": 64, "steps": 3, "seed": 99, "batch_size": 2,
+                 "sampler_name": "DPM++ 2M", "cfg_scale": 4}
+        expected_a1111 = local.post("/sdapi/v1/txt2img", json=a1111).json()
     got = _run(cluster, body)
     np.testing.assert_array_equal(_pixels(cluster, got), expected_pixels)
     assert got["images"][0]["info"] == expected["images"][0]["info"]
     assert got["images"][0]["seed"] == expected["images"][0]["seed"] == 1234
+    # the A1111 route (awaits the job, answers base64 PNGs): the same images and info
+    got_a1111 = cluster.post("/sdapi/v1/txt2img", json=a1111).json()
+    assert len(got_a1111["images"]) == 2
+    for mine, theirs in zip(got_a1111["images"], expected_a1111["images"]):
+        np.testing.assert_array_equal(*(np.asarray(Image.open(io.BytesIO(base64.b64decode(x))).convert("RGB"))
+                                        for x in (mine, theirs)))
+    info, expected_info = (json.loads(r["info"]) for r in (got_a1111, expected_a1111))
+    del info["job_timestamp"], expected_info["job_timestamp"]  # when each job was submitted
+    assert info == expected_info
+
+
+def test_progress_and_previews_reach_a_websocket(cluster):
+    """A watcher's websocket gets the replica's steps, previews made on the replica once the board says
+    someone watches, and the final event."""
+    job_id = cluster.post("/jobs", json={"prompt": "w", "width": 64, "height": 64, "steps": 40,
+                                         "seed": 5}).json()["id"]
+    port = cluster.base_url.port
+    events = []
+    with connect(f"ws://127.0.0.1:{port}/ws/jobs/{job_id}", open_timeout=30) as ws:
+        while not events or events[-1]["type"] != "finished":
+            events.append(json.loads(ws.recv(timeout=60)))
+    assert events[-1]["job"]["status"] == "done"
+    steps = [e["step"] for e in events if e["type"] == "progress"]
+    assert steps and steps == sorted(steps) and steps[-1] == 40
+    previews = [e["preview"] for e in events if e["type"] == "progress" and "preview" in e]
+    assert previews and all(p.startswith("data:image/jpeg;base64,") for p in previews)
 
 
 def _running_replica(client, job_id: str) -> str:
