@@ -57,6 +57,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,7 @@ log = logging.getLogger(__name__)
 APP_NAME = "sdxl"
 INGRESS_NAME = "sdxl"
 GENERATOR_NAME = "generator"
+STATUS_KEEP = 100  # a replica's report lists its last this many jobs and loads
 BOARD_POLL_S = 0.2  # how often a running replica asks the board for stops and preview interest
 LIVE_FIELDS = ("progress", "step", "total", "stage", "iteration")
 RESULT_FIELDS = ("status", "error", "images", "seeds", "infos", "resolved", "finished_at", "stop_reason",
@@ -163,7 +165,8 @@ class Generator:
     """One generation replica (deployment `generator`): runs jobs one at a time on its device."""
 
     def __init__(self, settings: ServeSettings, models_per_replica: int = 1):
-        device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # the device Ray gave this replica (CUDA_VISIBLE_DEVICES holds its GPU), whatever --device said
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
         threads = settings.threads or (1 if device == "cpu" else None)
         if threads:
             torch.set_num_threads(threads)
@@ -173,8 +176,9 @@ class Generator:
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
         self.node = ray.util.get_node_ip_address()
-        self.loads: list[str] = []  # the multiplexed ids this replica loaded, in order
-        self.jobs: list[str] = []  # the jobs it ran, in order
+        self.loads: deque[str] = deque(maxlen=STATUS_KEEP)  # the multiplexed ids it loaded, latest last
+        self.jobs: deque[str] = deque(maxlen=STATUS_KEEP)  # the jobs it ran, latest last
+        self.jobs_done = 0
         self.current: str | None = None
 
         async def load(mid: str) -> JobRunner:  # a function: Serve keeps its model cache on it
@@ -193,7 +197,7 @@ class Generator:
     def status(self) -> dict[str, Any]:
         return {"replica": self.replica, "pid": os.getpid(), "node": self.node, "device": self.device,
                 "threads": torch.get_num_threads(), "model_ids_loaded": list(self.loads),
-                "jobs": list(self.jobs), "jobs_done": len(self.jobs), "current_job": self.current}
+                "jobs": list(self.jobs), "jobs_done": self.jobs_done, "current_job": self.current}
 
     async def run(self, payload: dict[str, Any]):
         """Run one job (see the module docstring for what the stream carries)."""
@@ -264,6 +268,7 @@ class Generator:
                 yield event
             await thread
             self.jobs.append(job.id)
+            self.jobs_done += 1
             self.current = None
             result = {k: getattr(job, k) for k in RESULT_FIELDS}
             files = new_files()
