@@ -11,6 +11,7 @@ on 8 bits against StableDiffusionXLControlNetPipeline (Euler, leading, seed 42, 
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -204,6 +205,13 @@ def test_control_modes(refs):
         summed = make_control_fn(None, two, 10)(x, t, ctx, y, 4, 1)
     for a, b in zip(summed.skips + [summed.middle], outs["balanced"].skips + [outs["balanced"].middle]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # IP-Adapter image tokens at the end of the context (pipe.ip_files.image_tokens while a request runs) are
+    # not the ControlNet's: it sees the text tokens only
+    pipe = SimpleNamespace(ip_files=SimpleNamespace(image_tokens=4))
+    with torch.no_grad():
+        with_images = make_control_fn(pipe, _units(model, "balanced", hint), 10)(
+            x, t, torch.cat([ctx, torch.randn(3, 4, 96)], dim=1), y, 4, 1)
+    torch.testing.assert_close(with_images.middle, outs["balanced"].middle)
     # outside start..end nothing is added
     late = [ActiveUnit(model, hint, None, 1.0, 0.5, 1.0, False, False)]
     assert make_control_fn(None, late, 10)(x, t, ctx, y, 4, 1) is None
@@ -230,6 +238,17 @@ def test_inpainting_and_hires_run_with_control(refs, tiny_files, monkeypatch):
                               hires_upscaler="Latent", hires_steps=2, controls=(unit,))
     assert sdxl.load(tiny_files["base"]).generate(hires).images[0].size == (96, 96)
     assert sizes == [(W, H), (W, H), (96, 96)]
+
+
+def test_refiner_gets_no_control(refs, tiny_files, ours):
+    """Control applies to the base only: the refiner (bigG-only context, 64 wide) could not even run this
+    ControlNet (text width 96), and the base's share of the schedule is controlled."""
+    unit = ControlUnit(model=str(refs["dir"] / "cn.safetensors"), image=_control_image())
+    req = GenerationRequest(prompt=PROMPT, width=W, height=H, steps=4, seed=1,
+                            refiner=str(tiny_files["refiner"]), refiner_switch=0.5)
+    a = ours.generate(req).latents
+    b = ours.generate(req.replace(controls=(unit,))).latents
+    assert (a - b).norm() > 1e-4 * a.norm()
 
 
 def test_model_names_resolve_in_the_control_folder(refs, tmp_path):
