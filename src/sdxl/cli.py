@@ -807,22 +807,58 @@ def upscale(
 
 @data_app.command("shapes")
 def data_shapes(
-    out: Path = typer.Option(..., "--out", help="Output folder (images, captions, metadata.jsonl)."),
-    n: int = typer.Option(1000, "--n", help="Number of images."),
+    out: Path = typer.Option(..., "--out", help="Output folder (images, captions, metadata.jsonl, "
+                             "summary.json)."),
+    n: int = typer.Option(1000, "--n", help="Number of images (all distinct scenes)."),
     seed: int = typer.Option(0, help="Seed: the same seed gives the same dataset."),
-    base: int = typer.Option(256, help="Base resolution of the aspect buckets."),
+    base: int | None = typer.Option(None, help="Image side (square levels) or base resolution of the aspect "
+                                    "buckets (default: the level's; 256 for `full`)."),
     step: int = typer.Option(32, help="Bucket sides are multiples of this."),
     mask: str = typer.Option("disc", "--mask", help="Loss masks (NNNNNN.mask.png): `disc` (a disc around "
                              "each object) or `outline` (the object's edges weigh most, then its disc)."),
+    level: str = typer.Option("full", help="Curriculum level: easy (one large object, plain, 128 px), mid "
+                              "(1-2 objects at 128 px at their 256 px latent sizes, all backgrounds), multi "
+                              "(256 px buckets, 1-3 objects), vae (more small objects, every texture), full "
+                              "(the shipped model's data, as before levels). docs/CURRICULUM.md."),
+    objects: str | None = typer.Option(None, help="Objects per scene: N, MIN-MAX, N,M or N=SHARE,..."),
+    object_latent_px: str | None = typer.Option(
+        None, help="Object diameter in latent px (f=8) at --at-res: MIN:MAX or small=MIN:MAX,large=MIN:MAX."
+    ),
+    at_res: int | None = typer.Option(None, help="Shorter side (px) at which --object-latent-px holds "
+                                      "(default: --base)."),
+    backgrounds: str | None = typer.Option(
+        None, help="Background shares: plain=S,gradient=S,stripes=S,checker=S,noise=S (textured=S: "
+        "checker+noise)."
+    ),
+    soft_upscales: float | None = typer.Option(None, help="Share rendered small and upscaled (soft)."),
+    crops: float | None = typer.Option(None, help="Share zoomed in so objects are cut by the border."),
+    relations: float | None = typer.Option(None, help="Share of multi-object captions that state relations."),
+    square: bool | None = typer.Option(None, "--square/--buckets", help="Square images or aspect buckets."),
 ):
-    """Render the procedural shapes dataset (captioned scenes of 1-3 objects, many aspect ratios)."""
-    from .data.shapes import MASK_STYLES, generate_shapes_dataset  # lazy: numpy and the renderer
+    """Render the procedural shapes dataset (captioned scenes of 1-3 objects) at a curriculum level."""
+    from .data import shapes as S  # lazy: numpy and the renderer
 
     if n < 1:
         fail("--n must be at least 1")
-    if mask not in MASK_STYLES:
-        fail(f"--mask must be one of {', '.join(MASK_STYLES)}, got {mask!r}")
-    summary = generate_shapes_dataset(n, out, seed=seed, base=base, step=step, mask_style=mask)
+    if mask not in S.MASK_STYLES:
+        fail(f"--mask must be one of {', '.join(S.MASK_STYLES)}, got {mask!r}")
+    try:
+        overrides = {
+            "objects": S.parse_counts(objects) if objects is not None else None,
+            "sizes": S.parse_sizes(object_latent_px) if object_latent_px is not None else None,
+            "backgrounds": S.parse_shares(backgrounds) if backgrounds is not None else None,
+            "at_res": at_res, "soft_upscales": soft_upscales, "crops": crops, "relations": relations,
+            "square": square,
+        }
+        if base is not None and (level != "full" or any(v is not None for v in overrides.values())):
+            overrides["base"] = base  # `--level full` alone keeps the legacy draw, at this base
+        cur = S.make_level(level, **overrides)
+    except ValueError as e:  # "field: message" -> "--flag: message"
+        field, _, msg = str(e).partition(": ")
+        flag = {"sizes": "object-latent-px"}.get(field, field.replace("_", "-"))
+        fail(f"--{flag}: {msg}")
+    summary = S.generate_shapes_dataset(n, out, seed=seed, base=base or 256, step=step, mask_style=mask,
+                                        level=cur)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
