@@ -31,6 +31,7 @@ from torch import Tensor
 from .control_maps import prepare_control_image
 from .errors import BadName, CheckpointError, NameNotFound, RequestError
 from .files import resolve_in_folder
+from .models.fast import fuse_qkv, is_fused
 from .models.unet import UNetControl
 from .request import ControlUnit, GenerationRequest
 from .sampling.guidance import ControlFn
@@ -91,10 +92,13 @@ def control_model(pipe, unit: ControlUnit, where: str = "controls[0]", keep: int
         device = pipe.offload_storage or pipe.device
         allow_pickle = bool(getattr(getattr(pipe, "ip_files", None), "allow_pickle", False))
         try:
-            cache[key] = load_control_model(path, pipe.unet, dtype=pipe.dtype, device=device,
-                                            allow_pickle=allow_pickle)
+            model = load_control_model(path, pipe.unet, dtype=pipe.dtype, device=device,
+                                       allow_pickle=allow_pickle)
         except CheckpointError as e:
             raise RequestError(f"{where}.model: {e}") from None
+        if pipe.unet is not None and is_fused(pipe.unet):
+            fuse_qkv(model)  # the speed switch the UNet has (one q/k/v matmul; rounding only)
+        cache[key] = model
         while len(cache) > max(keep, 1):
             cache.popitem(last=False)
     return cache[key]

@@ -247,10 +247,13 @@ class ControlNet(nn.Module):
         return [weight * SOFT_INJECTION_BASE ** float(12 - k) for k in range(n_outputs)]
 
     def scaled(self, control: UNetControl, weight: float, soft: bool = False) -> UNetControl:
-        """`control` (this model's output) with every residual times its `output_scales` entry."""
+        """`control` (this model's fresh output, scaled in place: no second copy of the residuals) with every
+        residual times its `output_scales` entry."""
         scales = self.output_scales(weight, len(control.skips) + 1, soft)
-        return UNetControl(skips=[s * k for s, k in zip(control.skips, scales)],
-                           middle=control.middle * scales[-1])
+        for s, k in zip(control.skips, scales):
+            s.mul_(k)
+        control.middle.mul_(scales[-1])
+        return control
 
     def encode_hint(self, hint: Tensor, control_type: str | int | None = None) -> Tensor:
         """The hint's features, added to conv_in's output: [B or 1, model width, H, W] from pixels in [0, 1].
