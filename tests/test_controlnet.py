@@ -267,6 +267,7 @@ def test_model_names_resolve_in_the_control_folder(refs, tmp_path):
 def test_bad_inputs_are_one_line(refs, tiny_files, ours):
     from typer.testing import CliRunner
 
+    import sdxl
     from sdxl.cli import app
 
     res = CliRunner().invoke(app, ["generate", "x", "--model", str(refs["dir"] / "cn.safetensors"),
@@ -274,6 +275,8 @@ def test_bad_inputs_are_one_line(refs, tiny_files, ours):
     assert res.exit_code != 0
     msg = res.output.strip()
     assert "ControlNet" in msg and "cn.safetensors" in msg and len(msg.splitlines()) == 1, msg
+    with pytest.raises(CheckpointError, match=r"cn: is a ControlNetModel folder, not an SDXL checkpoint"):
+        sdxl.load(refs["dir"] / "cn")
     with pytest.raises(CheckpointError, match=r"base\.safetensors: not a ControlNet.*SDXL checkpoint") as e:
         load_control_model(tiny_files["base"])
     assert "\n" not in str(e.value)

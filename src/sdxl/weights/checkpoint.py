@@ -165,6 +165,10 @@ def text_config_to_hf(cfg: TextConfig, projection: bool) -> dict:
 def read_diffusers(folder: Path) -> Checkpoint:
     subs = [s for s in ("unet", "vae", "text_encoder", "text_encoder_2") if (folder / s).is_dir()]
     if not subs:
+        cls = _json(folder / "config.json").get("_class_name") if (folder / "config.json").is_file() else None
+        if isinstance(cls, str) and ("ControlNet" in cls or "Adapter" in cls):  # a control model's folder
+            raise CheckpointError(f"{folder}: is a {cls} folder, not an SDXL checkpoint; use it as a control "
+                                  "unit (--controlnet FOLDER with --control-image)")
         raise CheckpointError(
             f"{folder}: not a model folder (expected diffusers subfolders unet/, vae/, text_encoder/, "
             "text_encoder_2/)"
