@@ -568,6 +568,7 @@ def run_generate(
         TimeRemainingColumn,
     )
 
+    from .upscale import is_upscaler, resolve_model_upscaler  # lazy: torch
     from .weights.io import save_safetensors  # lazy: torch
 
     if n < 1:
@@ -585,6 +586,8 @@ def run_generate(
             fail(f"--embeddings {embeddings}: {e}")
     try:
         req = req.resolve(pipe.config)
+        if req.hires and not is_upscaler(req.hires_upscaler):  # a model upscaler: its file must exist
+            resolve_model_upscaler(req.hires_upscaler, pipe.upscaler_dirs, pipe.allow_lora_paths)
     except RequestError as e:
         fail(_flagged(str(e)))
     if not quiet:
@@ -862,12 +865,44 @@ def data_shapes(
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
+def _eval_level(level: str | None):
+    """`--level NAME` of the eval commands -> a Curriculum (None: the shipped model's prompt lists)."""
+    from .data.shapes import make_level  # lazy: numpy and the renderer
+
+    if level is None or level == "full":
+        return None
+    try:
+        return make_level(level)
+    except ValueError as e:
+        fail(f"--{e}")
+
+
+def _eval_lists(lists: str, level=None, default: bool = False) -> list[str]:
+    """`--lists` -> names; with a level that has no two-object scenes (easy) the pair lists are dropped when
+    they came from the default, and refused when asked for."""
+    from .data.shapes import EVAL_KINDS  # lazy: numpy and the renderer
+
+    out = [k.strip() for k in lists.split(",") if k.strip()]
+    if not out or any(k not in EVAL_KINDS for k in out):
+        fail(f"--lists: each of {', '.join(EVAL_KINDS)}, got {lists!r}")
+    if level is not None and not level.objects.get(2):
+        if not default and any(k.startswith("pair") for k in out):
+            fail(f"--lists: level {level.name} has no two-object scenes; ask for single lists only")
+        out = [k for k in out if not k.startswith("pair")]
+    return out
+
+
 @eval_app.command("shapes")
 def eval_shapes(
     model: str | None = typer.Option(None, "--model", "-m", help="Model (default: the shipped one)."),
     refiner: str | None = typer.Option(None, help="Refiner to finish the schedule with."),
-    n: int = typer.Option(50, "--n", help="Prompts per list."),
-    kinds: str = typer.Option("single,pair,single_novel,pair_novel", help="Prompt lists to run."),
+    n: int = typer.Option(100, "--n", help="Prompts per list (claims need >= 100: Wilson intervals about "
+                          "+-9 points)."),
+    kinds: str = typer.Option("single,pair,single_novel,pair_novel", "--lists", "--kinds",
+                              help="Prompt lists to run (single, pair, single_novel, pair_novel)."),
+    level: str | None = typer.Option(None, help="Draw the prompts from this curriculum level (easy, mid, "
+                                     "multi, vae; default: the shipped model's lists); --size defaults to "
+                                     "its base."),
     seed: int = typer.Option(0, help="Seed for prompts and sampling."),
     steps: int = typer.Option(20, help="Sampler steps."),
     cfg: float = typer.Option(5.0, help="CFG scale."),
@@ -885,25 +920,35 @@ def eval_shapes(
         None, help="Folder to save every generated image in (KIND_NNN.png, with its request and scores)."
     ),
 ):
-    """Prompt accuracy (detector) and Frechet distance of a shapes model on held-out prompts."""
+    """Prompt accuracy (detector) and Frechet distance of a shapes model on held-out prompts; every rate
+    with its Wilson 95% interval."""
     from rich.console import Console  # lazy: rich's renderers load only when printing
 
-    from .data.evaluate import detector_accuracy_on_renders  # lazy: numpy and the renderer
+    from .data.evaluate import ceiling_table, render_ceiling  # lazy: numpy and the renderer
     from .eval_shapes import evaluate_pipe, format_table  # lazy: torch
     from .pipeline import SDXL  # lazy: the pipeline pulls torch and the models
 
     con = Console(stderr=True)
     if n < 2:
         fail("--n must be at least 2 (the Frechet distance needs two images per list)")
-    det = detector_accuracy_on_renders(detector_check, seed=seed + 999) if detector_check else None
-    if det is not None and not as_json:
-        con.print(f"detector accuracy on {detector_check} real renders: {det}")
+    cur = _eval_level(level)
+    lists = _eval_lists(kinds, cur, default=kinds == "single,pair,single_novel,pair_novel")
+    if cur is not None and size is None:
+        size = cur.base
+
+    def flat(tallies):  # {"single_shape_ok": rate, ...} for the two whole lists
+        return {f"{k}_{m}": t.rate(m) for k, t in tallies.items() if k in ("single", "pair")
+                for m in t.correct}
+
+    det_t = render_ceiling(detector_check, seed + 999, size or 256, level=cur) if detector_check else None
+    if det_t is not None and not as_json:
+        con.print(f"detector on {detector_check} real renders per list:\n{ceiling_table(det_t)}")
     try:
         pipe = SDXL.load(resolve_model(model, None), device=_device(device))
         ref = SDXL.load(resolve_model(refiner, None, "refiner"), device=_device(device)) if refiner else None
     except CheckpointError as e:
         fail(str(e))
-    ceiling = None
+    ceil_t = None
     if detector_check and pipe.vae is not None:
         from .pipeline import from_pil, to_pil  # lazy: the pipeline pulls torch and the models
 
@@ -913,12 +958,12 @@ def eval_shapes(
             x = from_pil(img, side, side).to(pipe.device, pipe.dtype)
             return to_pil(pipe.decode(pipe.encode(x)))[0]
 
-        ceiling = detector_accuracy_on_renders(detector_check, seed + 999, side, roundtrip=roundtrip)
+        ceil_t = render_ceiling(detector_check, seed + 999, side, roundtrip=roundtrip, level=cur)
         if not as_json:
-            con.print(f"detector accuracy on the same renders through the model's VAE: {ceiling}")
+            con.print(f"the same renders through the model's VAE:\n{ceiling_table(ceil_t)}")
     results = evaluate_pipe(
         pipe,
-        [k.strip() for k in kinds.split(",") if k.strip()],
+        lists,
         n=n,
         seed=seed,
         steps=steps,
@@ -930,13 +975,61 @@ def eval_shapes(
         original_size=original_size,
         guidance_rescale=guidance_rescale,
         save_dir=save,
+        level=cur,
         progress=lambda k, i, t: con.print(f"{k}: {i}/{t}", end="\r"),
     )
     if as_json:
-        record = {"detector": det, "detector_after_vae": ceiling, "results": [r.as_dict() for r in results]}
+        record = {
+            "level": level or "full",
+            "detector": flat(det_t) if det_t else None,
+            "detector_after_vae": flat(ceil_t) if ceil_t else None,
+            "detector_ci95": {k: t.as_dict() for k, t in det_t.items()} if det_t else None,
+            "detector_after_vae_ci95": {k: t.as_dict() for k, t in ceil_t.items()} if ceil_t else None,
+            "results": [r.as_dict() for r in results],
+        }
         typer.echo(json.dumps(record, indent=2))
     else:
         typer.echo(format_table(results))
+
+
+@eval_app.command("vae-ceiling")
+def eval_vae_ceiling(
+    vae: str | None = typer.Option(None, "--vae", help="A file holding a VAE (a whole model or a VAE-only "
+                                   "export of `sdxl train --task vae`; default: the shipped base)."),
+    n: int = typer.Option(100, "--n", help="Renders per list."),
+    lists: str = typer.Option("single,pair", "--lists", help="Prompt lists (single, pair, single_novel, "
+                              "pair_novel)."),
+    level: str | None = typer.Option(None, help="Draw the scenes from this curriculum level (default: the "
+                                     "evaluation lists of `sdxl eval shapes`)."),
+    size: int | None = typer.Option(None, help="Render side (default: 256, or the level's base)."),
+    seed: int = typer.Option(999, help="Seed of the scenes (999: the renders `sdxl eval shapes` checks)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    device: str | None = typer.Option(None, help="Device."),
+):
+    """The detector's scores on real renders after encode + decode through a VAE: the ceiling it puts on any
+    model using it, per list and per object size, every rate with its Wilson 95% interval. Gate (issue 16):
+    shape >= 95% on single objects, >= 85% on pairs."""
+    from .data.evaluate import ceiling_table, render_ceiling  # lazy: numpy and the renderer
+    from .eval_shapes import vae_roundtrip  # lazy: torch
+
+    if n < 1:
+        fail("--n must be at least 1")
+    cur = _eval_level(level)
+    chosen = _eval_lists(lists, cur, default=lists == "single,pair")
+    side = size or (cur.base if cur is not None else 256)
+    path = vae or str(resolve_model(None, None))
+    try:
+        roundtrip = vae_roundtrip(path, _device(device) or "cpu")
+    except CheckpointError as e:
+        fail(f"--vae: {e}")
+    tallies = render_ceiling(n, seed, side, roundtrip=roundtrip, lists=tuple(chosen), level=cur)
+    if as_json:
+        record = {"vae": path, "size": side, "seed": seed, "level": level or "full",
+                  "ceiling": {k: t.as_dict() for k, t in tallies.items()}}
+        typer.echo(json.dumps(record, indent=2))
+    else:
+        typer.echo(f"VAE {path}, {side} px renders, seed {seed}:")
+        typer.echo(ceiling_table(tallies))
 
 
 _PASS = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}

@@ -43,6 +43,7 @@ from sdxl.data.shapes import (
     COLORS,
     PALETTE,
     SHAPES,
+    Curriculum,
     eval_prompts,
     random_scene,
     render_scene,
@@ -442,6 +443,122 @@ def detector_accuracy_on_renders(
         for key in scores[0]:
             out[f"{kind}_{key}"] = float(np.mean([s[key] for s in scores]))
     return out
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n ((0, 1) for n = 0)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+@dataclass
+class Tally:
+    """Counts of correct answers per metric over n scored images, with Wilson intervals."""
+
+    n: int = 0
+    correct: dict[str, int] | None = None
+
+    def add(self, scores: dict[str, bool]) -> None:
+        self.correct = self.correct or {}
+        self.n += 1
+        for key, ok in scores.items():
+            self.correct[key] = self.correct.get(key, 0) + int(bool(ok))
+
+    def rate(self, key: str) -> float:
+        return (self.correct or {}).get(key, 0) / max(self.n, 1)
+
+    def interval(self, key: str) -> tuple[float, float]:
+        return wilson((self.correct or {}).get(key, 0), self.n)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"n": self.n}
+        for key, k in (self.correct or {}).items():
+            out[key] = k / max(self.n, 1)
+            out[f"{key}_ci95"] = list(wilson(k, self.n))
+        return out
+
+
+def score_generated(
+    generate: Callable[[str, int], Image.Image],
+    lists: tuple[str, ...] = ("single", "pair"),
+    n: int = 16,
+    seed: int = 0,
+    level: Curriculum | None = None,
+) -> dict[str, Tally]:
+    """Score `generate(prompt, seed) -> image` on `eval_prompts(kind, n, seed, level)` of each list (image i
+    of a list gets seed `seed * 100_003 + i`, as `sdxl eval shapes`): the evaluation a trainer can run every
+    K steps with a closure over its current weights (this layer knows no pipeline)."""
+    out: dict[str, Tally] = {}
+    for kind in lists:
+        tally = out.setdefault(kind, Tally())
+        for i, (prompt, spec) in enumerate(eval_prompts(kind, n, seed, level)):
+            tally.add(prompt_accuracy(generate(prompt, seed * 100_003 + i), spec))
+    return out
+
+
+def tallies_to_log(tallies: dict[str, Tally], prefix: str = "eval_") -> dict[str, float]:
+    """Flat `<prefix><list>_<metric>` -> rate, with `_lo` / `_hi` Wilson 95% bounds (for log.jsonl)."""
+    out: dict[str, float] = {}
+    for name, t in tallies.items():
+        for key in t.correct or {}:
+            out[f"{prefix}{name}_{key}"] = t.rate(key)
+            out[f"{prefix}{name}_{key}_lo"], out[f"{prefix}{name}_{key}_hi"] = t.interval(key)
+    return out
+
+
+CEILING_GATE = {"single": 0.95, "pair": 0.85}  # issue 16's gate on a VAE: shape read after encode + decode
+
+
+def render_ceiling(
+    n: int = 100,
+    seed: int = 999,
+    size: int = 256,
+    roundtrip: Callable[[Image.Image], Image.Image] | None = None,
+    lists: tuple[str, ...] = ("single", "pair"),
+    level: Curriculum | None = None,
+) -> dict[str, Tally]:
+    """The detector's scores on fresh renders of `eval_prompts(kind, n, seed, level)` at size x size, each
+    passed through `roundtrip` first (e.g. a VAE's encode + decode): the ceiling that the roundtrip puts on
+    any model. Per list, and per list split by object size: "<list>_small" (scenes with a small object) and
+    "<list>_large" (only large objects)."""
+    through = roundtrip or (lambda im: im)
+    out: dict[str, Tally] = {}
+    for kind in lists:
+        for key in (kind, f"{kind}_small", f"{kind}_large"):
+            out[key] = Tally()
+        for _, spec in eval_prompts(kind, n, seed, level):
+            scores = prompt_accuracy(through(render_scene(spec, size, size)), spec)
+            group = "small" if any(o["size"] == "small" for o in spec["objects"]) else "large"
+            for key in (kind, f"{kind}_{group}"):
+                out[key].add(scores)
+    return {k: t for k, t in out.items() if t.n}
+
+
+def ceiling_table(tallies: dict[str, Tally]) -> str:
+    """A markdown table of `render_ceiling`'s tallies, every rate with its Wilson 95% interval, and the
+    gate."""
+    lines = ["| renders | n | shape | all correct | colour | count | relation | gate (shape) |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def cell(t: Tally, key: str) -> str:
+        lo, hi = t.interval(key)
+        return f"{t.rate(key):.0%} ({lo:.0%}-{hi:.0%})"
+
+    for name, t in tallies.items():
+        base = name.split("_")[0]
+        rel = cell(t, "relation_ok") if base.startswith("pair") else "-"
+        gate = CEILING_GATE.get(name)
+        verdict = "-"
+        if gate is not None:
+            verdict = f">= {gate:.0%}: {'met' if t.rate('shape_ok') >= gate else 'not met'}"
+        lines.append(f"| {name} | {t.n} | {cell(t, 'shape_ok')} | {cell(t, 'all_ok')} | "
+                     f"{cell(t, 'colour_ok')} | {cell(t, 'count_ok')} | {rel} | {verdict} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- FD

@@ -521,6 +521,12 @@ class Curriculum:
                 if self.radius_range(word)[1] > 0.45:
                     raise ValueError(f"sizes: {word} {lo}:{hi} latent px does not fit a "
                                      f"{self.reference_side} px image (at most 0.9 of its shorter side)")
+        smallest = self.radius_range(self.size_words()[0])[0]
+        for count, limit in ((2, 0.19), (3, 0.15)):  # the layout rules' room: r <= 0.19 for two side by side
+            if self.objects.get(count, 0) > 0 and smallest > limit:
+                px = 2 * smallest * self.reference_side / LATENT_FACTOR
+                raise ValueError(f"objects: {count} objects of the smallest size ({px:.1f} latent px) do "
+                                 f"not fit side by side in a {self.reference_side} px frame")
         for name in ("soft_upscales", "crops", "relations"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: a share in [0, 1], got {getattr(self, name)}")
@@ -924,6 +930,8 @@ def eval_prompts(
 
 
 def _level_prompts(kind: str, n: int, seed: int, level: Curriculum) -> list[tuple[str, dict[str, Any]]]:
+    if kind.startswith("pair"):
+        dataclasses.replace(level, objects={2: 1.0}).check()  # raises where two objects do not fit
     rng = np.random.default_rng([seed, 1_000_003, EVAL_KINDS.index(kind), zlib.crc32(level.name.encode())])
     out = []
     for _ in range(n):
