@@ -131,8 +131,6 @@ def test_resized_and_cropped_hires_image_has_the_box_size(pipe):
         ({"hires_scale": 3.0}, "hires_scale: the upscaled size 3072x3072 = 9437184 pixels, the limit is"),
         ({"hires_width": 4096, "hires_height": 4096},
          "hires_width/hires_height: the upscaled size 4096x4096"),
-        ({"hires_scale": 2.0, "hires_upscaler": "Magic"},
-         "hires_upscaler: 'Magic' is not an upscaler (known:"),
         ({"hires_scale": 2.0, "hires_strength": 0.0}, "hires_strength: 0.0 is outside 0.01..1"),
         ({"hires_scale": 2.0, "hires_steps": -1}, "hires_steps: -1 is outside 0..150"),
         ({"hires_scale": 2.0, "hires_sampler": "Magic"}, "unknown sampler"),
@@ -143,6 +141,43 @@ def test_bad_hires_fields_are_one_line_naming_the_field(fields, words):
     with pytest.raises(RequestError) as e:
         GenerationRequest(prompt="x", width=1024, height=1024, **fields).validate()
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_model_upscaler_names_resolve_in_the_upscalers_folder_before_any_work(pipe, tmp_path):
+    """A hires_upscaler that is no latent mode or resampler names a model upscaler file: looked up in
+    the pipeline's upscalers folders (or taken as a path where paths are allowed) before the first pass;
+    a name found nowhere is one line listing every known name, and a file that is no upscaler (or no
+    spandrel to read it with) is one line naming the field."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "upscalers"
+    folder.mkdir()
+    save_file({"not.an.esrgan": torch.zeros(3)}, str(folder / "4x-Fake.safetensors"))
+    req = GenerationRequest(**SMALL, hires_scale=2.0, hires_upscaler="Magic", hires_steps=1)
+    calls = []
+    real = pipe.text_conditioning
+    pipe.text_conditioning = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        pipe.upscaler_dirs = [folder]
+        with pytest.raises(RequestError) as e:
+            pipe.generate(req)
+        msg = str(e.value)
+        assert msg.startswith("hires_upscaler: 'Magic' is not an upscaler (known: Latent,")
+        assert "\n" not in msg
+        assert "4x-Fake" in msg and not calls  # the folder's files are listed; nothing ran
+        pipe.allow_lora_paths = False  # as on the server: names only
+        with pytest.raises(RequestError) as e:
+            pipe.generate(req.replace(hires_upscaler=str(folder / "4x-Fake.safetensors")))
+        assert "give a name inside the upscaler folder, not a path" in str(e.value)
+        for name in ("4x-Fake", "4x-Fake.safetensors"):  # found by name: then the file is read
+            with pytest.raises(RequestError) as e:
+                pipe.generate(req.replace(hires_upscaler=name))
+            msg = str(e.value)
+            assert msg.startswith("hires_upscaler: ") and "\n" not in msg
+            assert "spandrel" in msg and "4x-Fake" in msg
+    finally:
+        pipe.upscaler_dirs, pipe.allow_lora_paths = [], True
+        pipe.text_conditioning = real
 
 
 def test_cli_flags_come_from_the_fields():
@@ -285,7 +320,7 @@ def test_cli_bad_hires_flag_is_one_line_naming_the_flag():
     assert r.stderr.strip().splitlines() == [
         "error: --hires-upscaler: 'Magic' is not an upscaler (known: Latent, Latent (antialiased), "
         "Latent (bicubic), Latent (bicubic antialiased), Latent (nearest), Latent (nearest-exact), None, "
-        "Lanczos, Nearest)"]
+        "Lanczos, Nearest) (no upscalers folder is set; give a file's path)"]
 
 
 def test_native_job_api_runs_the_hires_fix(server_url, pipe):

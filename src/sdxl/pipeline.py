@@ -46,7 +46,14 @@ from .sampling.denoiser import DiscreteSchedule, ModelDenoiser, quantizes_timest
 from .sampling.guidance import Composable, guided_model, step_finder
 from .sampling.schedules import get_sigmas
 from .tokenizer import CLIPTokenizer
-from .upscale import is_latent, upscale_image, upscale_latents
+from .upscale import (
+    is_latent,
+    is_upscaler,
+    resolve_model_upscaler,
+    upscale_image,
+    upscale_latents,
+    upscale_with_model,
+)
 from .version import __version__
 from .watermark import apply_watermark
 from .weights.checkpoint import build_module, read_checkpoint, read_unet_override
@@ -106,6 +113,7 @@ class SDXL:
         self.schedule = schedule_for_config(config)  # discrete DDPM, or continuous EDM (Playground, CosXL)
         self.lora_dirs: list[Path] = []  # where LoRA names are looked up
         self.allow_lora_paths = True  # the server turns this off: names only, inside lora_dirs
+        self.upscaler_dirs: list[Path] = []  # where model upscaler names (hires fix) are looked up
         self.embeddings = None  # an EmbeddingLibrary of textual inversions (`load_embeddings`)
         self.offload_storage: torch.device | None = None  # set by enable_cpu_offload
         self._hash: str | None = None
@@ -642,6 +650,8 @@ def _run_generation(pipe: SDXL, req: GenerationRequest, callback=None, refiner: 
     if req.width % f or req.height % f:
         raise RequestError(f"size: width and height must be multiples of {f}")
     lat_shape = (pipe.config.vae.embed_dim, req.height // f, req.width // f)
+    if req.hires and not is_upscaler(req.hires_upscaler):  # a model upscaler's file: found before any work
+        resolve_model_upscaler(req.hires_upscaler, pipe.upscaler_dirs, pipe.allow_lora_paths)
     with pipe.on_device(pipe.text):
         cond, uncond = pipe.text_conditioning(req, B)
     _check_conditioning(cond, uncond, "base")
@@ -723,9 +733,14 @@ def hires_latents(pipe: SDXL, req: GenerationRequest, x: torch.Tensor, gens: lis
     """The first pass's latents `x` upscaled for the second pass, as A1111's hires fix: a latent mode
     interpolates the latents to the upscaled size; a pixel upscaler decodes, upscales the image, resizes it
     to the upscaled size (Lanczos) where the upscaler's own factor missed it, and encodes it again (a
-    posterior sample from `gens`, as img2img). Then the excess over the target box is cropped, centred."""
+    posterior sample from `gens`, as img2img). A model upscaler (a file in `pipe.upscaler_dirs`, or a path
+    where paths are allowed) runs like a pixel one. Then the excess over the target box is cropped,
+    centred."""
     up_w, up_h, width, height = req.hires_size()
     f = pipe.config.vae.downscale
+    model_file = None
+    if not is_upscaler(req.hires_upscaler):  # found before the first pass's images are decoded
+        model_file = resolve_model_upscaler(req.hires_upscaler, pipe.upscaler_dirs, pipe.allow_lora_paths)
     if is_latent(req.hires_upscaler):
         up = upscale_latents(x.float(), req.hires_upscaler, (up_h // f, up_w // f)).to(x.dtype)
     else:
@@ -735,7 +750,13 @@ def hires_latents(pipe: SDXL, req: GenerationRequest, x: torch.Tensor, gens: lis
         size = (up_w // f * f, up_h // f * f)
         pixels = []
         for im in to_pil(images):
-            big = upscale_image(im, req.hires_upscaler, up_w / req.width)
+            if model_file is None:
+                big = upscale_image(im, req.hires_upscaler, up_w / req.width)
+            else:
+                try:
+                    big = upscale_with_model(im, model_file, up_w / req.width, pipe.device, pipe.dtype)
+                except ValueError as e:  # CheckpointError (not an upscaler, spandrel missing): one line
+                    raise RequestError(f"hires_upscaler: {model_file.name}: {e}") from None
             pixels.append(from_pil(big, *size))  # Lanczos to the exact size where needed
         with pipe.on_device(pipe.vae):
             up = pipe.encode(torch.cat(pixels).to(pipe.device), generator=gens, sample=True)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import control_names
-from . import upscale_names as upscale
 from .errors import RequestError
 from .models.pag_layers import parse_layer, split_layers
 from .prompts import PromptError, compose_prompts
@@ -167,7 +166,8 @@ class GenerationRequest:
     hires_height: int = _f(0, "Hires fix: upscale to this height (A1111's hr_resize_y; 0 = from the width).")
     hires_upscaler: str = _f("Latent", "Hires fix upscaler: Latent, Latent (antialiased), Latent (bicubic), "
                              "Latent (bicubic antialiased), Latent (nearest), Latent (nearest-exact), "
-                             "None, Lanczos, Nearest.")
+                             "None, Lanczos, Nearest, or a model upscaler file (ESRGAN, SwinIR, ...: its "
+                             "path, or its name in the server's upscalers folder; the upscale extra).")
     hires_steps: int = _f(0, "Hires fix: steps the second pass runs (0 = --steps), as A1111: the last ones "
                           "of a schedule of steps / strength.")
     hires_strength: float = _f(0.7, "Hires fix: the second pass's denoising strength (0..1].")
@@ -652,9 +652,8 @@ def _check_hires(req: GenerationRequest, lim: Limits) -> None:
     if not 0 <= req.hires_steps <= lim.max_steps:
         raise RequestError(f"hires_steps: {req.hires_steps} is outside 0..{lim.max_steps} (0 = steps)")
     _range("hires_strength", req.hires_strength, 0.01, 1.0)
-    if not upscale.is_upscaler(req.hires_upscaler):
-        raise RequestError(f"hires_upscaler: {show_value(req.hires_upscaler)} is not an upscaler (known: "
-                           f"{', '.join(upscale.upscaler_names())})")
+    # a name that is not a latent mode or a resampler is a model upscaler file, looked up where the model is
+    # loaded (the upscalers folder; a path where paths are allowed): `upscale.resolve_model_upscaler`
     if req.hires_sampler is not None or req.hires_schedule is not None:
         _sampler_and_schedule(req.hires_sampler or req.sampler, req.hires_schedule or req.schedule, False)
     if not req.hires:

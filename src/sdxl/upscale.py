@@ -6,8 +6,10 @@ Two kinds:
   with `torch.nn.functional.interpolate` in the mode and antialias setting A1111's `latent_upscale_modes`
   gives each name (`upscale_latents`);
 - pixel upscalers ("Lanczos", "Nearest"): the first pass is decoded, the image resized (`upscale_image`),
-  and encoded again. Model upscalers (ESRGAN and kin) plug in here: `upscale_image` dispatches on the name,
-  and `pixel_upscaler_names` lists what it knows.
+  and encoded again;
+- model upscalers (ESRGAN, Real-ESRGAN, SwinIR, ... through spandrel, `upscale_models`): a file named by
+  its stem in an upscalers folder, or by its path where paths are allowed (`resolve_model_upscaler`); they
+  run like the pixel upscalers, tiled.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .errors import BadName, NameNotFound, RequestError
 from .files import resolve_in_folder
 from .upscale_models import UPSCALER_SUFFIXES, Upscaler, list_upscaler_files, load_upscaler
 from .upscale_names import LATENT_MODES, PIXEL_UPSCALERS, is_latent, is_upscaler, upscaler_names  # noqa: F401
@@ -52,6 +55,37 @@ def upscale_image(image: Image.Image, name: str, scale: float, *, upscalers_dir:
         return image
     w, h = image.size
     return image.resize((max(1, int(w * scale)), max(1, int(h * scale))), _RESAMPLERS[name])
+
+
+def resolve_model_upscaler(name: str, dirs: list[Path], allow_paths: bool = True,
+                           field: str = "hires_upscaler") -> Path:
+    """A model upscaler named by a request -> its file: an existing file (when `allow_paths`), or a name
+    (file stem or relative path, with or without its suffix) inside one of `dirs`. One-line RequestError
+    listing every name known, when it is neither."""
+    p = Path(name).expanduser()
+    if allow_paths and p.is_file():
+        return p
+    for d in dirs:
+        for rel in list_upscaler_files(d):
+            if name in (rel.stem, rel.with_suffix("").as_posix(), rel.as_posix()):
+                return Path(d) / rel
+        try:
+            return resolve_in_folder(Path(d), name, "upscaler", UPSCALER_SUFFIXES, files_only=True)
+        except NameNotFound:
+            continue
+        except BadName as e:
+            raise RequestError(f"{field}: {e}") from None
+    files = [r.stem for d in dirs for r in list_upscaler_files(d)]
+    where = "" if dirs else " (no upscalers folder is set; give a file's path" + (
+        ")" if allow_paths else ", or start the server with --upscalers-dir)")
+    raise RequestError(f"{field}: {name!r} is not an upscaler (known: {', '.join(upscaler_names() + files)})"
+                       f"{where}")
+
+
+def upscale_with_model(image: Image.Image, path: Path, scale: float, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32) -> Image.Image:
+    """`image` made `scale` times larger by the model upscaler file `path` (loaded once and kept; tiled)."""
+    return _model_upscaler(path.parent, path.name, torch.device(device), dtype).upscale(image, scale)
 
 
 _last_model: tuple[tuple[Path, int, torch.device, torch.dtype], Upscaler] | None = None

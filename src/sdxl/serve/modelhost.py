@@ -244,6 +244,7 @@ class ModelHost:
         pipe.lora_dirs = [self.settings.loras_dir] if self.settings.loras_dir else []
         pipe.allow_lora_paths = False
         pipe.control_dirs = control_dirs(self.settings, existing=False)  # names only, inside these folders
+        pipe.upscaler_dirs = [self.settings.upscalers_dir] if self.settings.upscalers_dir else []
         if getattr(pipe, "ip_files", None) is not None:
             pipe.ip_files.dirs = pipe.ip_files.dirs or control_dirs(self.settings, existing=False)
             pipe.ip_files.allow_paths = False

@@ -23,6 +23,7 @@ from ..errors import RequestError
 from ..prompts import PromptError, extract_loras
 from ..request import MAX_CONTROL_UNITS, MAX_IP_IMAGES, MAX_SUBPROMPTS, GenerationRequest
 from ..sampling import A1111_SCHEDULE_NAMES, SAMPLER_INFO, SCHEDULES
+from ..upscale import is_upscaler, resolve_model_upscaler
 from ..version import __version__
 from .control_files import control_dirs, store_image
 from .jobs import Job, JobManager
@@ -94,6 +95,9 @@ class Service:
         dirs = control_dirs(self.settings, existing=False)
         for i, unit in enumerate(req.controls):  # names inside the control models folder only
             resolve_control_model(unit.model, dirs, allow_paths=False, where=f"controls[{i}].model")
+        if req.hires and not is_upscaler(req.hires_upscaler):  # a model upscaler in the upscalers folder
+            folder = self.settings.upscalers_dir
+            resolve_model_upscaler(req.hires_upscaler, [folder] if folder else [], allow_paths=False)
         for text in (req.prompt, req.prompt_2, req.negative_prompt, req.negative_prompt_2):
             if not text:
                 continue
