@@ -135,13 +135,13 @@ def test_200_jobs_from_20_clients_none_lost_or_run_twice(pool):
 
 def test_a_killed_worker_loses_no_job(pool):
     client, _ = pool
-    long = {"prompt": "slow", "width": 64, "height": 64, "steps": 30, "seed": 5}
+    long = {"prompt": "slow", "width": 64, "height": 64, "steps": 100, "seed": 5}  # seconds: killed mid-way
     job_id = client.post("/jobs", json=long).json()["id"]
     first = _running_on(client, job_id)
     os.kill(first["pid"], signal.SIGKILL)
     # queued again and run to the end on the other worker
     job = _wait(client, job_id, timeout=120)
-    assert job["status"] == "done" and job["attempts"] == 2 and len(job["images"]) == 1
+    assert job["status"] == "done" and job["attempts"] == 2 and len(job["images"]) == 1, job
     # killed on both workers: failed, naming both deaths
     job_id = client.post("/jobs", json={**long, "seed": 6}).json()["id"]
     on = _running_on(client, job_id, timeout=120)
@@ -157,14 +157,12 @@ def test_a_killed_worker_loses_no_job(pool):
     job = _wait(client, job_id, timeout=60)
     assert job["status"] == "failed"
     assert job["error"].count("died while running the job (killed by signal 9)") == 2, job["error"]
-    # both restarted and serving
+    # both restarted (the next tests run their jobs on them)
     end = time.monotonic() + 120
     while not all(w["alive"] and w["pid"] not in (on["pid"], again["pid"])
                   for w in client.get("/workers").json()["workers"]):
         assert time.monotonic() < end
         time.sleep(0.1)
-    ok = _wait(client, client.post("/jobs", json={"prompt": "after", "seed": 7, **SMALL}).json()["id"], 120)
-    assert ok["status"] == "done"
     metrics = client.get("/metrics").text
     assert 'sdxl_errors_total{kind="worker_lost"} 3' in metrics
 

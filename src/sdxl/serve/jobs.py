@@ -931,8 +931,9 @@ class JobManager:
         n = len(self._slots)
         if n == 1:
             return self._pending[0] if self._pending else None
-        if not self.executor.available(slot.index):
-            return None
+        if not self.executor.available(slot.index) and any(self.executor.available(s.index)
+                                                           for s in self._slots):
+            return None  # with no slot left at all, jobs still go out and fail with the slot's reason
         window = [jid for jid in list(self._pending)[:max(8, 4 * n)]
                   if slot.index not in self._avoid.get(jid, ()) or len(self._avoid[jid]) >= n]
         if not window:
