@@ -228,6 +228,14 @@ def test_workers_and_metrics_endpoints(pool):
         assert w["device"] == "cpu" and w["alive"] and w["threads"] == 1 and isinstance(w["pid"], int)
         assert w["busy"] is False and w["current_job"] is None and w["jobs_done"] > 0
         assert w["loaded"]["model"] in ("a.safetensors", "b.safetensors")
+    # Ctrl+C and a service manager's SIGTERM reach the whole process group: workers leave the stop to the
+    # server's drain
+    pids = [w["pid"] for w in status["workers"]]
+    os.kill(pids[0], signal.SIGINT)
+    os.kill(pids[1], signal.SIGTERM)
+    time.sleep(0.5)
+    after = client.get("/workers").json()["workers"]
+    assert [(w["pid"], w["alive"]) for w in after] == [(p, True) for p in pids]
     text = client.get("/metrics").text
     assert 'sdxl_worker_up{worker="cpu#0",device="cpu"} 1' in text
     assert 'sdxl_worker_busy{worker="cpu#1",device="cpu"} 0' in text

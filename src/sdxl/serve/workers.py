@@ -30,6 +30,7 @@ import io
 import logging
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -103,7 +104,13 @@ class _PipeReporter:
 
 
 def _worker_main(conn: Connection, settings: ServeSettings, device: str, want_preview) -> None:
-    """A worker process: load models on `device` when jobs ask for them, run jobs one at a time."""
+    """A worker process: load models on `device` when jobs ask for them, run jobs one at a time.
+
+    SIGINT and SIGTERM are ignored: Ctrl+C in a terminal and a service manager's stop reach every process
+    of the group, and the parent drains (the running job gets the grace, then a `stop`), then says `exit`;
+    a worker whose parent is gone exits when its pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker {device} pid {os.getpid()}: "
                         "%(levelname)s %(message)s")
     threads = worker_threads(settings, device)
