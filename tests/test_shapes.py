@@ -45,9 +45,11 @@ def test_generator_is_deterministic_by_seed(tmp_path):
     assert a["count"] == 5
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     expected = [f"{i:06d}.{e}" for i in range(5) for e in ("png", "txt", "mask.png")]
-    expected += ["metadata.jsonl", "scenes.jsonl"]
+    expected += ["metadata.jsonl", "scenes.jsonl", "summary.json"]
     assert names == sorted(expected)
     for name in names:
+        if name == "summary.json":  # names its own folder
+            continue
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     for i in range(3):  # image i depends on (seed, i) only
         name = f"{i:06d}.png"

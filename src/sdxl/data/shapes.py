@@ -566,7 +566,7 @@ LEVELS: dict[str, Curriculum] = {
     "easy": Curriculum("easy", objects={1: 1.0}, sizes={"large": (8.6, 11.5)}, at_res=128,
                        backgrounds={"plain": 1.0}, soft_upscales=0.0, crops=0.0, square=True, base=128),
     # stage 2: 128 px, one and two objects at their 256 px latent sizes, every background kind
-    "mid": Curriculum("mid", objects={1: 0.5, 2: 0.5}, sizes={"small": (5.0, 7.0), "large": (9.0, 11.5)},
+    "mid": Curriculum("mid", objects={1: 0.5, 2: 0.5}, sizes={"small": (4.5, 6.5), "large": (9.0, 11.5)},
                       at_res=128, backgrounds={"plain": 0.4, "gradient": 0.2, "stripes": 0.15, "checker": 0.1,
                                                "noise": 0.15},
                       soft_upscales=0.1, crops=0.1, square=True, base=128),
@@ -668,7 +668,7 @@ def curriculum_scene(
     objects' (colour, shape) (the evaluation prompts use them). The layout rules are `random_scene`'s
     (objects apart, relations true with a margin, silhouettes inside the frame); where the drawn sizes
     cannot be laid out (two large objects side by side in a small frame) the objects take the smallest
-    size word after half of the tries.
+    size word after 300 tries.
     """
     n = len(combos) if combos else (n_objects or int(_draw(rng, level.objects)))
     stated = n >= 2 and (bool(rng.random() < level.relations) if state_relations is None else state_relations)
@@ -699,7 +699,7 @@ def curriculum_scene(
             relations = [[0, wanted[0], 1]] + ([[2, wanted[1], 1]] if n == 3 else [])
         objects = []
         for color, shape in kinds:
-            word = words[0] if attempt >= 1000 else words[int(rng.integers(len(words)))]
+            word = words[0] if attempt >= 300 else words[int(rng.integers(len(words)))]
             r = float(rng.uniform(*level.radius_range(word)))
             m = 1.2 * r + 0.02
             x = float(rng.uniform(m, W_u - m)) / W_u if W_u > 2 * m else 0.5

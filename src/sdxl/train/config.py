@@ -331,6 +331,16 @@ class ValidationSection:
     timesteps: list = _f([100, 300, 500, 700, 900], "The timesteps each image is noised to; the loss is the "
                                                     "mean over images and timesteps.")
     seed: int = _f(0, "Seed of the fixed noise (one draw per image and timestep, the same every time).")
+    shapes_n: int = _f(0, "Shapes models: at every `validation.every` steps also generate this many "
+                          "held-out prompts per list in `shapes_lists` (with the [sample] steps, cfg, "
+                          "sampler, schedule, at data.resolution) and score them with the detector; logged "
+                          "as "
+                          "`eval_<list>_<metric>` with `_lo` / `_hi` Wilson 95% bounds. 0: off. A small "
+                          "sample to watch a stage; its gate is checked with `sdxl eval shapes --n 100`.")
+    shapes_lists: list = _f(["single", "pair"], "Prompt lists of `shapes_n` (single, pair, single_novel, "
+                                                "pair_novel).")
+    shapes_level: str = _f("", "Draw the `shapes_n` prompts from this curriculum level (easy, mid, multi, "
+                               "vae; empty: the shipped model's lists).")
 
 
 @dataclass
@@ -352,6 +362,10 @@ class VAESection:
     """[vae]: autoencoder training (`train.task = "vae"`)."""
 
     reconstruction: str = _f("l1", "Pixel reconstruction loss: `l1` or `l2`.", ("l1", "l2"))
+    edge_weight: float = _f(0.0, "Edge-weighted reconstruction: each pixel's error counts 1 + edge_weight x "
+                                 "the target's Sobel edge strength (0..1, 1 at a full black-white step), "
+                                 "normalised by the mean weight, so object outlines (where shapes differ) "
+                                 "weigh up to 1 + edge_weight times the flat areas. 0: off.")
     kl_weight: float = _f(1e-06, "Weight of the KL term (sgm's SDXL autoencoder config: 1e-6).")
     patch_size: int = _f(0, "Train on one random square patch of this side per image, cut from the image at "
                             "its bucket size (sgm trains its autoencoder on 256 px crops). A multiple of the "
@@ -504,6 +518,8 @@ class TrainConfig:
         if self.vae.patch_size < 0 or self.vae.patch_size % 8:
             raise ConfigError(
                 f"vae.patch_size must be 0 or a positive multiple of 8, got {self.vae.patch_size}")
+        if self.vae.edge_weight < 0:
+            raise ConfigError(f"vae.edge_weight must be >= 0, got {self.vae.edge_weight}")
         if not 0.0 <= self.ema.decay < 1.0:
             raise ConfigError(f"ema.decay must be in [0, 1), got {self.ema.decay}")
         if not self.dist.timeout > 0:
@@ -539,8 +555,20 @@ class TrainConfig:
             raise ConfigError(f"validation.every must be >= 0, got {v.every}")
         if (v.every or v.path or v.fraction) and self.train.task != "diffusion":
             raise ConfigError("[validation] is for train.task = \"diffusion\"")
-        if v.every and not (v.path or v.fraction):
-            raise ConfigError("validation.every needs validation.path or validation.fraction")
+        if v.every and not (v.path or v.fraction or v.shapes_n):
+            raise ConfigError("validation.every needs validation.path, validation.fraction or "
+                              "validation.shapes_n")
+        if v.shapes_n < 0 or (v.shapes_n and self.train.task != "diffusion"):
+            raise ConfigError(f"validation.shapes_n must be >= 0 (diffusion runs only), got {v.shapes_n}")
+        if bad := [x for x in v.shapes_lists if x not in ("single", "pair", "single_novel", "pair_novel")]:
+            raise ConfigError(f"validation.shapes_lists: unknown list {bad[0]!r}")
+        if v.shapes_n and v.shapes_level:
+            from ..data.shapes import make_level  # lazy: numpy and the renderer, only when the key is set
+
+            try:
+                make_level(v.shapes_level)
+            except ValueError as e:
+                raise ConfigError(f"validation.shapes_level: {e}") from None
         if not v.timesteps:
             raise ConfigError("validation.timesteps is empty")
         for x in v.timesteps:

@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from ..data.buckets import BucketBatchSampler, scaled_buckets
 from ..data.dataset import ImageCaptionDataset, collate
+from ..data.evaluate import score_generated, tallies_to_log
+from ..data.shapes import make_level
 from ..errors import RequestError
 from ..pipeline import SDXL
 from ..request import GenerationRequest
@@ -267,6 +269,8 @@ class Trainer(TrainerBase):
         return out
 
     def validate(self) -> None:
+        if self.cfg.validation.shapes_n:
+            self.shapes_eval()
         if self.val_dataset is None:
             return
         values = self.validation_loss()
@@ -412,6 +416,36 @@ class Trainer(TrainerBase):
             except RequestError as e:
                 raise ConfigError(f"[sample]: {e}") from None
         return out
+
+    @torch.no_grad()
+    def shapes_eval(self) -> None:
+        """`validation.shapes_n`: the shapes detector's scores on held-out prompts from the current weights
+        (`score_generated`), into log.jsonl (first process only)."""
+        if not self.info.is_main:
+            barrier(self.info)
+            return
+        v, s, m = self.cfg.validation, self.cfg.sample, self.models
+        level = make_level(v.shapes_level) if v.shapes_level else None
+        side = self.cfg.data.resolution
+        modes = {mod: mod.training for mod in (m.unet, m.text) if mod is not None}
+        m.unet.eval()
+        pipe = SDXL(m.config, unet=m.unet, vae=m.vae, text=m.text, device=self.info.device,
+                    dtype=torch.float32)
+
+        def generate(prompt: str, seed: int):
+            req = GenerationRequest(prompt=prompt, width=side, height=side, steps=s.steps, cfg=s.cfg,
+                                    sampler=s.sampler, schedule=s.schedule, seed=seed)
+            return pipe.generate(req).images[0]
+
+        try:
+            values = tallies_to_log(score_generated(generate, tuple(v.shapes_lists), v.shapes_n, 0, level))
+        finally:
+            for mod, training in modes.items():
+                mod.train(training)
+        log.info("step %d: %s", self.step, ", ".join(f"{k} {x:.0%}" for k, x in values.items()
+                                                    if k.endswith("shape_ok") or k.endswith("all_ok")))
+        self.log.write(self.step, values)
+        barrier(self.info)
 
     @torch.no_grad()
     def sample(self) -> None:
