@@ -940,9 +940,12 @@ def eval_shapes(
         return {f"{k}_{m}": t.rate(m) for k, t in tallies.items() if k in ("single", "pair")
                 for m in t.correct}
 
-    det_t = render_ceiling(detector_check, seed + 999, size or 256, level=cur) if detector_check else None
+    det_lists = ("single", "pair") if cur is None or cur.objects.get(2) else ("single",)
+    det_t = None
+    if detector_check:
+        det_t = render_ceiling(detector_check, seed + 999, size or 256, lists=det_lists, level=cur)
     if det_t is not None and not as_json:
-        con.print(f"detector on {detector_check} real renders per list:\n{ceiling_table(det_t)}")
+        typer.echo(f"detector on {detector_check} real renders per list:\n{ceiling_table(det_t)}", err=True)
     try:
         pipe = SDXL.load(resolve_model(model, None), device=_device(device))
         ref = SDXL.load(resolve_model(refiner, None, "refiner"), device=_device(device)) if refiner else None
@@ -958,9 +961,10 @@ def eval_shapes(
             x = from_pil(img, side, side).to(pipe.device, pipe.dtype)
             return to_pil(pipe.decode(pipe.encode(x)))[0]
 
-        ceil_t = render_ceiling(detector_check, seed + 999, side, roundtrip=roundtrip, level=cur)
+        ceil_t = render_ceiling(detector_check, seed + 999, side, roundtrip=roundtrip, lists=det_lists,
+                                level=cur)
         if not as_json:
-            con.print(f"the same renders through the model's VAE:\n{ceiling_table(ceil_t)}")
+            typer.echo(f"the same renders through the model's VAE:\n{ceiling_table(ceil_t)}", err=True)
     results = evaluate_pipe(
         pipe,
         lists,
