@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import sdxl.metadata.png as png_module
-import sdxl.serve.jobs as jobs_module
+import sdxl.serve.executor as executor_module
 import test_serve
 from sdxl.files import atomic_write
 from sdxl.metadata import read_info
@@ -33,7 +33,7 @@ pipe, folders, client, control = test_serve.pipe, test_serve.folders, test_serve
 
 
 class _FakeCuda:
-    """`torch.cuda` as `sdxl.serve.jobs` sees it on a machine with a GPU: is_available() is True and
+    """`torch.cuda` as `sdxl.serve.executor` sees it on a machine with a GPU: is_available() is True and
     empty_cache() is counted; everything else is the real `torch.cuda`."""
 
     def __init__(self):
@@ -58,7 +58,7 @@ class _TorchWithCuda(types.SimpleNamespace):
 def test_out_of_memory_inside_the_unet_fails_the_job_frees_memory_and_the_next_job_runs(
         client, pipe, monkeypatch):
     cuda = _FakeCuda()
-    monkeypatch.setattr(jobs_module, "torch", _TorchWithCuda(cuda=cuda))  # only the worker's view of torch
+    monkeypatch.setattr(executor_module, "torch", _TorchWithCuda(cuda=cuda))  # only the job runner's torch
     forward = pipe.unet.forward
     calls = {"armed": True, "n": 0, "raised": 0}
 

@@ -73,8 +73,8 @@ from ..request import GenerationRequest
 from ..version import __version__
 from .a1111 import make_controlnet_router, make_router
 from .datalock import DataDirLock
+from .executor import Executor
 from .jobs import (
-    Executor,
     JobConflict,
     JobManager,
     JobNotFound,
@@ -329,7 +329,7 @@ def create_app(settings: ServeSettings | None = None, pipeline: Any = None,
     notebooks); without it the default model is loaded from `settings.model` on the first job.
     `data_lock`: the data folder's lock, already held (`serve`); without it the app's startup takes it
     (and fails with DataDirInUse when another server holds it). `executor`: what runs the jobs (see
-    `jobs.Executor`); default: one worker process per entry of `settings.devices` (`workers.WorkerPool`),
+    `executor.Executor`); default: one worker process per entry of `settings.devices` (`workers.WorkerPool`),
     or, without devices, this process."""
     settings = settings or ServeSettings()
     if executor is None and settings.devices:

@@ -10,11 +10,11 @@ Two deployments make one Serve application:
 
 - `sdxl` (the ingress): one replica running the same FastAPI app as `sdxl serve` (`app.create_app`): the
   routes, the web UI, the A1111 API, the job queue and its SQLite table, the data folder and its lock. Its
-  jobs run through `RayExecutor` (a `jobs.Executor`) instead of in its own process. It needs no CPU of its
-  own (`num_cpus=0`) and is placed on the head node, so the data folder is the head node's.
+  jobs run through `RayExecutor` (an `executor.Executor`) instead of in its own process. It needs no CPU of
+  its own (`num_cpus=0`) and is placed on the head node, so the data folder is the head node's.
 - `generator`: the replicas that run jobs, each holding one device (`num_gpus=1` on GPUs: Ray gives each
   its own card through CUDA_VISIBLE_DEVICES; `num_cpus=1` on CPUs, with one torch thread unless
-  `--threads`). Each runs one job at a time (`max_ongoing_requests=1`) with the same `jobs.JobRunner` as
+  `--threads`). Each runs one job at a time (`max_ongoing_requests=1`) with the same `executor.JobRunner` as
   the one-process server, so a request gives the same pixels. Serve's autoscaler keeps between
   `min_replicas` and `max_replicas` of them (one in-flight job per replica is the target).
 
@@ -75,7 +75,7 @@ except ModuleNotFoundError as e:  # the optional extra is missing
 
 from .__main__ import build_parser, settings_from_args
 from .app import create_app
-from .jobs import INPUT_PREFIX, Executor, JobRunner, Reporter, WorkerLost, job_key
+from .executor import INPUT_PREFIX, Executor, JobRunner, Reporter, WorkerLost, job_key
 from .modelhost import ModelHost
 from .settings import ServeSettings, SettingsError, check_bind
 from .store import RUNNING, Job

@@ -1,6 +1,6 @@
 """One worker process per device on the server's one job queue (`sdxl serve --devices cuda:0,cuda:1`).
 
-`WorkerPool` is an `Executor` (see `jobs.py`): one slot per listed device, each a process started with
+`WorkerPool` is an `Executor` (see `executor.py`): one slot per listed device, each a process started with
 multiprocessing's *spawn* (no CUDA state inherited from the parent). A worker builds its own `ModelHost`
 on its device, sets torch's CPU threads (`--threads`, else 1 for a CPU worker: several CPU workers share
 the cores), and runs jobs with the same `JobRunner` as the one-process server, so the same request gives
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .jobs import Executor, JobRunner, Reporter, WorkerLost
+from .executor import Executor, JobRunner, Reporter, WorkerLost
 from .modelhost import ModelHost
 from .settings import ServeSettings, SettingsError
 from .store import RUNNING, Job
