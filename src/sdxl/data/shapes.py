@@ -475,8 +475,8 @@ class Curriculum:
         diameter; the other shapes are drawn within about 1.2 r of the centre) in latent pixels (f = 8) when
         the image's shorter side is `at_res` pixels. Each object picks a word uniformly. None: the fixed
         SIZES table (fractions of the shorter side, the "full" level's).
-    at_res: the shorter side, in pixels, at which `sizes` holds (0: `base`). With `at_res` = the training
-        resolution the latent sizes are what the diffusion model sees.
+    at_res: the shorter side, in pixels, at which `sizes` holds (0, every level's choice: `base`). With
+        `at_res` = the training resolution the latent sizes are what the diffusion model sees.
     backgrounds: share of scenes per background kind (BACKGROUND_KINDS).
     soft_upscales: share of images rendered with the shorter side at a quarter to half of `base` and
         upscaled (bicubic, hence soft) to their size; their true size goes to the metadata.
@@ -563,22 +563,22 @@ class Curriculum:
 
 LEVELS: dict[str, Curriculum] = {
     # stage 1: the easy-shapes experiment's data (one large object, plain background, 128 px square)
-    "easy": Curriculum("easy", objects={1: 1.0}, sizes={"large": (8.6, 11.5)}, at_res=128,
+    "easy": Curriculum("easy", objects={1: 1.0}, sizes={"large": (8.6, 11.5)},
                        backgrounds={"plain": 1.0}, soft_upscales=0.0, crops=0.0, square=True, base=128),
     # stage 2: 128 px, one and two objects at their 256 px latent sizes, every background kind
     "mid": Curriculum("mid", objects={1: 0.5, 2: 0.5}, sizes={"small": (4.5, 6.5), "large": (9.0, 11.5)},
-                      at_res=128, backgrounds={"plain": 0.4, "gradient": 0.2, "stripes": 0.15, "checker": 0.1,
+                      backgrounds={"plain": 0.4, "gradient": 0.2, "stripes": 0.15, "checker": 0.1,
                                                "noise": 0.15},
                       soft_upscales=0.1, crops=0.1, square=True, base=128),
     # stage 3: 256 px multi-aspect buckets, 1-3 objects, size / crop conditioning data
     "multi": Curriculum("multi", objects={1: 0.4, 2: 0.45, 3: 0.15},
-                        sizes={"small": (5.0, 7.0), "large": (10.0, 13.4)}, at_res=256,
+                        sizes={"small": (5.0, 7.0), "large": (10.0, 13.4)},
                         backgrounds={"plain": 0.3, "gradient": 0.15, "stripes": 0.2, "checker": 0.15,
                                      "noise": 0.2},
                         soft_upscales=0.15, crops=0.15, base=256),
     # the VAE's data: more and smaller objects and every texture
     "vae": Curriculum("vae", objects={1: 0.3, 2: 0.4, 3: 0.3},
-                      sizes={"small": (3.0, 6.0), "large": (8.0, 13.4)}, at_res=256,
+                      sizes={"small": (3.0, 6.0), "large": (8.0, 13.4)},
                       backgrounds={k: 0.2 for k in BACKGROUND_KINDS},
                       soft_upscales=0.2, crops=0.15, base=256),
     # the shipped model's data, drawn exactly as before levels existed
