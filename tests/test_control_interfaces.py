@@ -448,7 +448,7 @@ def test_a1111_unit_fields_map_as_the_extension_reads_them(tmp_path):
     import io
     from types import SimpleNamespace
 
-    from sdxl.serve.a1111 import controlnet_units
+    from sdxl.serve.a1111_controlnet import controlnet_units
 
     (tmp_path / "models" / "ControlNet").mkdir(parents=True)
     (tmp_path / "models" / "ControlNet" / "cn_lineart.safetensors").write_bytes(b"0" * 64)

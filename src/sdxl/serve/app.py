@@ -71,7 +71,8 @@ from ..errors import BadName, NameNotFound, RequestError
 from ..prompts import PromptError
 from ..request import GenerationRequest
 from ..version import __version__
-from .a1111 import make_controlnet_router, make_router
+from .a1111 import make_router
+from .a1111_controlnet import make_controlnet_router
 from .datalock import DataDirLock
 from .executor import Executor
 from .jobs import (

@@ -1,11 +1,13 @@
 """The server's control models folder: where ControlNet / T2I-Adapter / Control-LoRA files (and, as A1111
-keeps them, IP-Adapter files) are looked up, and how sd-webui-controlnet lists them ("name [hash]")."""
+keeps them, IP-Adapter files) are looked up, and how sd-webui-controlnet lists them ("name [hash]"); and
+`strip_title`, the name in such a title (A1111 titles checkpoints the same way)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,8 @@ from PIL import Image
 from ..metadata.hashes import legacy_hash
 
 CONTROL_MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")  # the extension's CN_MODEL_EXTS
+# A1111 titles look like "sd_xl_base_1.0.safetensors [31e35c80fc]": the part in brackets is a hash.
+_TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]\s*$")
 
 
 def control_dirs(settings: Any, existing: bool = True) -> list[Path]:
@@ -56,6 +60,11 @@ def control_model_title(path: Path) -> str:
     if path.is_dir():
         weights = sorted(path.glob("diffusion_pytorch_model.*"))[0]
     return f"{path.stem if path.is_file() else path.name} [{legacy_hash(weights)}]"
+
+
+def strip_title(name: str) -> str:
+    """'model.safetensors [31e35c80fc]' -> 'model.safetensors'."""
+    return _TITLE_HASH.sub("", name).strip()
 
 
 def store_image(folder: str | os.PathLike, image: Image.Image) -> str:
