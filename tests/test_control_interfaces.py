@@ -250,7 +250,9 @@ def test_controlnet_routes_list_models_and_modules(served):
     assert np.array_equal(got[:, :, 0], cv2.Canny(img, 100, 200))  # 96 = the picture's short side
     r = httpx.post(f"{url}/controlnet/detect", json={
         "controlnet_module": "depth_midas", "controlnet_input_images": [_b64(Image.fromarray(img))]})
-    assert r.status_code == 422 and "depth_midas" in r.json()["detail"]
+    assert r.status_code == 400 and "depth_midas" in r.json()["detail"]
+    r = httpx.post(f"{url}/controlnet/detect", json={"controlnet_module": "canny"})
+    assert r.status_code == 400 and r.json()["detail"] == "controlnet_input_images: no image selected"
 
 
 def test_webuiapi_controlnet_unit_and_hires(served):

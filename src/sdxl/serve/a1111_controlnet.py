@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -261,14 +261,16 @@ def make_controlnet_router(service: Service) -> APIRouter:
     @r.post("/detect")
     def detect(body: DetectBody) -> dict[str, Any]:
         """Run a preprocessor on each image at controlnet_processor_res (-1: 512) and return the maps as
-        base64 PNGs, as the extension does. An unknown module is a 422 naming it."""
+        base64 PNGs, as the extension does. An unknown module or no image is a 400 naming the field (the
+        extension answers 422; here every user mistake is a 400 with a one-line detail, as the schema
+        says)."""
         pre = canonical_preprocessor(body.controlnet_module)
         if pre is None:
-            raise HTTPException(422, f"controlnet_module: {body.controlnet_module!r} is not available "
-                                f"(known: {', '.join(A1111_MODULES.values())})")
+            raise RequestError(f"controlnet_module: {body.controlnet_module!r} is not available "
+                               f"(known: {', '.join(A1111_MODULES.values())})")
         inputs = body.controlnet_input_images or body.controlnet_images
         if not inputs:
-            raise HTTPException(422, "controlnet_input_images: no image selected")
+            raise RequestError("controlnet_input_images: no image selected")
         if len(inputs) > MAX_CONTROL_UNITS:
             raise RequestError(f"controlnet_input_images: {len(inputs)} images, the limit is "
                                f"{MAX_CONTROL_UNITS}")
