@@ -1,8 +1,8 @@
 """The CLIP vision transformer IP-Adapter reads reference images with (OpenCLIP ViT-H/14, ViT-bigG/14).
 
 A pre-norm ViT: 14x14 patches -> tokens, a class token in front, learned positions, a layer norm before the
-blocks (`pre_layrnorm`, transformers' spelling), the same blocks as the text tower but without the causal
-mask, then on the class token a final layer norm and a bias-free projection. Parameter names follow
+blocks (`pre_layrnorm`, transformers' spelling), the text tower's blocks (`models.text.CLIPEncoder`) without
+the causal mask, then on the class token a final layer norm and a bias-free projection. Parameter names follow
 transformers' `CLIPVisionModelWithProjection` without its `vision_model.` prefix (`sdxl.weights.ip_adapter`
 maps those files and open_clip's `visual.*` names onto these).
 
@@ -22,11 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from .text import activation
+from .text import CLIPEncoder
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -79,60 +78,6 @@ class VisionEmbeddings(nn.Module):
         return x + self.position_embedding.weight[None].to(x.dtype)
 
 
-class VisionAttention(nn.Module):
-    """Multi-head self-attention over all tokens (no mask), q/k/v/out projections with bias."""
-
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.heads = cfg.heads
-        self.q_proj = nn.Linear(cfg.width, cfg.width)
-        self.k_proj = nn.Linear(cfg.width, cfg.width)
-        self.v_proj = nn.Linear(cfg.width, cfg.width)
-        self.out_proj = nn.Linear(cfg.width, cfg.width)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, w = x.shape
-
-        def split_heads(y: Tensor) -> Tensor:
-            return y.view(b, t, self.heads, w // self.heads).transpose(1, 2)
-
-        q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, w))
-
-
-class VisionMLP(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
-        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
-        self.act = activation(cfg.act)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class VisionEncoderLayer(nn.Module):
-    """Pre-norm block, as the text tower's: x + attn(ln1(x)), then x + mlp(ln2(x))."""
-
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.self_attn = VisionAttention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.mlp = VisionMLP(cfg)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class VisionEncoder(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(VisionEncoderLayer(cfg) for _ in range(cfg.layers))
-
-
 class CLIPVisionTower(nn.Module):
     """One CLIP vision transformer with its projection (transformers' CLIPVisionModelWithProjection)."""
 
@@ -143,7 +88,7 @@ class CLIPVisionTower(nn.Module):
         self.cfg = cfg
         self.embeddings = VisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.encoder = VisionEncoder(cfg)
+        self.encoder = CLIPEncoder(cfg, causal=False)  # the text tower's blocks, attending to all tokens
         self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.visual_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
 

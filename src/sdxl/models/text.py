@@ -53,11 +53,13 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Multi-head causal self-attention with separate q/k/v projections (all with bias)."""
+    """Multi-head self-attention with separate q/k/v projections (all with bias): causal in the text towers,
+    over all tokens in the vision tower (`models.clip_vision`). `cfg`: any config with width and heads."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, causal: bool = True):
         super().__init__()
         self.heads = cfg.heads
+        self.causal = causal
         self.q_proj = nn.Linear(cfg.width, cfg.width)
         self.k_proj = nn.Linear(cfg.width, cfg.width)
         self.v_proj = nn.Linear(cfg.width, cfg.width)
@@ -70,9 +72,9 @@ class CLIPAttention(nn.Module):
             return y.view(b, t, self.heads, w // self.heads).transpose(1, 2)
 
         q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
-        # Causal: position i only sees positions <= i. This is why padding after EOS never changes the
-        # outputs at or before EOS, and why the EOS position "summarises" the prompt.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # Causal (text): position i only sees positions <= i. This is why padding after EOS never changes
+        # the outputs at or before EOS, and why the EOS position "summarises" the prompt.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, w))
 
 
@@ -90,10 +92,10 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, causal: bool = True):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.self_attn = CLIPAttention(cfg)
+        self.self_attn = CLIPAttention(cfg, causal)
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.mlp = CLIPMLP(cfg)
 
@@ -103,9 +105,9 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg, causal) for _ in range(cfg.layers))
 
 
 class CLIPTextTower(nn.Module):
