@@ -144,3 +144,19 @@ def to_uint8(images) -> np.ndarray:  # noqa: F821
     if isinstance(images, torch.Tensor):
         images = images.permute(0, 2, 3, 1).numpy()
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give EVERY parameter random values, the zero-initialised output layers included: matrices std
+    1/sqrt(fan_in) (activations stay O(1) through the depth), norm weights 1 + 0.1 N(0, 1), biases
+    0.05 N(0, 1), so outputs are far from trivial and every tensor influences them (parity tests)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
+            elif name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return module

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from reference import randomize
 from sdxl.errors import CheckpointError
 from sdxl.models.config import tiny_config
 from sdxl.models.controlnet import ControlNet, ControlNetConfig
@@ -23,19 +24,6 @@ from sdxl.weights.io import open_tensors, save_safetensors
 
 RANK = 4
 HINT = (16, 32, 96, 256)  # the published files' hint encoder widths (sgm cldm)
-
-
-def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return module
 
 
 def make_control_lora(base: UNet, seed: int = 7, omit_full=()) -> dict[str, torch.Tensor]:

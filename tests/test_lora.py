@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from reference import randomize as randomize_
 from sdxl.metadata import addnet_hash
 from sdxl.models import fast
 from sdxl.models.config import tiny_config
@@ -40,20 +41,6 @@ REL_TOL = 1e-5
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """Every parameter random (the zero-initialised output layers too): matrices ~ N(0, 1/fan_in)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return module
 
 
 def make_models(seed: int = 0) -> dict[str, nn.Module]:

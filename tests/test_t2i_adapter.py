@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from reference import randomize
 from sdxl.errors import CheckpointError
 from sdxl.models.conditioning import micro_conditioning
 from sdxl.models.config import tiny_config
@@ -20,21 +21,6 @@ REL_TOL = 1e-5
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter random (zero-initialised output convs included): std 1/sqrt(fan_in) for matrices,
-    1 + 0.1 N for norm weights, 0.05 N for biases."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return module
 
 
 def diffusers_adapter(adapter_type: str, channels, downscale: int, seed: int = 0, in_channels: int = 3):

@@ -26,6 +26,7 @@ from diffusers.loaders.single_file_utils import (  # noqa: E402
 )
 from diffusers.models.embeddings import Timesteps  # noqa: E402
 
+from reference import randomize as randomize_
 from sdxl.models.conditioning import fourier_features, micro_conditioning, timestep_embedding  # noqa: E402
 from sdxl.models.config import UNetConfig, VAEConfig, tiny_config  # noqa: E402
 from sdxl.models.unet import UNet  # noqa: E402
@@ -49,24 +50,6 @@ VAE_PREFIX = "first_stage_model."
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a - b| / max|b| (b is the reference)."""
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Give EVERY parameter random values, the zero-initialised output convs / proj_out included.
-
-    Matrices get std 1/sqrt(fan_in) (keeps activations O(1) through the depth), norm weights 1 + 0.1 N(0,1),
-    biases 0.05 N(0,1): outputs are far from trivial and every tensor influences them.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return module
 
 
 def distilled_tiny() -> UNetConfig:
