@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ..errors import RequestError
 from .conditioning import timestep_embedding
 from .config import UNetConfig
-from .unet import Downsample, ResBlock, SpatialTransformer, TimestepEmbedSequential, UNetControl
+from .unet import TimestepEmbedSequential, UNetControl, down_path, embedding_mlps, middle_block
 
 # xinsir's control type ids (ControlNetPlus README; sd-webui-controlnet's ControlNetUnionControlType order):
 # 0 openpose, 1 depth, 2 soft edges (hed/pidi/scribble/ted), 3 hard edges (canny/lineart/anime_lineart/mlsd),
@@ -178,42 +178,18 @@ class ControlNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         u = cfg.unet
-        mc, ted, groups = u.model_channels, u.time_embed_dim, u.norm_groups
+        mc, ted = u.model_channels, u.time_embed_dim
         self.kind = "union" if cfg.is_union else "controlnet"
-
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
-            if ch % u.head_dim:
-                raise ValueError(f"width {ch} is not a multiple of head_dim {u.head_dim}")
-            return SpatialTransformer(ch, ch // u.head_dim, u.head_dim, depth, u.context_dim, groups)
 
         def zero_conv(ch: int) -> TimestepEmbedSequential:
             return TimestepEmbedSequential(nn.Conv2d(ch, ch, 1))
 
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
-        self.label_emb = nn.Sequential(
-            nn.Sequential(nn.Linear(u.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
-        )
-        conv_in = nn.Conv2d(u.in_channels, mc, 3, padding=1)
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_in)])
-        self.zero_convs = nn.ModuleList([zero_conv(mc)])
-        ch, block_index = mc, 0
-        for level, mult in enumerate(u.channel_mult):
-            for _ in range(u.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, ted, mc * mult, groups)]
-                ch = mc * mult
-                depth = u.transformer_depth[block_index]
-                block_index += 1
-                if depth > 0:
-                    layers.append(transformer(ch, depth))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                self.zero_convs.append(zero_conv(ch))
-            if level != u.num_levels - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                self.zero_convs.append(zero_conv(ch))
-        middle: list[nn.Module] = [ResBlock(ch, ted, ch, groups)]
-        if u.transformer_depth_middle >= 0:
-            middle += [transformer(ch, u.transformer_depth_middle), ResBlock(ch, ted, ch, groups)]
-        self.middle_block = TimestepEmbedSequential(*middle)
+        # the trainable copy of the UNet's encoder: built as the UNet builds its own
+        self.time_embed, self.label_emb = embedding_mlps(u)
+        self.input_blocks, widths = down_path(u)
+        self.zero_convs = nn.ModuleList(zero_conv(w) for w in widths)  # one per skip connection
+        ch = widths[-1]
+        self.middle_block = middle_block(u, ch)
         self.middle_block_out = zero_conv(ch)
         self.input_hint_block = _hint_block(cfg, mc)
         if cfg.is_union:

@@ -294,6 +294,59 @@ class UNetControl:
         return UNetControl(skips, add(self.middle, other.middle), intra)
 
 
+def transformer(cfg: UNetConfig, ch: int, depth: int) -> SpatialTransformer:
+    """A SpatialTransformer of `depth` blocks at width `ch`, with the config's head size and context."""
+    if ch % cfg.head_dim:
+        raise ValueError(f"width {ch} is not a multiple of head_dim {cfg.head_dim}")
+    return SpatialTransformer(ch, ch // cfg.head_dim, cfg.head_dim, depth, cfg.context_dim, cfg.norm_groups)
+
+
+def embedding_mlps(cfg: UNetConfig) -> tuple[nn.Sequential, nn.Sequential]:
+    """`time_embed` (timestep features -> 4x width) and `label_emb` (the vector y -> the same width)."""
+    mc, ted = cfg.model_channels, cfg.time_embed_dim
+    time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+    label_emb = nn.Sequential(
+        nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+    )
+    return time_embed, label_emb
+
+
+def down_path(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The input blocks (conv_in; per level ResBlocks with their transformers, then a Downsample but on the
+    last level) and each block's output width, i.e. the widths of the skip connections. The UNet and the
+    ControlNet's trainable copy build theirs here."""
+    mc, ted, groups = cfg.model_channels, cfg.time_embed_dim, cfg.norm_groups
+    blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+    widths = [mc]
+    ch = mc
+    block_index = 0
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers: list[nn.Module] = [ResBlock(ch, ted, mc * mult, groups)]
+            ch = mc * mult
+            depth = cfg.transformer_depth[block_index]
+            block_index += 1
+            if depth > 0:
+                layers.append(transformer(cfg, ch, depth))
+            blocks.append(TimestepEmbedSequential(*layers))
+            widths.append(ch)
+        if level != cfg.num_levels - 1:
+            blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            widths.append(ch)
+    return blocks, widths
+
+
+def middle_block(cfg: UNetConfig, ch: int) -> TimestepEmbedSequential:
+    """ResBlock, SpatialTransformer, ResBlock at width `ch`; depth -1 leaves a single ResBlock (how SSD-1B /
+    Vega files are laid out)."""
+    ted, groups = cfg.time_embed_dim, cfg.norm_groups
+    middle: list[nn.Module] = [ResBlock(ch, ted, ch, groups)]
+    if cfg.transformer_depth_middle >= 0:
+        middle.append(transformer(cfg, ch, cfg.transformer_depth_middle))
+        middle.append(ResBlock(ch, ted, ch, groups))
+    return TimestepEmbedSequential(*middle)
+
+
 class UNet(nn.Module):
     """SDXL UNet (sgm `UNetModel` with num_classes="sequential" and linear transformers).
 
@@ -308,42 +361,11 @@ class UNet(nn.Module):
         ted = cfg.time_embed_dim
         groups = cfg.norm_groups
 
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
-            if ch % cfg.head_dim:
-                raise ValueError(f"width {ch} is not a multiple of head_dim {cfg.head_dim}")
-            return SpatialTransformer(ch, ch // cfg.head_dim, cfg.head_dim, depth, cfg.context_dim, groups)
-
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
-        self.label_emb = nn.Sequential(
-            nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
-        )
-
+        self.time_embed, self.label_emb = embedding_mlps(cfg)
         # ---- down path: every block's output is kept as a skip connection ----
-        conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_in)])
-        skip_channels = [mc]
-        ch = mc
-        block_index = 0
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, ted, mc * mult, groups)]
-                ch = mc * mult
-                depth = cfg.transformer_depth[block_index]
-                block_index += 1
-                if depth > 0:
-                    layers.append(transformer(ch, depth))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != cfg.num_levels - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
-
-        # ---- middle: depth -1 leaves a single ResBlock (how SSD-1B / Vega files are laid out) ----
-        middle: list[nn.Module] = [ResBlock(ch, ted, ch, groups)]
-        if cfg.transformer_depth_middle >= 0:
-            middle.append(transformer(ch, cfg.transformer_depth_middle))
-            middle.append(ResBlock(ch, ted, ch, groups))
-        self.middle_block = TimestepEmbedSequential(*middle)
+        self.input_blocks, skip_channels = down_path(cfg)
+        ch = skip_channels[-1]
+        self.middle_block = middle_block(cfg, ch)
 
         # ---- up path: each block eats one skip; the last block of a level (but the top one) upsamples ----
         self.output_blocks = nn.ModuleList()
@@ -356,7 +378,7 @@ class UNet(nn.Module):
                 depth = cfg.transformer_depth_output[block_index]
                 block_index += 1
                 if depth > 0:
-                    layers.append(transformer(ch, depth))
+                    layers.append(transformer(cfg, ch, depth))
                 if level > 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
