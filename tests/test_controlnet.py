@@ -289,3 +289,5 @@ def test_bad_inputs_are_one_line(refs, tiny_files, ours):
                                             control_type="sketchy"),))
     with pytest.raises(RequestError, match=r"controls\[0\]\.control_type: 'sketchy' is not a control type"):
         ours.generate(req)
+    with pytest.raises(RequestError, match=r"known: openpose, depth, .*repaint\)$"):  # before any model loads
+        req.validate()

@@ -1,4 +1,5 @@
-"""Control preprocessor names, their parameters' defaults and ranges, without torch or numpy.
+"""Control preprocessor names, their parameters' defaults and ranges, and the union models' control types,
+without torch or numpy.
 
 `request.py` checks names and thresholds with this module (importing the request loads no torch);
 `control_maps.py` runs the preprocessors. Names are ours (`canny`, `scribble`, `tile`, `blur`, ...);
@@ -9,6 +10,31 @@ invert) are accepted as aliases and are what the A1111 API lists.
 from __future__ import annotations
 
 from .errors import RequestError
+
+# xinsir's control type ids (ControlNetPlus README; sd-webui-controlnet's ControlNetUnionControlType order):
+# 0 openpose, 1 depth, 2 soft edges (hed/pidi/scribble/ted), 3 hard edges (canny/lineart/anime_lineart/mlsd),
+# 4 normal map, 5 segmentation; ProMax (8 types) adds 6 tile and 7 repaint (inpaint / outpaint).
+UNION_CONTROL_TYPES: dict[str, int] = {
+    "openpose": 0,
+    "depth": 1,
+    "hed": 2, "pidi": 2, "scribble": 2, "ted": 2, "softedge": 2, "soft_edge": 2,
+    "canny": 3, "lineart": 3, "anime_lineart": 3, "mlsd": 3, "hardedge": 3, "hard_edge": 3,
+    "normal": 4, "normalmap": 4, "normal_map": 4,
+    "segment": 5, "segmentation": 5, "seg": 5,
+    "tile": 6, "blur": 6,
+    "repaint": 7, "inpaint": 7, "outpaint": 7,
+}
+UNION_TYPE_NAMES = ("openpose", "depth", "hed/pidi/scribble/ted", "canny/lineart/anime_lineart/mlsd",
+                    "normal", "segment", "tile", "repaint")
+
+
+def union_type_id(name: str) -> int | None:
+    """A union control type name's id (any case, spaces and dashes as underscores; a number 0..7 as is), or
+    None for a name no union model knows. Whether a model has that type is the model's to say (6 or 8)."""
+    key = str(name).strip().lower().replace("-", "_").replace(" ", "_")
+    if key.isdigit():
+        return int(key) if int(key) < len(UNION_TYPE_NAMES) else None
+    return UNION_CONTROL_TYPES.get(key)
 
 # our name -> sd-webui-controlnet's module name
 A1111_MODULES = {

@@ -603,6 +603,10 @@ def _check_controls(req: GenerationRequest) -> None:
             v = getattr(u, name)
             if v is not None and (not _is_number(v) or not math.isfinite(v)):
                 raise RequestError(f"{where}.{name}: {show_value(v)} is not a finite number")
+        if u.control_type is not None and control_names.union_type_id(u.control_type) is None:
+            known = ", ".join(control_names.UNION_TYPE_NAMES)
+            raise RequestError(f"{where}.control_type: {show_value(u.control_type)} is not a control type "
+                               f"(known: {known})")
         pre = control_names.check_preprocessor(u.preprocessor or "none", f"{where}.preprocessor")
         control_names.thresholds(pre, u.threshold_a, u.threshold_b, f"{where}.")
 

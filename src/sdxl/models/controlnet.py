@@ -41,27 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..control_names import UNION_TYPE_NAMES, union_type_id
 from ..errors import RequestError
 from .conditioning import timestep_embedding
 from .config import UNetConfig
 from .unet import TimestepEmbedSequential, UNetControl, down_path, embedding_mlps, middle_block
 
-# xinsir's control type ids (ControlNetPlus README; sd-webui-controlnet's ControlNetUnionControlType order):
-# 0 openpose, 1 depth, 2 soft edges (hed/pidi/scribble/ted), 3 hard edges (canny/lineart/anime_lineart/mlsd),
-# 4 normal map, 5 segmentation; ProMax (8 types) adds 6 tile and 7 repaint (inpaint / outpaint).
-UNION_CONTROL_TYPES: dict[str, int] = {
-    "openpose": 0,
-    "depth": 1,
-    "hed": 2, "pidi": 2, "scribble": 2, "ted": 2, "softedge": 2, "soft_edge": 2,
-    "canny": 3, "lineart": 3, "anime_lineart": 3, "mlsd": 3, "hardedge": 3, "hard_edge": 3,
-    "normal": 4, "normalmap": 4, "normal_map": 4,
-    "segment": 5, "segmentation": 5, "seg": 5,
-    "tile": 6, "blur": 6,
-    "repaint": 7, "inpaint": 7, "outpaint": 7,
-}
 SOFT_INJECTION_BASE = 0.825  # sd-webui-controlnet's soft injection: weight * 0.825 ** (12 - k)
-UNION_TYPE_NAMES = ("openpose", "depth", "hed/pidi/scribble/ted", "canny/lineart/anime_lineart/mlsd",
-                    "normal", "segment", "tile", "repaint")
 
 
 def union_type_index(name: str | None, num_types: int, where: str = "control_type") -> int:
@@ -71,8 +57,7 @@ def union_type_index(name: str | None, num_types: int, where: str = "control_typ
     if name is None:
         raise RequestError(f"{where}: missing; a union ControlNet needs the unit's control type "
                            f"(known: {known})")
-    key = str(name).strip().lower().replace("-", "_").replace(" ", "_")
-    idx = int(key) if key.isdigit() else UNION_CONTROL_TYPES.get(key)
+    idx = union_type_id(name)
     if idx is None or idx >= num_types:
         raise RequestError(f"{where}: {name!r} is not a control type of this union model (known: {known})")
     return idx
