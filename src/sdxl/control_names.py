@@ -34,7 +34,10 @@ def union_type_id(name: str) -> int | None:
     key = str(name).strip().lower().replace("-", "_").replace(" ", "_")
     if key.isdigit():
         return int(key) if int(key) < len(UNION_TYPE_NAMES) else None
-    return UNION_CONTROL_TYPES.get(key)
+    for part in key.split("/"):  # sd-webui-controlnet's labels: "Scribble/Sketch", "Tile/Blur"
+        if part in UNION_CONTROL_TYPES:
+            return UNION_CONTROL_TYPES[part]
+    return None
 
 # our name -> sd-webui-controlnet's module name
 A1111_MODULES = {
