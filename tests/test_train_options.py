@@ -279,7 +279,8 @@ def test_a_zero_block_rate_leaves_the_block_unchanged(tmp_path, data):
     ("loss.multires_noise_discount", 0.0, "loss.multires_noise_discount"),
     ("validation.fraction", 1.0, "validation.fraction"),
     ("validation.timesteps", [100, 1000], "validation.timesteps"),
-    ("validation.every", 5, "validation.every needs validation.path or validation.fraction"),
+    ("validation.every", 5,
+     "validation.every needs validation.path, validation.fraction or validation.shapes_n"),
 ])
 def test_bad_values_name_the_key(key, value, match):
     section, name = key.split(".")
