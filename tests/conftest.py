@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import threading
+import time
 
 import pytest
 import torch
@@ -42,3 +46,26 @@ def tiny_pipeline(seed: int = 0):
     cfg = tiny_config()
     return SDXL(cfg, UNet(cfg.unet).eval(), AutoencoderKL(cfg.vae).eval(),
                 TextEncoders(cfg.text_l, cfg.text_g).eval())
+
+
+@contextlib.contextmanager
+def serve_in_thread(app):
+    """`app` served by uvicorn on a free loopback port in a thread (a real HTTP server, for third-party
+    clients); yields the port, and stops the server on exit."""
+    import uvicorn  # lazy: the server extra
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(30)

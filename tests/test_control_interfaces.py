@@ -189,13 +189,8 @@ def served(tmp_path_factory, cn_file):
     """The tiny pipeline served over HTTP (uvicorn in a thread) with the tiny ControlNet in
     models/ControlNet."""
     import shutil
-    import socket
-    import threading
-    import time
 
-    import uvicorn  # lazy: the server extra
-
-    from conftest import tiny_pipeline
+    from conftest import serve_in_thread, tiny_pipeline
     from sdxl.request import Limits
     from sdxl.serve.app import create_app
     from sdxl.serve.settings import ServeSettings
@@ -208,21 +203,9 @@ def served(tmp_path_factory, cn_file):
     limits = Limits(max_pixels=128 * 128, max_steps=20, max_batch=2)
     settings = ServeSettings(data_dir=root / "data", models_dir=root / "models", queue_size=4,
                              shutdown_grace_s=5, limits=limits)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, pipeline=pipe), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "port": port, "model": cn_dir / "tiny_canny.safetensors",
-           "pipe": pipe}
-    server.should_exit = True
-    thread.join(30)
+    with serve_in_thread(create_app(settings, pipeline=pipe)) as port:
+        yield {"url": f"http://127.0.0.1:{port}", "port": port, "model": cn_dir / "tiny_canny.safetensors",
+               "pipe": pipe}
 
 
 def test_controlnet_routes_list_models_and_modules(served):

@@ -5,8 +5,6 @@ was written, and a real A1111 client (webuiapi from PyPI) gets the upscaled imag
 from __future__ import annotations
 
 import io
-import socket
-import threading
 import time
 
 import httpx
@@ -16,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import tiny_pipeline
+from conftest import serve_in_thread, tiny_pipeline
 from sdxl import upscale
 from sdxl.errors import RequestError
 from sdxl.metadata import format_a1111, parse_a1111
@@ -224,27 +222,13 @@ def test_upscale_registry():
 @pytest.fixture(scope="module")
 def server_url(pipe, tmp_path_factory):
     """The app served by uvicorn on a free port in a thread (a real HTTP server for the A1111 client)."""
-    import uvicorn  # lazy: the server extra
-
     root = tmp_path_factory.mktemp("hires_serve")
     (root / "models").mkdir()
     limits = Limits(max_pixels=128 * 128, max_steps=20, max_batch=2)
     settings = ServeSettings(data_dir=root / "data", models_dir=root / "models", queue_size=4,
                              shutdown_grace_s=5, limits=limits)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, pipeline=pipe), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    with serve_in_thread(create_app(settings, pipeline=pipe)) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_webuiapi_client_gets_the_hires_image_with_its_infotext(server_url, pipe):

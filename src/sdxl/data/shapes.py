@@ -34,6 +34,7 @@ import json
 import math
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -307,6 +308,30 @@ def _pick_combo(rng: np.random.Generator, used_colors: set[str], bg: str, hold_o
         return color, shape
 
 
+def _background_and_kinds(rng: np.random.Generator, combos: list[tuple[str, str]] | None, n: int,
+                          hold_out: bool, texture: Callable[[], str]
+                          ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """A scene's background (a colour none of the forced objects has, the texture `texture()` draws, stripe
+    period and angle, noise seed) and its objects' (colour, shape) pairs, drawn from `rng` in this order."""
+    forced = {c for c, _ in combos} if combos else set()
+    bg_choices = [c for c in COLORS if c not in forced]
+    bg_color = bg_choices[int(rng.integers(len(bg_choices)))]
+    background = {
+        "color": bg_color,
+        "texture": texture(),
+        "period": round(float(rng.uniform(0.06, 0.16)), 4),
+        "angle": float(rng.choice([0.0, 45.0, 90.0, 135.0])),
+        "noise_seed": int(rng.integers(2**31)),
+    }
+    used: set[str] = set()
+    kinds: list[tuple[str, str]] = []
+    for k in range(n):
+        color, shape = combos[k] if combos else _pick_combo(rng, used, bg_color, hold_out)
+        used.add(color)
+        kinds.append((color, shape))
+    return background, kinds
+
+
 def random_scene(
     rng: np.random.Generator,
     aspect: float = 1.0,
@@ -329,23 +354,9 @@ def random_scene(
         n_objects = len(combos)
     if not 1 <= n_objects <= 3:
         raise ValueError("scenes have 1 to 3 objects")
-    forced = {c for c, _ in combos} if combos else set()
-    bg_choices = [c for c in COLORS if c not in forced]
-    bg_color = bg_choices[int(rng.integers(len(bg_choices)))]
-    tex = texture if texture is not None else TEXTURES[int(rng.integers(len(TEXTURES)))]
-    background = {
-        "color": bg_color,
-        "texture": tex,
-        "period": round(float(rng.uniform(0.06, 0.16)), 4),
-        "angle": float(rng.choice([0.0, 45.0, 90.0, 135.0])),
-        "noise_seed": int(rng.integers(2**31)),
-    }
-    used: set[str] = set()
-    kinds: list[tuple[str, str]] = []
-    for k in range(n_objects):
-        color, shape = combos[k] if combos else _pick_combo(rng, used, bg_color, hold_out)
-        used.add(color)
-        kinds.append((color, shape))
+    background, kinds = _background_and_kinds(
+        rng, combos, n_objects, hold_out,
+        lambda: texture if texture is not None else TEXTURES[int(rng.integers(len(TEXTURES)))])
     W_u, H_u = _frame(aspect)
     objects: list[dict[str, Any]] = []
     relations: list[list[Any]] = []
@@ -672,22 +683,8 @@ def curriculum_scene(
     """
     n = len(combos) if combos else (n_objects or int(_draw(rng, level.objects)))
     stated = n >= 2 and (bool(rng.random() < level.relations) if state_relations is None else state_relations)
-    forced = {c for c, _ in combos} if combos else set()
-    bg_choices = [c for c in COLORS if c not in forced]
-    bg_color = bg_choices[int(rng.integers(len(bg_choices)))]
-    background = {
-        "color": bg_color,
-        "texture": str(_draw(rng, level.backgrounds)),
-        "period": round(float(rng.uniform(0.06, 0.16)), 4),
-        "angle": float(rng.choice([0.0, 45.0, 90.0, 135.0])),
-        "noise_seed": int(rng.integers(2**31)),
-    }
-    used: set[str] = set()
-    kinds: list[tuple[str, str]] = []
-    for k in range(n):
-        color, shape = combos[k] if combos else _pick_combo(rng, used, bg_color, hold_out)
-        used.add(color)
-        kinds.append((color, shape))
+    background, kinds = _background_and_kinds(rng, combos, n, hold_out,
+                                              lambda: str(_draw(rng, level.backgrounds)))
     words = level.size_words()
     W_u, H_u = _frame(aspect)
     objects: list[dict[str, Any]] = []
