@@ -203,3 +203,14 @@ def test_controlled_generation_runs(tmp_path):
     assert torch.isfinite(controlled).all()
     assert (controlled - plain).abs().max() > 1e-2 * plain.abs().max()
     torch.testing.assert_close(off, plain, rtol=0, atol=1e-6)
+
+    # another UNet on the same pipeline (a --unet override): the Control-LoRA is built again on it, not
+    # taken from the cache built on the first one
+    first = next(iter(pipe._control_cache.values()))
+    pipe.unet = randomize(type(pipe.unet)(pipe.unet.cfg), 5).eval()
+    pipe.generate(req.replace(controls=(unit,)))
+    assert len(pipe._control_cache) == 1
+    rebuilt = next(iter(pipe._control_cache.values()))
+    assert rebuilt is not first
+    name = "input_blocks.1.0.in_layers.2.weight"  # a low-rank layer: base + up @ down
+    assert not torch.equal(rebuilt.state_dict()[name], first.state_dict()[name])

@@ -78,17 +78,19 @@ def _version(path: Path) -> int:
 
 def control_model(pipe, unit: ControlUnit, where: str = "controls[0]", keep: int = CACHE_SIZE
                   ) -> torch.nn.Module:
-    """The unit's control model, loaded once per (path, version) and kept on `pipe` (in its dtype, in its
-    offload storage when CPU offload is on, else on its device); the `keep` most recently used stay."""
+    """The unit's control model, loaded once per (path, version, UNet) and kept on `pipe` (in its dtype, in
+    its offload storage when CPU offload is on, else on its device); the `keep` most recently used stay."""
     dirs = list(getattr(pipe, "control_dirs", []) or [])
     path = resolve_control_model(unit.model, dirs, getattr(pipe, "allow_lora_paths", True), f"{where}.model")
     cache: OrderedDict = pipe.__dict__.setdefault("_control_cache", OrderedDict())
-    key = (str(path.resolve()), _version(path))
+    # the UNet's identity too: a Control-LoRA is built from the base UNet's weights, so another UNet (a
+    # --unet override, a swapped model) must build it again
+    key = (str(path.resolve()), _version(path), id(pipe.unet))
     if key in cache:
         cache.move_to_end(key)
     else:
         for old in [k for k in cache if k[0] == key[0]]:
-            del cache[old]  # an older version of this file
+            del cache[old]  # an older version of this file, or one built for another UNet
         device = pipe.offload_storage or pipe.device
         allow_pickle = bool(getattr(getattr(pipe, "ip_files", None), "allow_pickle", False))
         try:
