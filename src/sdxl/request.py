@@ -564,14 +564,19 @@ MAX_CONTROL_UNITS = 8
 MAX_IP_IMAGES = 16
 
 
+def _finite_in(name: str, v: Any, lo: float, hi: float) -> None:
+    """A unit's number: finite (else "is not a finite number"), then inside lo..hi."""
+    if not _is_number(v) or not math.isfinite(v):
+        raise RequestError(f"{name}: {show_value(v)} is not a finite number")
+    _range(name, v, lo, hi)
+
+
 def _check_unit_common(where: str, model: Any, start: Any, end: Any) -> None:
     if not isinstance(model, str) or not model:
         raise RequestError(f"{where}.model: {show_value(model)} is not a file name")
     _text(f"{where}.model", model, MAX_NAME_CHARS)
     for name, v in (("start", start), ("end", end)):
-        if not _is_number(v) or not math.isfinite(v):
-            raise RequestError(f"{where}.{name}: {show_value(v)} is not a finite number")
-        _range(f"{where}.{name}", v, 0.0, 1.0)
+        _finite_in(f"{where}.{name}", v, 0.0, 1.0)
     if start > end:
         raise RequestError(f"{where}.start/end: {start:g} > {end:g}; need start <= end")
 
@@ -583,9 +588,7 @@ def _check_controls(req: GenerationRequest) -> None:
     for i, u in enumerate(req.controls):
         where = f"controls[{i}]"
         _check_unit_common(where, u.model, u.start, u.end)
-        if not _is_number(u.weight) or not math.isfinite(u.weight):
-            raise RequestError(f"{where}.weight: {show_value(u.weight)} is not a finite number")
-        _range(f"{where}.weight", u.weight, 0.0, 10.0)
+        _finite_in(f"{where}.weight", u.weight, 0.0, 10.0)
         if u.image is None:
             raise RequestError(f"{where}.image: missing (each control unit needs its control image)")
         if isinstance(u.image, str):
@@ -618,9 +621,7 @@ def _check_ip_adapters(req: GenerationRequest) -> None:
     for i, u in enumerate(req.ip_adapters):
         where = f"ip_adapters[{i}]"
         _check_unit_common(where, u.model, u.start, u.end)
-        if not _is_number(u.scale) or not math.isfinite(u.scale):
-            raise RequestError(f"{where}.scale: {show_value(u.scale)} is not a finite number")
-        _range(f"{where}.scale", u.scale, -10.0, 10.0)
+        _finite_in(f"{where}.scale", u.scale, -10.0, 10.0)
         if u.image_encoder is not None:
             if not isinstance(u.image_encoder, str) or not u.image_encoder:
                 raise RequestError(f"{where}.image_encoder: {show_value(u.image_encoder)} is not a path")

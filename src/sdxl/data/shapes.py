@@ -911,13 +911,7 @@ def eval_prompts(
     rng = np.random.default_rng([seed, 1_000_003, EVAL_KINDS.index(kind)])
     out = []
     for _ in range(n):
-        combos = None
-        if kind == "single_novel":
-            combos = [HELD_OUT[int(rng.integers(len(HELD_OUT)))]]
-        elif kind == "pair_novel":
-            first = HELD_OUT[int(rng.integers(len(HELD_OUT)))]
-            second = _pick_combo(rng, {first[0]}, "", hold_out=False)
-            combos = [first, second] if rng.random() < 0.5 else [second, first]
+        combos = _novel_combos(rng, kind)
         n_obj = 1 if kind.startswith("single") else 2
         spec = random_scene(
             rng, aspect=1.0, n_objects=n_obj, hold_out=not kind.endswith("novel"), combos=combos
@@ -926,19 +920,25 @@ def eval_prompts(
     return out
 
 
+def _novel_combos(rng: np.random.Generator, kind: str) -> list[tuple[str, str]] | None:
+    """The forced (colour, shape) pairs of a "novel" prompt: a held-out pair, and for pairs a second object
+    in either order; None for the other kinds."""
+    if kind == "single_novel":
+        return [HELD_OUT[int(rng.integers(len(HELD_OUT)))]]
+    if kind == "pair_novel":
+        first = HELD_OUT[int(rng.integers(len(HELD_OUT)))]
+        second = _pick_combo(rng, {first[0]}, "", hold_out=False)
+        return [first, second] if rng.random() < 0.5 else [second, first]
+    return None
+
+
 def _level_prompts(kind: str, n: int, seed: int, level: Curriculum) -> list[tuple[str, dict[str, Any]]]:
     if kind.startswith("pair"):
         dataclasses.replace(level, objects={2: 1.0}).check()  # raises where two objects do not fit
     rng = np.random.default_rng([seed, 1_000_003, EVAL_KINDS.index(kind), zlib.crc32(level.name.encode())])
     out = []
     for _ in range(n):
-        combos = None
-        if kind == "single_novel":
-            combos = [HELD_OUT[int(rng.integers(len(HELD_OUT)))]]
-        elif kind == "pair_novel":
-            first = HELD_OUT[int(rng.integers(len(HELD_OUT)))]
-            second = _pick_combo(rng, {first[0]}, "", hold_out=False)
-            combos = [first, second] if rng.random() < 0.5 else [second, first]
+        combos = _novel_combos(rng, kind)
         spec = curriculum_scene(rng, level, aspect=1.0, hold_out=not kind.endswith("novel"),
                                 n_objects=1 if kind.startswith("single") else 2, state_relations=True,
                                 combos=combos)

@@ -23,6 +23,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
 import os
 import time
@@ -389,3 +391,24 @@ class InProcessExecutor(Executor):
         device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         return {"name": self.name, "device": device, "pid": os.getpid(), "alive": True,
                 "loaded": self.runner.loaded()}
+
+
+def apply_remote_progress(job: Job, fields: dict[str, Any], event: dict[str, Any],
+                          reporter: Reporter) -> None:
+    """A progress message from a runner in another process (a `--devices` worker, a Ray replica): the job's
+    fields as the runner set them, its preview (a JPEG data URL) decoded for A1111's /progress, then the
+    event reported here."""
+    for k, v in fields.items():
+        setattr(job, k, v)
+    if "preview" in event:
+        job.preview_cache = ((job.stage, job.step), decode_preview(event["preview"]))
+    reporter.progress(job, event)
+
+
+def decode_preview(data_url: str) -> Image.Image | None:
+    """A remote runner's preview (data URL) as a PIL image; None if it cannot be read (a preview must never
+    fail a job)."""
+    try:
+        return Image.open(io.BytesIO(base64.b64decode(data_url.partition(",")[2]))).convert("RGB")
+    except Exception:  # noqa: BLE001 - see above
+        return None

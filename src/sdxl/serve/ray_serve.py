@@ -46,9 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import dataclasses
-import io
 import logging
 import os
 import shutil
@@ -62,7 +60,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 try:
     import ray
@@ -75,7 +72,7 @@ except ModuleNotFoundError as e:  # the optional extra is missing
 
 from .__main__ import build_parser, settings_from_args
 from .app import create_app
-from .executor import INPUT_PREFIX, Executor, JobRunner, Reporter, WorkerLost, job_key
+from .executor import INPUT_PREFIX, Executor, JobRunner, Reporter, WorkerLost, apply_remote_progress, job_key
 from .modelhost import ModelHost
 from .settings import ServeSettings, SettingsError, check_bind
 from .store import RUNNING, Job
@@ -123,10 +120,6 @@ def model_id(key: tuple) -> str:
     """A `job_key` (model, refiner, LoRA names) as Serve's multiplexed model id: a stable string."""
     model, refiner, loras = key
     return f"model={model};refiner={refiner};loras={','.join(loras)}"
-
-
-def _decode_preview(data_url: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(data_url.partition(",")[2]))).convert("RGB")
 
 
 # ------------------------------------------------------------------------------------------------ the board
@@ -353,12 +346,7 @@ class RayExecutor(Executor):
                     replica = message[1]["replica"]
                     lane.update(message[1], job=job.id, model_id=mid)
                 elif kind == "progress":
-                    for k, v in message[1].items():
-                        setattr(job, k, v)
-                    event = message[2]
-                    if "preview" in event:
-                        job.preview_cache = ((job.stage, job.step), _decode_preview(event["preview"]))
-                    reporter.progress(job, event)
+                    apply_remote_progress(job, message[1], message[2], reporter)
                 elif kind == "checkpoint":
                     self._write(message[2])
                     for k, v in message[1].items():

@@ -24,9 +24,7 @@ while idle is restarted by the pool's monitor thread.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import io
 import logging
 import multiprocessing as mp
 import os
@@ -39,9 +37,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
-from PIL import Image
 
-from .executor import Executor, JobRunner, Reporter, WorkerLost
+from .executor import Executor, JobRunner, Reporter, WorkerLost, apply_remote_progress
 from .modelhost import ModelHost
 from .settings import ServeSettings, SettingsError
 from .store import RUNNING, Job
@@ -359,12 +356,7 @@ class WorkerPool(Executor):
                     continue
                 kind = message[0]
                 if kind == "progress":
-                    for k, v in message[2].items():
-                        setattr(job, k, v)
-                    event = message[3]
-                    if "preview" in event:
-                        job.preview_cache = ((job.stage, job.step), _decode_preview(event["preview"]))
-                    reporter.progress(job, event)
+                    apply_remote_progress(job, message[2], message[3], reporter)
                 elif kind == "checkpoint":
                     for k, v in message[2].items():
                         setattr(job, k, v)
@@ -433,10 +425,4 @@ def _default_name(reporter: Reporter) -> str | None:
     return getattr(models, "default_name", None)
 
 
-def _decode_preview(data_url: str) -> Image.Image | None:
-    """A worker's JPEG preview (data URL) as a PIL image for A1111's /progress."""
-    try:
-        return Image.open(io.BytesIO(base64.b64decode(data_url.partition(",")[2]))).convert("RGB")
-    except Exception:  # noqa: BLE001 - a preview must never fail a job
-        return None
 
