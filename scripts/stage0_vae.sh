@@ -7,7 +7,8 @@
 #   bash scripts/stage0_vae.sh WORK            # one thread; run in the background: nohup bash ... &
 #
 # Env: N (scenes, 8000), STEPS (6000 x BATCH 16 patches), LR (2e-4), EDGE (vae.edge_weight, 4), PATCH (64),
-# CHUNK.
+# CHUNK, DECODER_ONLY (1: train only the decoder, on cached latents of the frozen encoder; the latent space,
+# and any base trained on it, stays).
 source "$(dirname "$0")/stage_common.sh"
 work=${1:?usage: stage0_vae.sh WORK}
 mkdir -p "$work"
@@ -25,6 +26,7 @@ while [ "$stop" -lt "$total" ]; do
         --set model.config="$here/configs/mini/base.json" --set model.vae="$shipped" \
         --set vae.patch_size="${PATCH:-64}" --set vae.edge_weight="${EDGE:-4}" --set optim.warmup_steps=50 \
         --set optim.schedule=cosine --set optim.min_lr_ratio=0.1 --set ema.enabled=true --set ema.decay=0.995 \
+        ${DECODER_ONLY:+--set vae.decoder_only=true --set data.cache_latents=true} \
         --set train.stop_at="$stop" --set checkpoint.every="$CHUNK" --resume
     sdxl eval vae-ceiling --vae "$out/vae.safetensors" --n "$EVAL_N" --json > "$out/ceiling-$stop.json"
     if python3 "$here/scripts/stage_gate.py" "$out/ceiling-$stop.json" single:shape_ok\>=0.95 pair:shape_ok\>=0.85 \

@@ -198,3 +198,22 @@ def test_decoder_only_vae_training_keeps_the_latent_space(tmp_path, data):
     assert sum(result.losses[:5]) > 1.2 * sum(result.losses[-5:]), result.losses
     sf = read_checkpoint(first.exported).config.vae.scale_factor
     assert read_checkpoint(result.exported).config.vae.scale_factor == sf
+
+
+def test_decoder_only_vae_training_reads_the_frozen_encoders_latents_from_the_cache(tmp_path, data):
+    """vae.decoder_only + data.cache_latents: each image is encoded once, later steps read its moments back,
+    and the losses are those of encoding every step (the same posterior, the same noise)."""
+    first = TR.run(tiny_run(tmp_path / "vae", data, 4, train={"task": "vae"}))
+
+    def run(name: str, cache: bool):
+        return TR.run(tiny_run(tmp_path / name, data, 12, train={"task": "vae"},
+                               model={"preset": "tiny", "vae": str(first.exported)},
+                               data={"cache_latents": cache, "flip_prob": 0.0},
+                               vae={"decoder_only": True, "patch_size": 16}))
+
+    plain, cached = run("plain", False), run("cached", True)
+    entries = list((tmp_path / "cached" / "cache" / "latents").rglob("*.safetensors"))
+    n_images = len(list(Path(data).glob("*.png")))
+    assert len(entries) == n_images  # one entry per prepared image, however many steps saw it
+    assert torch.allclose(torch.tensor(plain.losses), torch.tensor(cached.losses), rtol=1e-4, atol=1e-6), \
+        (plain.losses, cached.losses)

@@ -45,7 +45,7 @@ from ..weights.checkpoint import Checkpoint, write_single_file
 from . import checkpointing as C
 from .config import ConfigError, TrainingError
 from .distributed import all_true, barrier, ddp, full_tensor
-from .feed import BatchStream
+from .feed import BatchStream, LatentFeed
 from .loop import TrainerBase
 from .losses import sample_generator
 from .models import autocast_context, load_models
@@ -95,20 +95,32 @@ class VAEModule(nn.Module):
     """What DDP wraps: encode, sample the posterior with the given standard-normal noise, decode.
 
     With `boxes` (decoder-only training, encoder frozen) the whole image is encoded and only the latent
-    squares `(top, left, side)` (latent pixels, one per image) are decoded.
+    squares `(top, left, side)` (latent pixels, one per image) are decoded; `moments` are the frozen encoder's
+    (mean, logvar) of `x` when they are already known (the latent cache), so `x` is not encoded again.
     """
 
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: Tensor, noise: Tensor | None,
-                boxes: list[tuple[int, int, int]] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        mean, logvar = self.vae.encode(x)
+    def forward(self, x: Tensor, noise: Tensor | None, boxes: list[tuple[int, int, int]] | None = None,
+                moments: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        mean, logvar = self.vae.encode(x) if moments is None else moments
         z = mean if noise is None else mean + (0.5 * logvar).exp() * noise
         if boxes is not None:
             z = torch.stack([zi[:, t:t + s, left:left + s] for zi, (t, left, s) in zip(z, boxes)])
         return self.vae.decode(z), mean, logvar
+
+
+class FrozenEncoder(nn.Module):
+    """The encoder half of a VAE as the latent cache sees it: `encode` of the whole VAE, while the cache's
+    fingerprint covers only the encoder's weights (the decoder changes during decoder-only training)."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = vae.quant_conv
+        self.encode = vae.encode
 
 
 class VAETrainer(TrainerBase):
@@ -137,6 +149,12 @@ class VAETrainer(TrainerBase):
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=v.disc_lr or cfg.optim.lr,
                                               betas=(0.5, 0.9), weight_decay=0.0)
         self._last: tuple[Tensor, Tensor] | None = None
+        # decoder-only with data.cache_latents: the frozen encoder's moments of each prepared image are
+        # computed once and read back from disk, so a step costs only the decoder on its patch
+        self.latents = None
+        if cfg.vae.decoder_only and cfg.data.cache_latents:
+            root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.output / "cache"
+            self.latents = LatentFeed(FrozenEncoder(self.vae), self.model_config.vae, device, root / "latents")
         self.build_data()
 
     def build_data(self) -> None:
@@ -199,8 +217,9 @@ class VAETrainer(TrainerBase):
             shape = (self.model_config.vae.embed_dim, x_in.shape[2] // f, x_in.shape[3] // f)
             gens = [sample_generator(cfg.train.seed, step, batch["epoch"], int(i)) for i in batch["index"]]
             noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)
+        moments = self.latents.moments(x_in) if self.latents is not None else None
         with autocast_context(dev, cfg.train.mixed_precision):
-            recon, mean, logvar = self.wrapped(x_in, noise, boxes)
+            recon, mean, logvar = self.wrapped(x_in, noise, boxes, moments)
         recon, mean, logvar = recon.float(), mean.float(), logvar.float()
         diff = recon - x
         err = diff.abs() if cfg.vae.reconstruction == "l1" else diff.pow(2)
