@@ -8,7 +8,8 @@
 #
 # Env: N (scenes, 8000), STEPS (6000 x BATCH 16 patches), LR (2e-4), EDGE (vae.edge_weight, 4), PATCH (64),
 # CHUNK, DECODER_ONLY (1: train only the decoder, on cached latents of the frozen encoder; the latent space,
-# and any base trained on it, stays).
+# and any base trained on it, stays), FROM (the VAE to continue; default the shipped one), CACHE_DIR (where the
+# latent cache lives; default WORK/vae/cache).
 source "$(dirname "$0")/stage_common.sh"
 work=${1:?usage: stage0_vae.sh WORK}
 mkdir -p "$work"
@@ -23,7 +24,7 @@ while [ "$stop" -lt "$total" ]; do
     stamp "VAE to step $stop of $total"
     sdxl train --task vae --data "$work/data-vae" --output "$out" --steps "$total" --batch-size "${BATCH:-16}" --resolution 256 \
         --lr "${LR:-2e-4}" --seed 0 --set data.bucket_step=32 --set train.progress=false \
-        --set model.config="$here/configs/mini/base.json" --set model.vae="$shipped" \
+        --set model.config="$here/configs/mini/base.json" --set model.vae="${FROM:-$shipped}" --set data.cache_dir="${CACHE_DIR:-}" \
         --set vae.patch_size="${PATCH:-64}" --set vae.edge_weight="${EDGE:-4}" --set optim.warmup_steps=50 \
         --set optim.schedule=cosine --set optim.min_lr_ratio=0.1 --set ema.enabled=true --set ema.decay=0.995 \
         ${DECODER_ONLY:+--set vae.decoder_only=true --set data.cache_latents=true} \

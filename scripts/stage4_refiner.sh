@@ -6,13 +6,16 @@
 #
 #   bash scripts/stage4_refiner.sh WORK [VAE]
 #
-# Env: STEPS (3000 x BATCH 16), LR (5e-4).
+# The refiner trains on the `multi` level's data alone, so it can run beside stages 1-3; the comparison needs a
+# base: BASE (default WORK/stage3/model.safetensors). Without one the script trains and stops; run it again
+# once the base exists (the finished training is resumed as done and only the comparison runs).
+# Env: N (12000, the stage-3 data), STEPS (3000 x BATCH 16), LR (5e-4), BASE, LISTS (single,pair).
 source "$(dirname "$0")/stage_common.sh"
 work=${1:?usage: stage4_refiner.sh WORK [VAE]}
 vae=${2:-$work/vae/vae.safetensors}
 [ -f "$vae" ] || vae=$shipped
-base="$work/stage3/model.safetensors"
-[ -f "$base" ] || { echo "stage4: run scripts/stage3.sh $work first" >&2; exit 2; }
+base=${BASE:-$work/stage3/model.safetensors}
+[ -f "$work/data-multi/metadata.jsonl" ] || sdxl data shapes --level multi --n "${N:-12000}" --out "$work/data-multi" --seed 3
 python3 - "$work/data-multi" <<'PY'
 import json, sys
 from pathlib import Path
@@ -30,8 +33,10 @@ sdxl train --data "$work/data-multi/refiner.jsonl" --output "$work/refiner" --st
     --set data.ucg=0 --set train.train_text_encoders=true --set train.progress=false --set loss.latent_sample=false \
     --set loss.timestep_max=300 --set optim.warmup_steps=30 --set optim.schedule=cosine --set optim.min_lr_ratio=0.1 \
     --set ema.enabled=true --set ema.decay=0.995 --set checkpoint.every=500 --resume
-sdxl eval shapes --model "$base" --lists single,pair --n "$EVAL_N" --detector-check 0 --json > "$work/refiner/eval-base.json"
-sdxl eval shapes --model "$base" --refiner "$work/refiner/model.safetensors" --lists single,pair --n "$EVAL_N" \
+[ -f "$base" ] || { stamp "refiner trained: $work/refiner/model.safetensors; no base at $base to compare with (set BASE)"; exit 0; }
+lists=${LISTS:-single,pair}
+sdxl eval shapes --model "$base" --lists "$lists" --n "$EVAL_N" --detector-check 0 --json > "$work/refiner/eval-base.json"
+sdxl eval shapes --model "$base" --refiner "$work/refiner/model.safetensors" --lists "$lists" --n "$EVAL_N" \
     --detector-check 0 --json > "$work/refiner/eval-refined.json"
 python3 - "$work/refiner/eval-base.json" "$work/refiner/eval-refined.json" <<'PY'
 import json, sys
