@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -13,7 +14,8 @@ from typer.testing import CliRunner
 from sdxl.cli import app
 from sdxl.metadata import addnet_hash
 from sdxl.models.config import ModelConfig, TextConfig, UNetConfig, VAEConfig
-from sdxl.weights.checkpoint import read_checkpoint, single_file_state
+from sdxl.models.vae import AutoencoderKL
+from sdxl.weights.checkpoint import Checkpoint, read_checkpoint, single_file_state, write_single_file
 from sdxl.weights.detect import detect
 from sdxl.weights.io import CheckpointError, ShapeDict, open_tensors, save_safetensors, tensor_data_sha256
 
@@ -205,3 +207,33 @@ def test_saved_files_hash_as_their_tensors_and_get_ordinary_permissions(tmp_path
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["v.safetensors", "w.safetensors"]
+
+
+def test_convert_bakes_in_another_vae(tiny_files, tmp_path):
+    """`sdxl convert --vae FILE`: the output holds FILE's VAE (weights and config) and the source's other
+    parts unchanged; a VAE whose latents would not fit is refused in one line naming --vae."""
+    base = tiny_files["base"]
+    src = read_checkpoint(base)
+    other = {k: torch.randn_like(v) for k, v in src.parts["vae"].items()}
+    vae_cfg = dataclasses.replace(src.config.vae, scale_factor=0.25)
+    vae_file = tmp_path / "vae.safetensors"
+    write_single_file(Checkpoint(path=vae_file, config=ModelConfig(kind="base", unet=None, vae=vae_cfg, text_l=None,
+                                                                   text_g=None), parts={"vae": other}), vae_file)
+    out = tmp_path / "baked.safetensors"
+    res = runner.invoke(app, ["convert", str(base), str(out), "--vae", str(vae_file)])
+    assert res.exit_code == 0, res.output
+    baked = read_checkpoint(out)
+    assert baked.config.vae.scale_factor == 0.25 and baked.config.unet == src.config.unet
+    assert all(torch.equal(baked.parts["vae"][k], other[k]) for k in other)
+    assert all(torch.equal(baked.parts["unet"][k], v) for k, v in src.parts["unet"].items())
+
+    wide = dataclasses.replace(src.config.vae, embed_dim=8)
+    wide_file = tmp_path / "wide.safetensors"
+    write_single_file(Checkpoint(path=wide_file, config=ModelConfig(kind="base", unet=None, vae=wide, text_l=None,
+                                                                    text_g=None),
+                                 parts={"vae": AutoencoderKL(wide).state_dict()}), wide_file)
+    res = runner.invoke(app, ["convert", str(base), str(tmp_path / "x.safetensors"), "--vae", str(wide_file)])
+    assert res.exit_code != 0 and "--vae" in res.output and "8-channel" in res.output, res.output
+    assert not (tmp_path / "x.safetensors").exists()
+    res = runner.invoke(app, ["convert", str(base), str(tmp_path / "y.safetensors"), "--vae", str(tmp_path / "no")])
+    assert res.exit_code != 0 and res.output.count("\n") <= 2 and "--vae" in res.output, res.output

@@ -721,6 +721,9 @@ def convert(
     to: str = typer.Option("single-file", "--to", help="single-file or diffusers."),
     dtype: str | None = typer.Option(None, help="Store floats as fp32, fp16 or bf16 (default: unchanged)."),
     allow_pickle: bool = typer.Option(False, help="Allow .ckpt pickle files (weights-only loading)."),
+    vae: Path | None = typer.Option(None, "--vae", help="Bake this VAE into the output in place of the "
+                                    "model's own (a whole model or a VAE-only file, e.g. a fine-tuned "
+                                    "decoder); its latent channels and downscale must match."),
 ):
     """Convert between the official single-file layout and diffusers folders (lossless unless --dtype)."""
     from .weights.checkpoint import read_checkpoint, write_diffusers, write_single_file  # lazy: torch
@@ -732,10 +735,31 @@ def convert(
         ck = read_checkpoint(src, allow_pickle=allow_pickle)
         if dst.resolve() == src.resolve():
             fail("destination is the source; choose another path")
+        if vae is not None:
+            ck = _bake_vae(ck, vae, allow_pickle)
         out = write_single_file(ck, dst, dt) if to == "single-file" else write_diffusers(ck, dst, dt)
     except CheckpointError as e:
         fail(str(e))
     typer.echo(str(out))
+
+
+def _bake_vae(ck, vae: Path, allow_pickle: bool):
+    """`ck` with the VAE (weights and config) of the file `vae`; refused where the latents would not fit."""
+    from .weights.checkpoint import read_checkpoint  # lazy: torch
+
+    try:
+        vck = read_checkpoint(vae, allow_pickle=allow_pickle)
+    except CheckpointError as e:
+        fail(f"--vae: {e}")
+    new = vck.config.vae
+    if "vae" not in vck.parts or new is None:
+        fail(f"--vae: {vae} holds no VAE")
+    old = ck.config.vae
+    if old is not None and (new.embed_dim, new.downscale) != (old.embed_dim, old.downscale):
+        fail(f"--vae: {vae} makes {new.embed_dim}-channel latents at 1/{new.downscale} scale; "
+             f"{ck.path} uses {old.embed_dim} channels at 1/{old.downscale}")
+    parts = {**ck.parts, "vae": vck.parts["vae"]}
+    return dataclasses.replace(ck, config=dataclasses.replace(ck.config, vae=new), parts=parts)
 
 
 @app.command()
