@@ -217,8 +217,10 @@ def test_convert_bakes_in_another_vae(tiny_files, tmp_path):
     other = {k: torch.randn_like(v) for k, v in src.parts["vae"].items()}
     vae_cfg = dataclasses.replace(src.config.vae, scale_factor=0.25)
     vae_file = tmp_path / "vae.safetensors"
-    write_single_file(Checkpoint(path=vae_file, config=ModelConfig(kind="base", unet=None, vae=vae_cfg, text_l=None,
-                                                                   text_g=None), parts={"vae": other}), vae_file)
+    def vae_only(cfg: VAEConfig) -> ModelConfig:
+        return ModelConfig(kind="base", unet=None, vae=cfg, text_l=None, text_g=None)
+
+    write_single_file(Checkpoint(path=vae_file, config=vae_only(vae_cfg), parts={"vae": other}), vae_file)
     out = tmp_path / "baked.safetensors"
     res = runner.invoke(app, ["convert", str(base), str(out), "--vae", str(vae_file)])
     assert res.exit_code == 0, res.output
@@ -229,9 +231,8 @@ def test_convert_bakes_in_another_vae(tiny_files, tmp_path):
 
     wide = dataclasses.replace(src.config.vae, embed_dim=8)
     wide_file = tmp_path / "wide.safetensors"
-    write_single_file(Checkpoint(path=wide_file, config=ModelConfig(kind="base", unet=None, vae=wide, text_l=None,
-                                                                    text_g=None),
-                                 parts={"vae": AutoencoderKL(wide).state_dict()}), wide_file)
+    write_single_file(Checkpoint(path=wide_file, config=vae_only(wide), parts={"vae": AutoencoderKL(wide).state_dict()}),
+                      wide_file)
     res = runner.invoke(app, ["convert", str(base), str(tmp_path / "x.safetensors"), "--vae", str(wide_file)])
     assert res.exit_code != 0 and "--vae" in res.output and "8-channel" in res.output, res.output
     assert not (tmp_path / "x.safetensors").exists()
