@@ -231,10 +231,11 @@ def test_convert_bakes_in_another_vae(tiny_files, tmp_path):
 
     wide = dataclasses.replace(src.config.vae, embed_dim=8)
     wide_file = tmp_path / "wide.safetensors"
-    write_single_file(Checkpoint(path=wide_file, config=vae_only(wide), parts={"vae": AutoencoderKL(wide).state_dict()}),
-                      wide_file)
-    res = runner.invoke(app, ["convert", str(base), str(tmp_path / "x.safetensors"), "--vae", str(wide_file)])
+    wide_parts = {"vae": AutoencoderKL(wide).state_dict()}
+    write_single_file(Checkpoint(path=wide_file, config=vae_only(wide), parts=wide_parts), wide_file)
+    x = tmp_path / "x.safetensors"
+    res = runner.invoke(app, ["convert", str(base), str(x), "--vae", str(wide_file)])
     assert res.exit_code != 0 and "--vae" in res.output and "8-channel" in res.output, res.output
-    assert not (tmp_path / "x.safetensors").exists()
-    res = runner.invoke(app, ["convert", str(base), str(tmp_path / "y.safetensors"), "--vae", str(tmp_path / "no")])
+    assert not x.exists()
+    res = runner.invoke(app, ["convert", str(base), str(tmp_path / "y.safetensors"), "--vae", str(x)])
     assert res.exit_code != 0 and res.output.count("\n") <= 2 and "--vae" in res.output, res.output
