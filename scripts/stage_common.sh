@@ -25,18 +25,21 @@ stamp() { echo "[$(date -u +%H:%M:%S)] $*"; }
 # train_until_gate OUT TOTAL_STEPS "EVAL ARGS" "GATE CONDITIONS" -- TRAIN ARGS...
 # Trains in chunks of $CHUNK steps (one cosine schedule over TOTAL_STEPS, resumed from the checkpoint), scores
 # the export after each chunk with `sdxl eval shapes $EVAL_ARGS --n $EVAL_N --json` and stops once the gate holds.
+# Run again, it skips the chunks already scored; the stages of one WORK share one latent cache (WORK/cache).
 train_until_gate() {
     local out=$1 total=$2 eval_args=$3 gate=$4
     shift 5
     local stop=0
     while [ "$stop" -lt "$total" ]; do
         stop=$(( stop + CHUNK )); [ "$stop" -gt "$total" ] && stop=$total
-        stamp "train $out to step $stop of $total"
-        sdxl train "$@" --output "$out" --steps "$total" --set train.stop_at="$stop" --set checkpoint.every="$CHUNK" \
-            --resume
-        # shellcheck disable=SC2086
-        sdxl eval shapes --model "$out/model.safetensors" $eval_args --n "$EVAL_N" --detector-check 0 --json \
-            > "$out/eval-$stop.json"
+        if [ ! -s "$out/eval-$stop.json" ]; then   # a chunk already trained and scored is not run again
+            stamp "train $out to step $stop of $total"
+            sdxl train "$@" --output "$out" --steps "$total" --set train.stop_at="$stop" \
+                --set checkpoint.every="$CHUNK" --set data.cache_dir="$(dirname "$out")/cache" --resume
+            # shellcheck disable=SC2086
+            sdxl eval shapes --model "$out/model.safetensors" $eval_args --n "$EVAL_N" --detector-check 0 --json \
+                > "$out/eval-$stop.json.part" && mv "$out/eval-$stop.json.part" "$out/eval-$stop.json"
+        fi
         # shellcheck disable=SC2086
         if python3 "$here/scripts/stage_gate.py" "$out/eval-$stop.json" $gate | tee "$out/gate-$stop.txt"; then
             stamp "gate met at step $stop: $out/eval-$stop.json"
