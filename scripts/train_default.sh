@@ -66,6 +66,24 @@ sdxl train --task vae "${common[@]}" --output "$work/vae" --steps "$(steps 1500)
     --set optim.warmup_steps=20 --set optim.schedule=cosine --set optim.min_lr_ratio=0.05 \
     --set ema.enabled=true --set ema.decay=0.99
 vae="$work/vae/vae.safetensors"
+#    d. ninth session (docs/CURRICULUM.md, stage 0): the decoder alone, so the latent space every model below
+#       trains on stays, on the frozen encoder's cached latents of 3,000 `vae`-level scenes (1-3 objects, small
+#       ones down to 3 latent px, every background) with edge-weighted L1 (`vae.edge_weight = 4`): 64 px patches
+#       (a 6000-step cosine stopped at 1884), then whole images, 4 a step, where GroupNorm sees the statistics of
+#       a whole image as when it decodes one (the patch-trained decoder shifted small objects' colours there).
+#       Every model below is trained on `$vae` and gets this decoder at the end (step 5).
+[ -f "$work/shapes-vae/metadata.jsonl" ] || sdxl data shapes --level vae --n "${RECIPE_IMAGES:-3000}" \
+    --out "$work/shapes-vae" --seed 100
+dec=(--task vae --data "$work/shapes-vae" --seed 0 --resolution 256 --lr 2e-4 --set data.bucket_step=32
+     --set train.progress=false --set model.config="$here/configs/mini/base.json" --set vae.decoder_only=true
+     --set data.cache_latents=true --set data.cache_dir="$work/vae-dec-cache" --set vae.edge_weight=4
+     --set optim.warmup_steps=50 --set optim.schedule=cosine --set optim.min_lr_ratio=0.1 --set ema.enabled=true
+     --set ema.decay=0.995)
+sdxl train "${dec[@]}" --output "$work/vae-dec64" --steps "$(steps 6000)" --batch-size 16 --set vae.patch_size=64 \
+    --set model.vae="$vae" --set train.stop_at="$(steps 1884)"
+sdxl train "${dec[@]}" --output "$work/vae-dec" --steps "$(steps 1500)" --batch-size 4 --set vae.patch_size=0 \
+    --set model.vae="$work/vae-dec64/vae.safetensors" --set train.stop_at="$(steps ${VAE_DEC_STOP:-500})"
+decoder="$work/vae-dec/vae.safetensors"
 
 # 3. base UNet + CLIP-L-style + bigG-style towers trained jointly from scratch: size/crop/target conditioning,
 #    10% caption dropout, min-SNR-gamma 5, EMA. Lineage as it ran:
@@ -170,9 +188,9 @@ sdxl train "${common[@]}" "${cached[@]}" --data "$work/shapes/refiner.jsonl" --o
     --set data.ucg=0 --set loss.timestep_max=300 --set optim.warmup_steps=30 --set optim.schedule=cosine \
     --set optim.min_lr_ratio=0.1 --set ema.enabled=true --set ema.decay=0.995 --set checkpoint.every=250
 
-# 5. the final models carry the final VAE (the trainer writes the VAE it trained on into model.safetensors)
-cp "$work/base-o/model.safetensors" "$work/base-final.safetensors"
-cp "$work/refiner-r/model.safetensors" "$work/refiner-final.safetensors"
+# 5. the final models carry the final VAE: the encoder they were trained on, with the decoder of step 2d
+sdxl convert "$work/base-o/model.safetensors" "$work/base-final.safetensors" --vae "$decoder"
+sdxl convert "$work/refiner-r/model.safetensors" "$work/refiner-final.safetensors" --vae "$decoder"
 
 # 6. ship: fp16, official single-file layout (sdxl inspect reads them like any SDXL file)
 mkdir -p "$work/ship"
