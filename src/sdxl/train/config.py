@@ -129,6 +129,10 @@ class DataSection:
                                  "train.")
     cache_dir: str = _f("", "Where caches live. Empty: `<output>/cache`.")
 
+    def cache_folder(self, output: Path, kind: str) -> Path:
+        """Where the `kind` cache ("latents", "text") of a run writing to `output` lives."""
+        return (Path(self.cache_dir) if self.cache_dir else output / "cache") / kind
+
 
 @dataclass
 class TrainSection:

@@ -117,11 +117,11 @@ class Trainer(TrainerBase):
             raise ConfigError("nothing to train: train.train_unet and train.train_text_encoders are both "
                               "false")
 
-        cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.output / "cache"
-        self.latents = LatentFeed(models.vae, mc.vae, device,
-                                  cache_root / "latents" if cfg.data.cache_latents else None)
+        self.latents = LatentFeed(models.vae, mc.vae, device, cfg.data.cache_folder(self.output, "latents")
+                                  if cfg.data.cache_latents else None)
         self.texts = TextFeed(models.text, mc, device, cfg.train.clip_skip, cfg.train.mixed_precision,
-                              cache_root / "text" if cfg.data.cache_text and not train_text else None)
+                              cfg.data.cache_folder(self.output, "text")
+                              if cfg.data.cache_text and not train_text else None)
         if cfg.sample.every:
             self.sample_requests()
         self.build_data()

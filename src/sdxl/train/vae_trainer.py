@@ -153,8 +153,8 @@ class VAETrainer(TrainerBase):
         # computed once and read back from disk, so a step costs only the decoder on its patch
         self.latents = None
         if cfg.vae.decoder_only and cfg.data.cache_latents:
-            root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.output / "cache"
-            self.latents = LatentFeed(FrozenEncoder(self.vae), self.model_config.vae, device, root / "latents")
+            self.latents = LatentFeed(FrozenEncoder(self.vae), self.model_config.vae, device,
+                                      cfg.data.cache_folder(self.output, "latents"))
         self.build_data()
 
     def build_data(self) -> None:
