@@ -29,7 +29,7 @@ with open(folder / "refiner.jsonl", "w") as f:
 PY
 sdxl train --data "$work/data-multi/refiner.jsonl" --output "$work/refiner" --steps "${STEPS:-3000}" --batch-size "${BATCH:-16}" \
     --resolution 256 --lr "${LR:-5e-4}" --seed 4 --set model.config="$here/configs/mini/refiner.json" \
-    --set model.vae="$vae" --set data.bucket_step=32 --set data.cache_latents=true --set data.crop=center \
+    --set model.vae="$vae" --set data.bucket_step=32 --set data.cache_latents=true --set data.cache_dir="$work/cache" --set data.crop=center \
     --set data.ucg=0 --set train.train_text_encoders=true --set train.progress=false --set loss.latent_sample=false \
     --set loss.timestep_max=300 --set optim.warmup_steps=30 --set optim.schedule=cosine --set optim.min_lr_ratio=0.1 \
     --set ema.enabled=true --set ema.decay=0.995 --set checkpoint.every=500 --resume

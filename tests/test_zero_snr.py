@@ -217,3 +217,32 @@ def test_decoder_only_vae_training_reads_the_frozen_encoders_latents_from_the_ca
     assert len(entries) == n_images  # one entry per prepared image, however many steps saw it
     assert torch.allclose(torch.tensor(plain.losses), torch.tensor(cached.losses), rtol=1e-4, atol=1e-6), \
         (plain.losses, cached.losses)
+
+
+def test_decoder_only_training_can_widen_the_decoder(tmp_path, data):
+    """vae.decoder_ch_mult: a fresh, wider decoder learns on the kept encoder; the export records its widths,
+    detection reads them back off the tensors alone, and a diffusers folder (one width list) is refused."""
+    from sdxl.weights.checkpoint import read_checkpoint, write_diffusers, write_single_file
+    from sdxl.weights.io import open_tensors
+
+    first = TR.run(tiny_run(tmp_path / "vae", data, 4, train={"task": "vae"}))
+    narrow = read_checkpoint(first.exported).config.vae
+    with pytest.raises(ConfigError, match="decoder_only"):
+        TR.run(tiny_run(tmp_path / "bad", data, 1, train={"task": "vae"},
+                        model={"preset": "tiny", "vae": str(first.exported)}, vae={"decoder_ch_mult": [1, 2, 4, 4]}))
+    result = TR.run(tiny_run(tmp_path / "wide", data, 30, train={"task": "vae"},
+                             model={"preset": "tiny", "vae": str(first.exported)},
+                             vae={"decoder_only": True, "patch_size": 16, "decoder_ch_mult": [1, 2, 4, 4]}))
+    assert sum(result.losses[:5]) > 1.2 * sum(result.losses[-5:]), result.losses
+    ck = read_checkpoint(result.exported)
+    wide = ck.config.vae
+    assert wide.decoder_ch_mult == (1, 2, 4, 4) and wide.ch_mult == narrow.ch_mult
+    assert wide.decoder_widths == [narrow.ch * m for m in (1, 2, 4, 4)] != [narrow.ch * m for m in narrow.ch_mult]
+    start, end = open_tensors(first.exported), open_tensors(result.exported)
+    enc = [k for k in start.keys() if ".encoder." in k or k.endswith(("first_stage_model.quant_conv.weight",
+                                                                         "first_stage_model.quant_conv.bias"))]
+    assert enc and all(torch.equal(start.get(k), end.get(k)) for k in enc)
+    bare = write_single_file(ck, tmp_path / "bare.safetensors", record_config=False)
+    assert read_checkpoint(bare).config.vae.decoder_ch_mult == (1, 2, 4, 4)
+    with pytest.raises(ValueError, match="wider"):
+        write_diffusers(ck, tmp_path / "diffusers")

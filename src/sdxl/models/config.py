@@ -137,17 +137,27 @@ class VAEConfig:
     # per-channel latent statistics (Playground v2.5): latents = (z - mean) * scale_factor / std
     latents_mean: tuple[float, ...] | None = None
     latents_std: tuple[float, ...] | None = None
+    # a decoder wider than the encoder (same number of levels): None is ch_mult, as in every SD VAE
+    decoder_ch_mult: tuple[int, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", _tuple(self.ch_mult))
-        for name in ("latents_mean", "latents_std"):
+        for name in ("latents_mean", "latents_std", "decoder_ch_mult"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, _tuple(value))
+        if self.decoder_ch_mult is not None and len(self.decoder_ch_mult) != len(self.ch_mult):
+            raise ValueError(f"vae: decoder_ch_mult {list(self.decoder_ch_mult)} needs as many levels as "
+                             f"ch_mult {list(self.ch_mult)}")
 
     @property
     def downscale(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def decoder_widths(self) -> list[int]:
+        """Channels of each decoder level, full resolution first."""
+        return [self.ch * m for m in (self.decoder_ch_mult or self.ch_mult)]
 
 
 @dataclass(frozen=True)

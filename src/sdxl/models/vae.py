@@ -182,7 +182,7 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        widths = [cfg.ch * m for m in cfg.ch_mult]
+        widths = cfg.decoder_widths
         n = len(widths)
         g = cfg.norm_groups
         in_ch = widths[-1]

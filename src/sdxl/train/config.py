@@ -388,6 +388,10 @@ class VAESection:
                                    "decoded): the latent space stays, so diffusion models trained on it keep "
                                    "working with the new decoder (how SD's ft-MSE / ft-EMA decoders were "
                                    "made). The scale_factor is kept.")
+    decoder_ch_mult: list = _f([], "With `decoder_only`: a new decoder of these width multipliers of the "
+                                   "VAE's `ch` (one per level, e.g. [1, 2, 4, 4], SDXL's), trained from its "
+                                   "initialisation on the kept encoder when the loaded one has other "
+                                   "widths. Empty: train the loaded decoder.")
 
 
 SECTIONS: dict[str, type] = {

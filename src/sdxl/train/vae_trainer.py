@@ -131,7 +131,10 @@ class VAETrainer(TrainerBase):
         device = self.info.device
         models = load_models(cfg, device, need=("vae",))
         self.model_config = models.config
-        self.vae = models.vae.requires_grad_(True).train()
+        self.vae = models.vae
+        if cfg.vae.decoder_ch_mult:
+            self.widen_decoder(tuple(cfg.vae.decoder_ch_mult))
+        self.vae = self.vae.requires_grad_(True).train()
         if cfg.vae.decoder_only:  # the latent space (and every diffusion model trained on it) stays as it is
             self.vae.encoder.requires_grad_(False)
             self.vae.quant_conv.requires_grad_(False)
@@ -156,6 +159,30 @@ class VAETrainer(TrainerBase):
             self.latents = LatentFeed(FrozenEncoder(self.vae), self.model_config.vae, device,
                                       cfg.data.cache_folder(self.output, "latents"))
         self.build_data()
+
+    def widen_decoder(self, mult: tuple[int, ...]) -> None:
+        """Give the VAE a fresh decoder of widths `ch * mult` (seeded by train.seed), keeping the encoder,
+        quant_conv and post_quant_conv (whose shapes do not depend on the widths): the latent space stays."""
+        vc = self.model_config.vae
+        if not self.cfg.vae.decoder_only:
+            raise ConfigError("vae.decoder_ch_mult needs vae.decoder_only = true (the encoder is kept)")
+        if tuple(vc.decoder_ch_mult or vc.ch_mult) == mult:
+            return  # already this decoder (e.g. continuing an export of a widened run)
+        try:
+            wide = dataclasses.replace(vc, decoder_ch_mult=mult)
+            for w in wide.decoder_widths:
+                if w % wide.norm_groups:
+                    raise ValueError(f"{w} channels do not split into {wide.norm_groups} groups")
+        except ValueError as e:
+            raise ConfigError(f"vae.decoder_ch_mult {list(mult)}: {e}") from None
+        torch.manual_seed(self.cfg.train.seed)
+        new = AutoencoderKL(wide).to(self.info.device)
+        kept = {k: t for k, t in self.vae.state_dict().items() if not k.startswith("decoder.")}
+        new.load_state_dict(kept, strict=False)
+        log.info("vae: a new decoder of widths %s on the kept encoder (%s)", wide.decoder_widths,
+                 [vc.ch * m for m in vc.ch_mult])
+        self.model_config = dataclasses.replace(self.model_config, vae=wide)
+        self.vae = new
 
     def build_data(self) -> None:
         d = self.cfg.data

@@ -178,6 +178,7 @@ def detect_vae(v: _View) -> VAEConfig:
     ch, in_ch = v.shape("encoder.conv_in.weight")[:2]
     levels = v.count("encoder.down.{N}")
     mult = [v.shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels)]
+    dec_mult = [v.shape(f"decoder.up.{i}.block.0.conv1.weight")[0] // ch for i in range(levels)]
     return VAEConfig(
         in_channels=in_ch,
         out_channels=v.shape("decoder.conv_out.weight")[0],
@@ -186,6 +187,7 @@ def detect_vae(v: _View) -> VAEConfig:
         num_res_blocks=v.count("encoder.down.0.block.{N}"),
         z_channels=v.shape("encoder.conv_out.weight")[0] // 2,
         embed_dim=v.shape("quant_conv.weight")[0] // 2,
+        decoder_ch_mult=tuple(dec_mult) if dec_mult != mult else None,
     )
 
 
@@ -262,7 +264,7 @@ def check_config(config: ModelConfig, widths: bool = True) -> ModelConfig:
             if fld.name == "act":
                 if value not in ("gelu", "quick_gelu"):
                     raise ValueError(f"{where} {value!r} is not gelu or quick_gelu")
-            elif fld.name == "projection_dim" and value is None:
+            elif fld.name in ("projection_dim", "decoder_ch_mult") and value is None:
                 continue
             elif isinstance(value, tuple):
                 if not value or not all(_is_int(v) and v >= low for v in value):
@@ -298,7 +300,7 @@ def _check_widths(config: ModelConfig) -> None:
             if ch % u.head_dim:
                 raise ValueError(f"unet: {ch} channels are not a whole number of {u.head_dim}-wide heads")
     if v is not None:
-        for ch in [v.ch] + [v.ch * m for m in v.ch_mult]:
+        for ch in [v.ch] + [v.ch * m for m in v.ch_mult] + v.decoder_widths:
             if ch % v.norm_groups:
                 raise ValueError(f"vae: {ch} channels do not split into {v.norm_groups} groups")
     for name, t in (("text_l", config.text_l), ("text_g", config.text_g)):

@@ -435,6 +435,9 @@ def vae_diffusers_config(cfg: VAEConfig) -> dict:
     """The diffusers `vae/config.json` (AutoencoderKL) for `cfg`."""
     if cfg.z_channels != cfg.embed_dim:
         raise ValueError("diffusers' AutoencoderKL needs z_channels == embed_dim")
+    if cfg.decoder_ch_mult not in (None, cfg.ch_mult):
+        raise ValueError("diffusers' AutoencoderKL has one block_out_channels for encoder and decoder; this "
+                         f"VAE's decoder is wider ({list(cfg.decoder_ch_mult)} x {cfg.ch})")
     n = len(cfg.ch_mult)
     return {
         "_class_name": "AutoencoderKL",
