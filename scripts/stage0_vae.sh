@@ -12,6 +12,7 @@
 #   bash scripts/stage0_vae.sh WORK            # one thread; run in the background: nohup bash ... &
 #
 # Env: N (scenes, 3000), FROM (the VAE to continue; default the shipped one), LR (2e-4), EDGE (vae.edge_weight, 4),
+# WIDEN (vae.decoder_ch_mult, e.g. [1,2,4,4]: a fresh wider decoder on the kept encoder, for when the gate plateaus),
 # STEPS_A (2000 x BATCH_A 16 patches of 64 px), STEPS_B (1500 x BATCH_B 4 whole images), CHUNK_B (250, phase B steps between gates).
 # Output: WORK/vae/vae.safetensors (a VAE-only file; `sdxl convert MODEL OUT --vae` bakes it into a model).
 source "$(dirname "$0")/stage_common.sh"
@@ -21,11 +22,11 @@ mkdir -p "$work"
 [ -f "$work/data-vae/metadata.jsonl" ] || sdxl data shapes --level vae --n "${N:-3000}" --out "$work/data-vae" --seed 100
 [ -f "$work/vae-ceiling-before.json" ] || sdxl eval vae-ceiling --vae "${FROM:-$shipped}" --n "$EVAL_N" --json \
     > "$work/vae-ceiling-before.json"
-vae_args=(--task vae --data "$work/data-vae" --resolution 256 --lr "${LR:-2e-4}" --seed 0 --set data.bucket_step=32
-          --set train.progress=false --set model.config="$here/configs/mini/base.json" --set vae.decoder_only=true
-          --set data.cache_latents=true --set data.cache_dir="$work/cache" --set vae.edge_weight="${EDGE:-4}"
-          --set optim.warmup_steps=50 --set optim.schedule=cosine --set optim.min_lr_ratio=0.1
-          --set ema.enabled=true --set ema.decay=0.995 --resume)
+source "$here/scripts/decoder_recipe.sh"
+vae_args=("${decoder_recipe[@]}" --data "$work/data-vae" --set data.cache_dir="$work/cache" --resume)
+[ -n "${LR:-}" ] && vae_args+=(--lr "$LR")
+[ -n "${EDGE:-}" ] && vae_args+=(--set vae.edge_weight="$EDGE")
+[ -n "${WIDEN:-}" ] && vae_args+=(--set vae.decoder_ch_mult="$WIDEN")
 stamp "phase A: 64 px patches, ${STEPS_A:-2000} steps"
 sdxl train "${vae_args[@]}" --output "$work/vae-patch" --steps "${STEPS_A:-2000}" --batch-size "${BATCH_A:-16}" \
     --set vae.patch_size=64 --set model.vae="${FROM:-$shipped}" --set checkpoint.every=500

@@ -74,11 +74,8 @@ vae="$work/vae/vae.safetensors"
 #       Every model below is trained on `$vae` and gets this decoder at the end (step 5).
 [ -f "$work/shapes-vae/metadata.jsonl" ] || sdxl data shapes --level vae --n "${RECIPE_IMAGES:-3000}" \
     --out "$work/shapes-vae" --seed 100
-dec=(--task vae --data "$work/shapes-vae" --seed 0 --resolution 256 --lr 2e-4 --set data.bucket_step=32
-     --set train.progress=false --set model.config="$here/configs/mini/base.json" --set vae.decoder_only=true
-     --set data.cache_latents=true --set data.cache_dir="$work/vae-dec-cache" --set vae.edge_weight=4
-     --set optim.warmup_steps=50 --set optim.schedule=cosine --set optim.min_lr_ratio=0.1 --set ema.enabled=true
-     --set ema.decay=0.995)
+source "$here/scripts/decoder_recipe.sh"
+dec=("${decoder_recipe[@]}" --data "$work/shapes-vae" --set data.cache_dir="$work/vae-dec-cache")
 sdxl train "${dec[@]}" --output "$work/vae-dec64" --steps "$(steps 6000)" --batch-size 16 --set vae.patch_size=64 \
     --set model.vae="$vae" --set train.stop_at="$(steps 1884)"
 sdxl train "${dec[@]}" --output "$work/vae-dec" --steps "$(steps 1500)" --batch-size 4 --set vae.patch_size=0 \
