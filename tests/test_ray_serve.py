@@ -26,6 +26,8 @@ import io
 import json
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -115,6 +117,27 @@ def _pixels(client, job: dict) -> np.ndarray:
 def _replicas(client) -> dict:
     workers = client.get("/workers").json()["workers"]
     return workers[0]["replicas"]
+
+
+def test_an_unreachable_ray_address_is_one_line_not_a_hang(tmp_path):
+    """The command with --ray-address where nothing listens: exit 2 within seconds, one line naming the flag
+    and the address (ray.init alone retries such an address for minutes); a malformed one likewise."""
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"127.0.0.1:{dead}", "cluster-without-port"):
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "sdxl.serve.ray_serve", "--ray-address", address, "--port",
+                            str(port), "--data-dir", str(tmp_path / "data")], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert time.monotonic() - t0 < 60
+        lines = r.stderr.strip().splitlines()
+        assert lines[-1].startswith(f"error: --ray-address {address}: "), r.stderr
+        assert "Traceback" not in r.stderr
 
 
 def test_the_serve_run_config_builds_the_application():

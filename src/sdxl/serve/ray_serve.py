@@ -51,6 +51,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -487,6 +488,22 @@ def build_ray_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """A `host:port` (or `ray://host:port`) cluster address must answer a TCP connect within `timeout`
+    seconds: `ray.init` would otherwise retry an unreachable one for minutes. `auto` and `local` are Ray's to
+    resolve. Raises SettingsError naming the address."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SettingsError(f"--ray-address {address}: expected host:port, ray://host:port, auto or local")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise SettingsError(f"--ray-address {address}: nothing answers there ({e.strerror or e})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_ray_parser().parse_args(argv)
     try:
@@ -500,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=ns.log_level.upper())
         t0 = time.monotonic()
         if ns.ray_address:
+            check_ray_address(ns.ray_address)
             try:
                 ray.init(address=ns.ray_address)
             except ConnectionError as e:
