@@ -228,8 +228,8 @@ def test_decoder_only_training_can_widen_the_decoder(tmp_path, data):
     first = TR.run(tiny_run(tmp_path / "vae", data, 4, train={"task": "vae"}))
     narrow = read_checkpoint(first.exported).config.vae
     with pytest.raises(ConfigError, match="decoder_only"):
-        TR.run(tiny_run(tmp_path / "bad", data, 1, train={"task": "vae"},
-                        model={"preset": "tiny", "vae": str(first.exported)}, vae={"decoder_ch_mult": [1, 2, 4, 4]}))
+        TR.run(tiny_run(tmp_path / "bad", data, 1, train={"task": "vae"}, vae={"decoder_ch_mult": [1, 2, 4, 4]},
+                        model={"preset": "tiny", "vae": str(first.exported)}))
     result = TR.run(tiny_run(tmp_path / "wide", data, 30, train={"task": "vae"},
                              model={"preset": "tiny", "vae": str(first.exported)},
                              vae={"decoder_only": True, "patch_size": 16, "decoder_ch_mult": [1, 2, 4, 4]}))
@@ -237,7 +237,8 @@ def test_decoder_only_training_can_widen_the_decoder(tmp_path, data):
     ck = read_checkpoint(result.exported)
     wide = ck.config.vae
     assert wide.decoder_ch_mult == (1, 2, 4, 4) and wide.ch_mult == narrow.ch_mult
-    assert wide.decoder_widths == [narrow.ch * m for m in (1, 2, 4, 4)] != [narrow.ch * m for m in narrow.ch_mult]
+    assert wide.decoder_widths == [narrow.ch * m for m in (1, 2, 4, 4)]
+    assert wide.decoder_widths != [narrow.ch * m for m in narrow.ch_mult]
     start, end = open_tensors(first.exported), open_tensors(result.exported)
     enc = [k for k in start.keys() if ".encoder." in k or k.endswith(("first_stage_model.quant_conv.weight",
                                                                          "first_stage_model.quant_conv.bias"))]
