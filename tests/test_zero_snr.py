@@ -228,7 +228,8 @@ def test_decoder_only_training_can_widen_the_decoder(tmp_path, data):
     first = TR.run(tiny_run(tmp_path / "vae", data, 4, train={"task": "vae"}))
     narrow = read_checkpoint(first.exported).config.vae
     with pytest.raises(ConfigError, match="decoder_only"):
-        TR.run(tiny_run(tmp_path / "bad", data, 1, train={"task": "vae"}, vae={"decoder_ch_mult": [1, 2, 4, 4]},
+        TR.run(tiny_run(tmp_path / "bad", data, 1, train={"task": "vae"},
+                        vae={"decoder_ch_mult": [1, 2, 4, 4]},
                         model={"preset": "tiny", "vae": str(first.exported)}))
     result = TR.run(tiny_run(tmp_path / "wide", data, 30, train={"task": "vae"},
                              model={"preset": "tiny", "vae": str(first.exported)},
