@@ -187,8 +187,8 @@ def test_base_samples_reproduce_their_captions_image(base_run):
     colours, mirrored: measured 4.3 dB); the same seeds through the untrained model average <= 20 dB (measured
     12.0 and 9.8 dB; the trained VAE decodes any latent to something red-and-blue, so a single untrained
     sample can land near an image by chance: one did, at 26.5 dB). The loss falls >= 2x: measured 2.2x with
-    the fused AdamW and 4.1x with torch's per-tensor loop, with the same samples to 0.1 dB: near convergence the
-    mean of the last 50 losses is set by a few high-noise timesteps, so the factor moves with rounding."""
+    the fused AdamW and 4.1x with torch's per-tensor loop, with the same samples to 0.1 dB: near convergence
+    the mean of the last 50 losses is set by a few high-noise timesteps, so the factor moves with rounding."""
     initial, result = base_run
     factor = fall_factor(result.losses)
     print(f"base loss fall {factor:.1f}x")
