@@ -231,6 +231,11 @@ def test_decoder_only_training_can_widen_the_decoder(tmp_path, data):
         TR.run(tiny_run(tmp_path / "bad", data, 1, train={"task": "vae"},
                         vae={"decoder_ch_mult": [1, 2, 4, 4]},
                         model={"preset": "tiny", "vae": str(first.exported)}))
+    for bad in ([1, 2, 4], [1, 2.5, 4, 4], [1, 0, 4, 4]):  # a level missing, not whole numbers >= 1
+        with pytest.raises(ConfigError, match=r"vae.decoder_ch_mult \["):
+            TR.run(tiny_run(tmp_path / "bad", data, 1, train={"task": "vae"},
+                            vae={"decoder_only": True, "decoder_ch_mult": bad},
+                            model={"preset": "tiny", "vae": str(first.exported)}))
     result = TR.run(tiny_run(tmp_path / "wide", data, 30, train={"task": "vae"},
                              model={"preset": "tiny", "vae": str(first.exported)},
                              vae={"decoder_only": True, "patch_size": 16, "decoder_ch_mult": [1, 2, 4, 4]}))

@@ -169,6 +169,8 @@ class VAETrainer(TrainerBase):
         if tuple(vc.decoder_ch_mult or vc.ch_mult) == mult:
             return  # already this decoder (e.g. continuing an export of a widened run)
         try:
+            if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in mult):
+                raise ValueError("the multipliers must be whole numbers >= 1")
             wide = dataclasses.replace(vc, decoder_ch_mult=mult)
             for w in wide.decoder_widths:
                 if w % wide.norm_groups:
