@@ -42,6 +42,7 @@ from ..data.images import tensor_to_pil
 from ..models.config import ModelConfig
 from ..models.vae import AutoencoderKL
 from ..weights.checkpoint import Checkpoint, write_single_file
+from ..weights.detect import check_config
 from . import checkpointing as C
 from .config import ConfigError, TrainingError
 from .distributed import all_true, barrier, ddp, full_tensor
@@ -168,13 +169,9 @@ class VAETrainer(TrainerBase):
             raise ConfigError("vae.decoder_ch_mult needs vae.decoder_only = true (the encoder is kept)")
         if tuple(vc.decoder_ch_mult or vc.ch_mult) == mult:
             return  # already this decoder (e.g. continuing an export of a widened run)
-        try:
-            if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in mult):
-                raise ValueError("the multipliers must be whole numbers >= 1")
+        try:  # the checks every model file's config passes: whole numbers, levels, GroupNorm groups
             wide = dataclasses.replace(vc, decoder_ch_mult=mult)
-            for w in wide.decoder_widths:
-                if w % wide.norm_groups:
-                    raise ValueError(f"{w} channels do not split into {wide.norm_groups} groups")
+            check_config(dataclasses.replace(self.model_config, vae=wide))
         except ValueError as e:
             raise ConfigError(f"vae.decoder_ch_mult {list(mult)}: {e}") from None
         torch.manual_seed(self.cfg.train.seed)
